@@ -1,0 +1,69 @@
+"""apt_lightning: APT (Action expert PreTraining) for Vision-Language-Action models in PyTorch Lightning.
+
+Stage 1 learns a language-agnostic vision-action prior with the VLM frozen and the instruction masked;
+Stage 2 injects language through zero-initialised tanh-gated cross-attention, starting as an exact identity.
+"""
+
+from apt_lightning.callbacks import APTStageScheduler, GateMonitor
+from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.errors import (
+    AptError,
+    ContractError,
+    FusionContextError,
+    LanguageMaskError,
+    NoMatchingTargetError,
+    NonFiniteGateError,
+    StageMismatchError,
+)
+from apt_lightning.export import (
+    export_fusion,
+    export_va_prior,
+    export_vlm,
+    fusion_state_dict,
+    load_fusion,
+    load_va_prior,
+    load_vlm,
+    va_prior_state_dict,
+)
+from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
+from apt_lightning.inject import fusion_sites, inject_fusion, resolve_targets, unload_fusion
+from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
+from apt_lightning.mixin import APTMixin
+from apt_lightning.schedule import StageLRFactor, StagePlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APTConfig",
+    "APTMixin",
+    "APTStageScheduler",
+    "AptError",
+    "ContractError",
+    "FusionConfig",
+    "FusionContextError",
+    "GateMonitor",
+    "GatedCrossAttentionBlock",
+    "GatedFusionLayer",
+    "LanguageMaskError",
+    "NoMatchingTargetError",
+    "NonFiniteGateError",
+    "PrefixMasks",
+    "StageLRFactor",
+    "StageMismatchError",
+    "StagePlan",
+    "check_language_mask",
+    "export_fusion",
+    "export_va_prior",
+    "export_vlm",
+    "fusion_sites",
+    "fusion_state_dict",
+    "inject_fusion",
+    "language_blind_masks",
+    "load_fusion",
+    "load_va_prior",
+    "load_vlm",
+    "resolve_targets",
+    "unload_fusion",
+    "va_prior_state_dict",
+    "__version__",
+]

@@ -1,0 +1,141 @@
+"""Configuration dataclasses, validated in ``__post_init__`` like transformers/peft configs."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+VLMMode = Literal["frozen", "lora", "full"]
+_VLM_MODES = ("frozen", "lora", "full")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class FusionConfig:
+    """Where Stage-2 gated cross-attention goes in the action expert and how it is shaped.
+
+    Target names follow peft's ``target_modules`` semantics: a ``str`` is a regular expression that must match
+    the full module name; a ``list`` matches a name exactly or as a dotted suffix (``"blocks.0"`` matches
+    ``"head.blocks.0"``). Names are relative to the LightningModule.
+
+    Args:
+        target_modules: modules whose output gets a gated cross-attention block appended (e.g. decoder layers).
+        exclude_modules: names removed from the matches, same semantics.
+        hidden_dim: width of the targets' output; inferred from ``module.hidden_size`` or ``module.config``.
+        context_dim: width of the language features; inferred from the VLM config when ``None``.
+        num_heads: attention heads of each block.
+        head_dim: width per head; ``hidden_dim // num_heads`` when ``None``.
+        ff_mult: expansion of the gated feed-forward branch.
+        dropout: dropout on attention and feed-forward outputs (before the gate).
+
+    Example::
+
+        >>> FusionConfig(target_modules=r"head\\.blocks\\.\\d+", num_heads=2).num_heads
+        2
+    """
+
+    target_modules: str | list[str] = field(metadata={"help": "regex (str) or names/suffixes (list)"})
+    exclude_modules: str | list[str] | None = None
+    hidden_dim: int | None = None
+    context_dim: int | None = None
+    num_heads: int = 4
+    head_dim: int | None = None
+    ff_mult: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("`target_modules` is empty: name the expert modules that receive gated fusion.")
+        for name in ("hidden_dim", "context_dim", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.num_heads <= 0 or self.ff_mult <= 0:
+            raise ValueError(f"`num_heads` and `ff_mult` must be positive, got {self.num_heads!r}, {self.ff_mult!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+
+
+@dataclass
+class APTConfig:
+    """Optimisation and VLM settings of an APT run (both stages).
+
+    Learning rates are per parameter group: ``expert`` (everything trainable outside the VLM and the fusion
+    blocks), ``fusion`` (cross-attention and feed-forward weights of the gated blocks), ``gates`` (the tanh
+    gates, which alone receive gradient on the first Stage-2 step, hence a larger default) and ``vlm``
+    (LoRA adapters or all VLM weights, Stage 2 only).
+
+    Args:
+        vlm_mode: how the VLM trains in Stage 2: ``"frozen"`` (default, as in the paper's code), ``"lora"``
+            (peft adapters) or ``"full"``. In Stage 1 the VLM is always frozen.
+        lr: expert learning rate.
+        fusion_lr: fusion block learning rate; ``lr`` when ``None``.
+        gate_lr: gate learning rate; ``10 * lr`` when ``None``.
+        vlm_lr: VLM learning rate; 5e-6 for LoRA and 1e-5 for full fine-tuning when ``None``.
+        weight_decay: AdamW weight decay (not applied to gates, norms and biases).
+        warmup_steps: linear warm-up at the start of each stage, for every group active in it.
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: LoRA dropout.
+        lora_target_modules: VLM module names that get LoRA adapters (peft semantics).
+        seed: base seed of the per-step random streams (noise, flow-matching time) that make resume exact.
+
+    Example::
+
+        >>> APTConfig(vlm_mode="lora").resolved_vlm_lr
+        5e-06
+    """
+
+    vlm_mode: VLMMode = "frozen"
+    lr: float = 1e-4
+    fusion_lr: float | None = None
+    gate_lr: float | None = None
+    vlm_lr: float | None = None
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    lora_rank: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.vlm_mode not in _VLM_MODES:
+            raise ValueError(f"`vlm_mode` must be one of {_VLM_MODES}, got {self.vlm_mode!r}.")
+        for name in ("lr", "fusion_lr", "gate_lr", "vlm_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {self.warmup_steps!r}.")
+        if self.lora_rank <= 0:
+            raise ValueError(f"`lora_rank` must be positive, got {self.lora_rank!r}.")
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        if self.vlm_mode != "lora":
+            defaults = {f.name: f.default for f in fields(self)}
+            changed = [n for n in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(self, n) != defaults[n]]
+            if changed:
+                warnings.warn(
+                    f"{changed} set but `vlm_mode`={self.vlm_mode!r}: LoRA options only apply with vlm_mode='lora'.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        if self.vlm_mode == "frozen" and self.vlm_lr is not None:
+            warnings.warn("`vlm_lr` has no effect with vlm_mode='frozen'.", UserWarning, stacklevel=3)
+
+    @property
+    def resolved_fusion_lr(self) -> float:
+        return self.lr if self.fusion_lr is None else self.fusion_lr
+
+    @property
+    def resolved_gate_lr(self) -> float:
+        return 10 * self.lr if self.gate_lr is None else self.gate_lr
+
+    @property
+    def resolved_vlm_lr(self) -> float:
+        if self.vlm_lr is not None:
+            return self.vlm_lr
+        return 5e-6 if self.vlm_mode == "lora" else 1e-5

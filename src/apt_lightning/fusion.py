@@ -1,0 +1,147 @@
+"""Zero-initialised, tanh-gated cross-attention (Flamingo-style) and the wrapper that appends it to a module.
+
+The block is an exact identity while its gates are zero: ``x + tanh(0) * f(x) == x`` bit for bit as long as
+``f(x)`` is finite, which the block guarantees (rows without any valid context key are passed through
+unchanged instead of producing NaN). That is what makes the Stage-1 -> Stage-2 switch lossless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apt_lightning.errors import FusionContextError
+
+GATE_PREFIX = "apt_gate"
+FUSION_ATTR = "apt_fusion"
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """``y = x + tanh(g_attn) * XAttn(LN(x), ctx)``; ``y = y + tanh(g_ff) * FF(LN(y))`` with ``g = 0`` at init.
+
+    Args:
+        dim: width of the query stream ``x``.
+        context_dim: width of the context (language features).
+        num_heads: attention heads.
+        head_dim: width per head (``dim // num_heads`` when ``None``).
+        ff_mult: hidden expansion of the feed-forward branch.
+        dropout: dropout on both branches before the gates.
+
+    Example::
+
+        >>> block = GatedCrossAttentionBlock(dim=8, context_dim=4, num_heads=2)
+        >>> x, ctx = torch.randn(2, 3, 8), torch.randn(2, 5, 4)
+        >>> torch.equal(block(x, ctx, torch.ones(2, 5, dtype=torch.bool)), x)
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        num_heads: int = 4,
+        head_dim: int | None = None,
+        ff_mult: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        head_dim = head_dim or max(dim // num_heads, 1)
+        inner = num_heads * head_dim
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attn_norm = nn.LayerNorm(dim)
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.ff = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.apt_gate_attn = nn.Parameter(torch.zeros(1))
+        self.apt_gate_ff = nn.Parameter(torch.zeros(1))
+
+    def reset_gates(self) -> None:
+        """Close both gates: the block becomes an exact identity again."""
+        with torch.no_grad():
+            self.apt_gate_attn.zero_()
+            self.apt_gate_ff.zero_()
+
+    def gate_values(self) -> dict[str, float]:
+        """``tanh`` of both gates, the factors that actually scale the branches."""
+        return {"attn": float(self.apt_gate_attn.detach().tanh()), "ff": float(self.apt_gate_ff.detach().tanh())}
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """Attend from ``x`` (B, T, dim) to ``context`` (B, S, context_dim); ``context_mask`` (B, S) is True on
+        valid keys. Rows whose mask is all False are returned unchanged: no language means the VA prior."""
+        if context.shape[0] != x.shape[0] or context_mask.shape != context.shape[:2]:
+            raise FusionContextError(
+                f"Fusion context of shape {tuple(context.shape)} with mask {tuple(context_mask.shape)} does not "
+                f"match queries of shape {tuple(x.shape)}: expected context (B={x.shape[0]}, S, D) and mask (B, S)."
+            )
+        context_mask = context_mask.to(device=x.device, dtype=torch.bool)
+        has_context = context_mask.any(dim=-1)  # (B,)
+        if context.shape[1] == 0 or not bool(has_context.any()):
+            return x
+        # Rows with no valid key attend to everything (finite, then discarded) instead of producing NaN.
+        safe_mask = context_mask | ~has_context[:, None]
+        b, t, _ = x.shape
+        q = self.to_q(self.attn_norm(x)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.to_kv(self.context_norm(context.to(x.dtype))).chunk(2, dim=-1)
+        k = k.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :])
+        attn = self.to_out(attn.transpose(1, 2).reshape(b, t, -1))
+        keep = has_context[:, None, None].to(x.dtype)
+        y = x + self.apt_gate_attn.tanh() * (self.dropout(attn) * keep)
+        return y + self.apt_gate_ff.tanh() * (self.dropout(self.ff(y)) * keep)
+
+
+class GatedFusionLayer(nn.Module):
+    """Runs ``base_layer`` unchanged, then the gated block on its output hidden states.
+
+    The host model calls this wrapper exactly as it called the original module, so the expert's forward code
+    needs no edit. While ``active`` is False (Stage 1) the block is skipped entirely. Context comes from
+    :meth:`set_context`, which :meth:`APTMixin.apt_fusion_context` calls for every site at once.
+
+    Attributes:
+        base_layer: the wrapped module (peft convention), whose parameters keep their names under it.
+        apt_fusion: the :class:`GatedCrossAttentionBlock`.
+    """
+
+    def __init__(self, base_layer: nn.Module, block: GatedCrossAttentionBlock) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.apt_fusion = block
+        self.active = False
+        self._context: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_context(self, context: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
+        self._context = None if context is None else (context, mask)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(*args, **kwargs)
+        if not self.active:
+            return out
+        if self._context is None:
+            raise FusionContextError(
+                "Stage-2 fusion context must be set before forward: run the expert inside "
+                "`with self.apt_fusion_context(language_features, language_mask):`."
+            )
+        context, mask = self._context
+        if isinstance(out, torch.Tensor):
+            return self.apt_fusion(out, context, mask)
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            return (self.apt_fusion(out[0], context, mask), *out[1:])
+        raise TypeError(
+            f"{type(self.base_layer).__name__} returned {type(out).__name__}; gated fusion needs a tensor or a "
+            "tuple whose first item is the hidden states. Target a submodule that returns hidden states."
+        )

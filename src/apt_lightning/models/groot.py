@@ -1,0 +1,171 @@
+"""GR00T-style reference policy: a transformers VLM whose mid-layer features condition a DiT action head.
+
+As in GR00T N1.5+, features come from one VLM layer, pass a LayerNorm and a small self-attention stack, and
+the DiT cross-attends to them in its even blocks; flow matching uses GR00T's time convention
+(``x_t = (1 - t) * noise + t * actions``, integrate from t = 0 to 1). APT changes only the conditioning:
+the VL tokens the head sees exclude language (dropped by key mask *before* the self-attention stack, which
+is unmasked in GR00T), and Stage 2 adds language through gated cross-attention after every DiT block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, PaliGemmaConfig
+
+from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.models.base import FlowMatchingPolicy
+from apt_lightning.models.dit import DiTActionHead, masked_attention
+
+
+def tiny_paligemma_config(vocab_size: int = 128, image_size: int = 32, hidden_size: int = 32, num_layers: int = 2) -> PaliGemmaConfig:
+    """A PaliGemma small enough for CPU tests (random weights, no download)."""
+    return PaliGemmaConfig(
+        text_config=dict(
+            model_type="gemma", hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=2 * hidden_size,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2, vocab_size=vocab_size,
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=2, image_size=image_size, patch_size=8,
+            vision_use_head=False,
+        ),
+        projection_dim=hidden_size,
+        image_token_id=vocab_size - 1,
+    )
+
+
+class VLSelfAttention(nn.Module):
+    """GR00T's ``vl_self_attention`` stack, with a key mask so that dropped (language) tokens stay invisible."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "out": nn.Linear(dim, dim)})
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        for layer in self.layers:
+            q, k, v = layer["qkv"](layer["norm"](x)).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)
+            attn = masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)
+            x = x + layer["out"](attn.transpose(1, 2).reshape(b, n, d))
+        return x
+
+
+class GR00TStylePolicy(FlowMatchingPolicy):
+    """VLM backbone (PaliGemma here; any ``AutoModel`` VLM with ``image_token_id``) + DiT flow-matching head.
+
+    Args:
+        vlm_config: config of the backbone (random init); ignored when ``pretrained`` is given.
+        pretrained: path or hub id for ``AutoModel.from_pretrained`` of the backbone.
+        select_layer: hidden-states index the features are taken from (GR00T N1.5 uses 12).
+        action_dim, state_dim, chunk_size: data dimensions.
+        head_dim, head_depth, head_heads: DiT size.
+        vl_self_attention_depth: layers of the masked self-attention stack over VL tokens.
+        causal_vlm: ``True`` for decoder-only VLMs (Qwen-VL, Eagle); ``False`` for PaliGemma's bidirectional prefix.
+        num_inference_steps: Euler steps (GR00T uses 4).
+        apt_config: APT optimisation and VLM-mode settings.
+
+    Example::
+
+        >>> policy = GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_dim=16, head_depth=2)
+        >>> policy.apt_fusion.target_modules
+        'action_head\\\\.blocks\\\\.\\\\d+'
+    """
+
+    apt_vlm = "backbone"
+
+    def __init__(
+        self,
+        vlm_config: PaliGemmaConfig | None = None,
+        pretrained: str | None = None,
+        select_layer: int = -1,
+        action_dim: int = 2,
+        state_dim: int = 2,
+        chunk_size: int = 4,
+        head_dim: int = 64,
+        head_depth: int = 4,
+        head_heads: int = 4,
+        vl_self_attention_depth: int = 1,
+        causal_vlm: bool = False,
+        num_inference_steps: int = 4,
+        apt_config: APTConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if pretrained is not None:
+            self.backbone = AutoModel.from_pretrained(pretrained)
+        else:
+            self.backbone = AutoModel.from_config(vlm_config or tiny_paligemma_config())
+        config = self.backbone.config
+        width = config.get_text_config().hidden_size
+        self.apt_config = apt_config or APTConfig()
+        self.apt_fusion = FusionConfig(target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads)
+        self.select_layer = select_layer
+        self.causal_vlm = causal_vlm
+        self.action_dim, self.chunk_size, self.num_inference_steps = action_dim, chunk_size, num_inference_steps
+        vision = config.vision_config
+        self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+        self.image_token_id = config.image_token_id
+        self.vl_norm = nn.LayerNorm(width)
+        self.vl_self_attention = VLSelfAttention(width, vl_self_attention_depth, num_heads=2)
+        self.action_head = DiTActionHead(action_dim, state_dim, chunk_size, width, head_dim, head_depth, head_heads)
+
+    def prompt(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"]
+        if (ids == self.image_token_id).any():
+            return {k: batch[k] for k in ("input_ids", "attention_mask", "language_mask")}
+        image = torch.full((ids.shape[0], self.num_image_tokens), self.image_token_id, dtype=ids.dtype, device=ids.device)
+        return {
+            "input_ids": torch.cat([image, ids], 1),
+            "attention_mask": torch.cat([torch.ones_like(image, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1),
+            "language_mask": torch.cat([torch.zeros_like(image, dtype=torch.bool), batch["language_mask"]], 1),
+        }
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """VL tokens and their key mask for the head (language dropped), plus language features and mask."""
+        prompt = self.prompt(batch)
+        masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"], causal=self.causal_vlm)
+        with self.apt_vlm_context():
+            out = self.backbone(
+                input_ids=prompt["input_ids"],
+                pixel_values=batch["pixel_values"],
+                attention_mask=masks.vlm_attention,
+                position_ids=masks.position_ids,
+                output_hidden_states=True,
+            )
+        features = out.hidden_states[self.select_layer]
+        visible = masks.expert_attention.bool()
+        vl_tokens = self.vl_self_attention(self.vl_norm(features), visible)
+        language = features if self.apt_stage == 2 else None
+        return vl_tokens, visible, language, masks.language
+
+    # ------------------------------------------------------------------ flow matching (GR00T convention)
+    def sample_time(self, batch_size: int) -> torch.Tensor:
+        sample = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0)).sample((batch_size,))
+        return (0.999 - sample) / 0.999
+
+    def flow_loss(self, batch: dict[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        actions = batch["actions"]
+        vl_tokens, visible, language, language_mask = self.encode(batch)
+        t = time[:, None, None]
+        x_t = (1 - t) * noise + t * actions
+        with self.apt_fusion_context(language, language_mask):
+            velocity = self.action_head(x_t, time, batch["state"], vl_tokens, visible)
+        return torch.nn.functional.mse_loss(velocity, actions - noise)
+
+    @torch.no_grad()
+    def sample_actions(
+        self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None, num_steps: int | None = None
+    ) -> torch.Tensor:
+        num_steps = num_steps or self.num_inference_steps
+        b = batch["state"].shape[0]
+        x = noise if noise is not None else torch.randn(b, self.chunk_size, self.action_dim, device=self.device)
+        vl_tokens, visible, language, language_mask = self.encode(batch)  # once per chunk
+        with self.apt_fusion_context(language, language_mask):
+            for step in range(num_steps):
+                time = torch.full((b,), step / num_steps, device=x.device)
+                x = x + self.action_head(x, time, batch["state"], vl_tokens, visible) / num_steps
+        return x

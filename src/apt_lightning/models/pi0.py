@@ -1,0 +1,169 @@
+"""pi0-style reference policy: transformers' own ``PI0ForConditionalGeneration`` with APT.
+
+The PaliGemma VLM runs the prefix once and returns a KV cache that the Gemma "dit" expert attends to in every
+layer. APT hooks in at three places, all through the mixin's public helpers:
+
+* the prefix runs with the language-blind block mask (image tokens cannot see the instruction, language
+  tokens see everything), so the cache of non-language tokens is instruction-free in both stages;
+* the expert's 2-D mask hides the language keys of the cache;
+* Stage 2 adds language through gated cross-attention after every dit decoder layer, attending to the
+  VLM's language hidden states from the same single prefix pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PI0Config, PI0ForConditionalGeneration
+
+from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.models.base import FlowMatchingPolicy, pad_last_dim
+
+
+def tiny_pi0_config(
+    action_dim: int = 2, state_dim: int = 2, chunk_size: int = 4, vocab_size: int = 128, image_size: int = 32,
+    hidden_size: int = 32, num_layers: int = 2, num_inference_steps: int = 5,
+) -> PI0Config:
+    """A PI0Config small enough to train on CPU in milliseconds (random weights, no download)."""
+    gemma = dict(
+        model_type="gemma", hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=2 * hidden_size,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2,
+    )
+    return PI0Config(
+        vlm_config=dict(
+            model_type="paligemma",
+            text_config={**gemma, "vocab_size": vocab_size},
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=2, image_size=image_size, patch_size=8,
+                vision_use_head=False,
+            ),
+            projection_dim=hidden_size,
+            image_token_id=vocab_size - 1,
+        ),
+        dit_config=gemma,
+        chunk_size=chunk_size,
+        max_state_dim=state_dim,
+        max_action_dim=action_dim,
+        num_inference_steps=num_inference_steps,
+    )
+
+
+class PI0Policy(FlowMatchingPolicy):
+    """pi0 (openpi/LeRobot layout, transformers implementation) trained with APT.
+
+    Args:
+        config: a ``PI0Config`` (random init); ignored when ``pretrained`` is given.
+        pretrained: path or hub id passed to ``PI0ForConditionalGeneration.from_pretrained``.
+        apt_config: APT optimisation and VLM-mode settings.
+        action_dim: dimensions of the dataset's actions (padded to ``max_action_dim``).
+        fusion_heads: attention heads of each gated cross-attention block.
+
+    Example::
+
+        >>> policy = PI0Policy(tiny_pi0_config())
+        >>> policy.apt_vlm, policy.apt_fusion.target_modules
+        ('pi0.model.vlm', 'pi0\\\\.model\\\\.dit\\\\.layers\\\\.\\\\d+')
+    """
+
+    apt_vlm = "pi0.model.vlm"
+
+    def __init__(
+        self,
+        config: PI0Config | None = None,
+        pretrained: str | None = None,
+        apt_config: APTConfig | None = None,
+        action_dim: int | None = None,
+        fusion_heads: int = 2,
+    ) -> None:
+        super().__init__()
+        if pretrained is not None:
+            self.pi0 = PI0ForConditionalGeneration.from_pretrained(pretrained)
+        else:
+            self.pi0 = PI0ForConditionalGeneration(config or tiny_pi0_config())
+        cfg = self.pi0.config
+        self.apt_config = apt_config or APTConfig()
+        self.apt_fusion = FusionConfig(target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads)
+        self.chunk_size = cfg.chunk_size
+        self.action_dim = action_dim or cfg.max_action_dim
+        vision = cfg.vlm_config.vision_config
+        self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+        self.image_token_id = cfg.vlm_config.image_token_id
+
+    @property
+    def noise_dim(self) -> int:
+        return self.pi0.config.max_action_dim
+
+    # ------------------------------------------------------------------ conditioning
+    def prompt(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"]
+        if (ids == self.image_token_id).any():  # already a full prompt from a PaliGemma processor
+            return {k: batch[k] for k in ("input_ids", "attention_mask", "language_mask")}
+        b = ids.shape[0]
+        image = torch.full((b, self.num_image_tokens), self.image_token_id, dtype=ids.dtype, device=ids.device)
+        ones = torch.ones_like(image, dtype=batch["attention_mask"].dtype)
+        return {
+            "input_ids": torch.cat([image, ids], 1),
+            "attention_mask": torch.cat([ones, batch["attention_mask"]], 1),
+            "language_mask": torch.cat([torch.zeros_like(image, dtype=torch.bool), batch["language_mask"]], 1),
+        }
+
+    def encode_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor | None, Any]:
+        """One VLM pass: KV cache for the expert, language features for Stage 2, and the masks."""
+        prompt = self.prompt(batch)
+        masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"])
+        pixels = batch["pixel_values"]
+        if pixels.ndim == 4:
+            pixels = pixels[:, None]
+        cameras = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
+        model = self.pi0.model
+        with self.apt_vlm_context():
+            embeds = model.embed_prefix(prompt["input_ids"], pixels, cameras)
+            out = model.vlm(
+                inputs_embeds=embeds,
+                attention_mask=masks.vlm_attention,
+                position_ids=masks.position_ids,
+                use_cache=True,
+            )
+        features = out.last_hidden_state if self.apt_stage == 2 else None
+        return out.cache, features, masks
+
+    def _velocity(self, batch: dict[str, torch.Tensor], x: torch.Tensor, time: torch.Tensor, cache: Any, masks: Any):
+        state = pad_last_dim(batch["state"], self.pi0.config.max_state_dim)
+        return self.pi0(state=state, noise=x, timestep=time, attention_mask=masks.expert_attention, cache=cache).logits
+
+    # ------------------------------------------------------------------ flow matching (openpi convention)
+    def sample_time(self, batch_size: int) -> torch.Tensor:
+        cfg = self.pi0.config
+        beta = torch.distributions.Beta(
+            torch.tensor(cfg.time_sampling_beta_alpha), torch.tensor(cfg.time_sampling_beta_beta)
+        )
+        return beta.sample((batch_size,)) * cfg.time_sampling_scale + cfg.time_sampling_offset
+
+    def flow_loss(self, batch: dict[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        actions = pad_last_dim(batch["actions"], self.pi0.config.max_action_dim)
+        cache, features, masks = self.encode_prefix(batch)
+        t = time[:, None, None]
+        x_t = t * noise + (1 - t) * actions
+        with self.apt_fusion_context(features, masks.language):
+            velocity = self._velocity(batch, x_t, time, cache, masks)
+        return torch.nn.functional.mse_loss(velocity[..., : self.action_dim], (noise - actions)[..., : self.action_dim])
+
+    @torch.no_grad()
+    def sample_actions(
+        self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None, num_steps: int | None = None
+    ) -> torch.Tensor:
+        num_steps = num_steps or self.pi0.config.num_inference_steps
+        b = batch["state"].shape[0]
+        x = noise if noise is not None else torch.randn(b, self.chunk_size, self.noise_dim, device=self.device)
+        x = pad_last_dim(x, self.noise_dim)
+        cache, features, masks = self.encode_prefix(batch)
+        prefix_length = cache.get_seq_length()
+        dt = -1.0 / num_steps
+        with self.apt_fusion_context(features, masks.language):  # language set once for all steps
+            for step in range(num_steps):
+                time = torch.full((b,), 1.0 + step * dt, device=x.device)
+                x = x + dt * self._velocity(batch, x, time, cache, masks)
+                cache.crop(prefix_length - cache.get_seq_length())  # drop this step's action tokens
+        return x[..., : self.action_dim]

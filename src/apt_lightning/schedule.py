@@ -1,0 +1,84 @@
+"""Which stage runs at which global step, and the per-group learning-rate factors that follow from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Stage = Literal[1, 2]
+GROUP_STAGES: dict[str, tuple[int, ...]] = {"expert": (1, 2), "fusion": (2,), "gates": (2,), "vlm": (2,)}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The stages one ``Trainer.fit`` runs.
+
+    Args:
+        first_stage: stage at global step 0 of this plan.
+        switch_step: global step at which Stage 2 starts (``first_stage=1`` only); ``None`` for a fit that
+            stays in ``first_stage`` (the two-fit workflow).
+
+    Example::
+
+        >>> plan = StagePlan(first_stage=1, switch_step=100)
+        >>> plan.stage_at(99), plan.stage_at(100), plan.name
+        (1, 2, 'stage1->stage2')
+    """
+
+    first_stage: Stage = 1
+    switch_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.first_stage not in (1, 2):
+            raise ValueError(f"`first_stage` must be 1 or 2, got {self.first_stage!r}.")
+        if self.switch_step is not None:
+            if self.first_stage != 1:
+                raise ValueError("`switch_step` only applies to a plan that starts in Stage 1.")
+            if self.switch_step < 0:
+                raise ValueError(f"`switch_step` must be >= 0, got {self.switch_step!r}.")
+
+    @property
+    def name(self) -> str:
+        if self.switch_step is not None:
+            return "stage1->stage2"
+        return f"stage{self.first_stage}"
+
+    @property
+    def has_stage2(self) -> bool:
+        return self.first_stage == 2 or self.switch_step is not None
+
+    def stage_at(self, global_step: int) -> Stage:
+        if self.switch_step is not None and global_step >= self.switch_step:
+            return 2
+        return self.first_stage
+
+    def stage_start(self, stage: Stage) -> int:
+        """Global step at which ``stage`` starts in this plan."""
+        if stage == 2 and self.switch_step is not None:
+            return self.switch_step
+        return 0
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"first_stage": self.first_stage, "switch_step": self.switch_step}
+
+
+class StageLRFactor:
+    """``LambdaLR`` factor of one parameter group: 0 outside the group's stages, linear warm-up from the start
+    of each stage in which it trains, 1 afterwards. Holds plain ints only (not a closure, not the plan object)
+    so that the scheduler's state dict pickles and loads with ``weights_only=True``."""
+
+    def __init__(self, plan: StagePlan, group: str, warmup_steps: int) -> None:
+        if group not in GROUP_STAGES:
+            raise ValueError(f"Unknown parameter group {group!r}; expected one of {sorted(GROUP_STAGES)}.")
+        self.first_stage, self.switch_step = plan.first_stage, plan.switch_step
+        self.group, self.warmup_steps = group, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        plan = StagePlan(self.first_stage, self.switch_step)
+        stage = plan.stage_at(step)
+        if stage not in GROUP_STAGES[self.group]:
+            return 0.0
+        if self.warmup_steps <= 0:
+            return 1.0
+        since = step - plan.stage_start(stage)
+        return min(1.0, (since + 1) / self.warmup_steps)
