@@ -1,0 +1,168 @@
+"""Bad input fails early with an error that names the problem and the fix."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import loader, make_batch, make_policy, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+
+from apt_lightning import (
+    APTMixin,
+    APTStageScheduler,
+    AptError,
+    ContractError,
+    FusionConfig,
+    GatedCrossAttentionBlock,
+    LanguageMaskError,
+    NoMatchingTargetError,
+    NonFiniteGateError,
+    StageMismatchError,
+    StagePlan,
+)
+
+
+class Incomplete(APTMixin, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.backbone(batch["state"])).sum()
+
+
+def test_contract_not_satisfied_lists_every_missing_piece():
+    with pytest.raises(ContractError) as info:
+        trainer(1, [APTStageScheduler()]).fit(Incomplete(), loader())
+    message = str(info.value)
+    assert "`apt_vlm` is not set" in message
+    assert "`apt_fusion` is not a FusionConfig" in message
+    assert "`apt_language_mask(batch)` is not implemented" in message
+
+
+def test_vlm_name_that_does_not_exist_suggests_close_names():
+    module = Incomplete()
+    module.apt_vlm = "backbon"
+    module.apt_fusion = FusionConfig(target_modules=["head"])
+    with pytest.raises(ContractError, match=r"`apt_vlm`='backbon' names no module. Closest names: \['backbone'\]"):
+        module.apt_validate_contract()
+
+
+def test_callback_on_module_without_mixin():
+    with pytest.raises(ContractError, match="does not subclass APTMixin"):
+        trainer(1, [APTStageScheduler()]).fit(BoringModel())
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (lambda b: b["language_mask"].long(), "must have dtype torch.bool"),
+        (lambda b: b["language_mask"][:, :-1], r"has shape \(2, 19\) but the token sequence has shape \(2, 20\)"),
+    ],
+    ids=["dtype", "shape"],
+)
+def test_language_mask_of_wrong_dtype_or_shape(arch, mask, match):
+    policy = make_policy(arch)
+    policy.apt_prepare(StagePlan())
+    batch = make_batch("left")
+    batch["language_mask"] = mask(batch)
+    with pytest.raises(LanguageMaskError, match=match):
+        policy.flow_loss(batch, torch.zeros(2, 4, policy.noise_dim), torch.rand(2))
+
+
+def test_fusion_target_matching_nothing_lists_nearest_names():
+    policy = make_policy("groot")
+    policy.apt_fusion = FusionConfig(target_modules=["action_head.blockz.0"])
+    with pytest.raises(NoMatchingTargetError, match=r"matched no module.*Closest existing names: \[.*'action_head.blocks.0'"):
+        policy.apt_prepare(StagePlan())
+    assert not policy.apt_sites(), "a failed injection must leave the model untouched"
+
+
+def test_fusion_target_inside_the_vlm_is_rejected():
+    policy = make_policy("groot")
+    policy.apt_fusion = FusionConfig(target_modules=r".*layers\.\d+")
+    with pytest.raises(NoMatchingTargetError, match="inside the VLM `backbone`"):
+        policy.apt_prepare(StagePlan())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plans")
+    for name, scheduler, steps in [
+        ("stage2", APTStageScheduler(switch_at_step=2), 4),
+        ("stage1", APTStageScheduler(stage=1), 2),
+    ]:
+        ckpt = ModelCheckpoint(dirpath=path, filename=name, save_last=False, every_n_train_steps=steps)
+        trainer(steps, [scheduler, ckpt], enable_checkpointing=True).fit(make_policy("pi0"), loader())
+    return path
+
+
+def test_stage2_checkpoint_under_stage1_only_plan(checkpoints):
+    with pytest.raises(StageMismatchError, match="trained in Stage 2 .* Stage-1-only plan"):
+        trainer(6, [APTStageScheduler(stage=1)]).fit(make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage2.ckpt"))
+
+
+def test_stage1_checkpoint_under_stage2_only_plan(checkpoints):
+    with pytest.raises(StageMismatchError, match="holds Stage-1 training .* export the prior with `export_va_prior`"):
+        trainer(6, [APTStageScheduler(stage=2)]).fit(make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage1.ckpt"))
+
+
+def test_changed_switch_step_on_resume(checkpoints):
+    with pytest.raises(StageMismatchError, match="Resume with the same APTStageScheduler arguments"):
+        trainer(6, [APTStageScheduler(switch_at_step=3)]).fit(make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage2.ckpt"))
+
+
+@pytest.mark.parametrize("context_mask", ["all_masked", "empty"])
+def test_empty_or_fully_masked_fusion_context_gives_identity_not_nan(context_mask):
+    block = GatedCrossAttentionBlock(dim=8, context_dim=4, num_heads=2)
+    with torch.no_grad():
+        block.apt_gate_attn.fill_(1.0)
+        block.apt_gate_ff.fill_(1.0)
+    x = torch.randn(2, 3, 8)
+    length = 0 if context_mask == "empty" else 5
+    out = block(x, torch.randn(2, length, 4), torch.zeros(2, length, dtype=torch.bool))
+    assert torch.isfinite(out).all() and torch.equal(out, x)
+    # a batch mixing an empty row with a valid one: the empty row is untouched, the other one is not
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, :2] = True
+    out = block(x, torch.randn(2, 5, 4), mask)
+    assert torch.equal(out[0], x[0]) and not torch.equal(out[1], x[1]) and torch.isfinite(out).all()
+
+
+def test_all_language_masked_batch_trains_without_nan(arch):
+    policy = make_policy(arch)
+    policy.apt_prepare(StagePlan(first_stage=2))
+    batch = make_batch("left")
+    batch["language_mask"][:] = False
+    loss = policy.flow_loss(batch, torch.randn(2, 4, policy.noise_dim), torch.rand(2))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_non_finite_gate_stops_training_and_names_the_site(tmp_path):
+    policy = make_policy("groot")
+
+    class Poison(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                site = pl_module.apt_sites()["action_head.blocks.1"]
+                site.apt_fusion.apt_gate_ff.data.fill_(float("nan"))
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    t = trainer(10, [Poison(), APTStageScheduler(switch_at_step=1), ckpt], enable_checkpointing=True)
+    with pytest.raises(NonFiniteGateError, match=r"\['ff'\] of fusion site `action_head.blocks.1` became non-finite"):
+        t.fit(policy, loader())
+    assert t.global_step == 3
+    assert [p.name for p in tmp_path.iterdir()] == [], "no checkpoint of the non-finite state may be written"
+
+
+def test_one_fit_plan_under_ddp_requires_find_unused_parameters():
+    strategy = DDPStrategy(find_unused_parameters=False)
+    t = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(AptError, match="ddp_find_unused_parameters_true"):
+        APTStageScheduler(switch_at_step=5)._check_strategy(t)
