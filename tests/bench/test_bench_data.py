@@ -25,7 +25,7 @@ def test_sample_format_and_padding() -> None:
     data = collect_demonstrations("counterfactual", 10, seed=0, chunk_size=chunk, num_image_tokens=2)
     sample = data[0]
     assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.float32
-    assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+    assert sample["image"].min() >= 0.0 and sample["image"].max() <= 1.0
     assert sample["state"].shape == (STATE_DIM,) and sample["actions"].shape == (chunk, 2)
     assert sample["input_ids"][:2].eq(WordTokenizer().image_id).all()
     words = sample["input_ids"][sample["language_mask"]]

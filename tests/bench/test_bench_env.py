@@ -31,7 +31,11 @@ def _two_object_episode() -> Episode:
 
 @pytest.mark.parametrize("split", split_names())
 def test_episodes_are_deterministic_per_seed(split: str) -> None:
-    first, again, other = make_episodes(split, 20, seed=3), make_episodes(split, 20, seed=3), make_episodes(split, 20, seed=4)
+    first, again, other = (
+        make_episodes(split, 20, seed=3),
+        make_episodes(split, 20, seed=3),
+        make_episodes(split, 20, seed=4),
+    )
     assert first == again
     assert first != other
     for a, b in zip(first[:5], again[:5]):
@@ -48,7 +52,9 @@ def test_scenes_are_valid() -> None:
             gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1) - radii[:, None] - radii[None]
             assert np.all(gaps[~np.eye(len(radii), dtype=bool)] > 0), "objects overlap"
             assert np.all(centres - radii[:, None] > 0) and np.all(centres + radii[:, None] < 1)
-            assert np.all(np.linalg.norm(centres - np.array(episode.ee_start), axis=1) > radii), "start touches an object"
+            assert np.all(np.linalg.norm(centres - np.array(episode.ee_start), axis=1) > radii), (
+                "start touches an object"
+            )
 
 
 def test_render_shape_dtype_and_gripper() -> None:
@@ -96,7 +102,11 @@ def test_env_success_failure_and_timeout() -> None:
 
 
 def test_env_reset_without_episode_is_seeded() -> None:
-    a, b, c = TabletopEnv(seed=1, split="counterfactual"), TabletopEnv(seed=1, split="counterfactual"), TabletopEnv(seed=2)
+    a, b, c = (
+        TabletopEnv(seed=1, split="counterfactual"),
+        TabletopEnv(seed=1, split="counterfactual"),
+        TabletopEnv(seed=2),
+    )
     for _ in range(3):
         np.testing.assert_array_equal(a.reset()["image"], b.reset()["image"])
         assert a.episode == b.episode
@@ -114,3 +124,10 @@ def test_env_with_expert_chunks_succeeds(split: str) -> None:
             obs, _, done, info = env.step_chunk(scripted_actions(episode.scene, obs["state"], 8))
         successes += info["success"]
     assert successes == 30
+
+
+def test_env_reset_with_bare_scene() -> None:
+    scene = _two_object_episode().scene
+    env = TabletopEnv(seed=0)
+    env.reset(scene)
+    assert env.episode.scene == scene and env.instruction in ("pick up the blue circle", "pick the blue circle up")

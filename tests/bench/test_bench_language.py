@@ -59,11 +59,20 @@ def test_every_generator_stays_inside_the_vocabulary() -> None:
     for episode in make_episodes("novel_layout", 150, seed=0) + make_episodes("train", 50, seed=0):
         scene = episode.scene
         for i, obj in enumerate(scene.objects):
-            texts += [training_instruction(rng, obj), paraphrase_instruction(rng, obj), diverse_instruction(rng, i, scene)]
+            texts += [
+                training_instruction(rng, obj),
+                paraphrase_instruction(rng, obj),
+                diverse_instruction(rng, i, scene),
+            ]
             texts.append(describe_object(obj, rng))
         texts.append(caption(scene, rng))
         texts += list(question_answer(scene, rng, ee_pos=episode.ee_start))
-    unknown = {w for t in texts for w, i in zip(t.lower().replace(",", " ").replace(":", " ").split(), tok.tokenize(t)) if i == tok.unk_id}
+    unknown = {
+        w
+        for t in texts
+        for w, i in zip(t.lower().replace(",", " ").replace(":", " ").split(), tok.tokenize(t))
+        if i == tok.unk_id
+    }
     assert not unknown
 
 

@@ -24,6 +24,7 @@ from apt_lightning.bench import (
 )
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_success_rate() -> None:
     metric = SuccessRate()
     assert math.isnan(float(metric.compute()))
@@ -62,7 +63,9 @@ def _language_reading_policy(episodes, chunk: int, gain: float = 1.0):
 
     def policy(batch):
         out = []
-        for ids, mask, index, state in zip(batch["input_ids"], batch["language_mask"], batch["episode_index"], batch["state"]):
+        for ids, mask, index, state in zip(
+            batch["input_ids"], batch["language_mask"], batch["episode_index"], batch["state"]
+        ):
             scene = episodes[int(index)].scene
             target = resolve_instruction(tok.decode(ids[mask]), scene)
             out.append(gain * scripted_actions(scene.with_target(target), state.numpy().astype(np.float64), chunk))
@@ -74,7 +77,9 @@ def _language_reading_policy(episodes, chunk: int, gain: float = 1.0):
 def test_instruction_sensitivity_of_reference_policies() -> None:
     episodes = make_episodes("seen", 60, seed=0)
     probe = sensitivity_probe(episodes, chunk_size=8, seed=0)
-    assert torch.equal(probe.observation["noise"], sensitivity_probe(episodes, chunk_size=8, seed=0).observation["noise"])
+    assert torch.equal(
+        probe.observation["noise"], sensitivity_probe(episodes, chunk_size=8, seed=0).observation["noise"]
+    )
     blind = measure_instruction_sensitivity(shortcut_policy(episodes, 8), probe)
     assert float(blind) == 0.0
     reader = measure_instruction_sensitivity(_language_reading_policy(episodes, 8), probe, batch_size=16)

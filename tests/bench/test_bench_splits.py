@@ -38,7 +38,10 @@ def test_held_out_compositions_never_appear_in_training() -> None:
 
 def test_unseen_composition_needs_both_words() -> None:
     for episode in make_episodes("unseen_composition", 100, seed=1):
-        target, others = episode.scene.target_object, [o for i, o in enumerate(episode.scene.objects) if i != episode.scene.target]
+        target, others = (
+            episode.scene.target_object,
+            [o for i, o in enumerate(episode.scene.objects) if i != episode.scene.target],
+        )
         assert any(o.colour == target.colour for o in others) and any(o.shape == target.shape for o in others)
 
 
@@ -74,7 +77,9 @@ def test_user_file_formats(tmp_path: Path) -> None:
     text = tmp_path / "instructions.txt"
     text.write_text("# comment\ncould you grab the crimson ball\n\nthe big one, go to it\n", encoding="utf-8")
     jsonl = tmp_path / "instructions.jsonl"
-    jsonl.write_text('{"instruction": "fetch the violet cube", "id": 3}\n"reach for the yellow triangle"\n', encoding="utf-8")
+    jsonl.write_text(
+        '{"instruction": "fetch the violet cube", "id": 3}\n"reach for the yellow triangle"\n', encoding="utf-8"
+    )
     loaded = load_instruction_file(text)
     assert [(u.text, u.line) for u in loaded] == [("could you grab the crimson ball", 2), ("the big one, go to it", 4)]
     assert [u.text for u in load_instruction_file(jsonl)] == ["fetch the violet cube", "reach for the yellow triangle"]
@@ -86,7 +91,10 @@ def test_user_file_formats(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("grab the red cube\ngo over there\n", r"instructions.txt:2: cannot resolve 'go over there'"), ("take the red blue cube\n", r":1: .*several colours")],
+    [
+        ("grab the red cube\ngo over there\n", r"instructions.txt:2: cannot resolve 'go over there'"),
+        ("take the red blue cube\n", r":1: .*several colours"),
+    ],
 )
 def test_user_file_errors_name_the_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "instructions.txt"
