@@ -56,22 +56,17 @@ def test_switch_is_exact_and_stage2_learns_language(arch):
     policy = make_policy(arch, gate_lr=3e-2)
     monitor = GateMonitor(every_n_steps=1)
     t = trainer(30, [APTStageScheduler(switch_at_step=10), monitor])
-    outputs: dict[str, torch.Tensor] = {}
+    stages: dict[int, int] = {}
     batch = make_batch(["left", "right"])
     noise = _noise(policy)
 
-    class SwitchProbe(LossRecorder):
+    class StageProbe(LossRecorder):
         def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
-            if trainer.global_step in (9, 10):  # last Stage-1 step, first Stage-2 step (callback ran first)
-                pl_module.eval()
-                outputs[f"step{trainer.global_step}"] = pl_module.sample_actions(batch, noise)
-                outputs[f"stage{trainer.global_step}"] = torch.tensor(pl_module.apt_stage)
-                pl_module.train()
+            stages[trainer.global_step] = pl_module.apt_stage  # the scheduler's hook ran first
 
-    t.callbacks.append(SwitchProbe())
+    t.callbacks.append(StageProbe())
     t.fit(policy, loader())
-    assert int(outputs["stage9"]) == 1 and int(outputs["stage10"]) == 2
-    # Parameters do not change between the two probes except by step 9's update; compare on a fresh copy instead:
+    assert stages[9] == 1 and stages[10] == 2 and stages[29] == 2
     policy.eval()
     policy.apt_set_stage(1)
     for site in policy.apt_sites().values():
@@ -101,9 +96,6 @@ def test_switch_during_fit_preserves_output(arch):
     seen: dict[int, torch.Tensor] = {}
 
     class Probe(LossRecorder):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            pass
-
         def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
             if trainer.global_step == 6:  # weights after the last Stage-1 update; next batch is Stage 2
                 pl_module.eval()

@@ -75,7 +75,7 @@ class APTConfig:
         fusion_lr: fusion block learning rate; ``lr`` when ``None``.
         gate_lr: gate learning rate; ``10 * lr`` when ``None``.
         vlm_lr: VLM learning rate; 5e-6 for LoRA and 1e-5 for full fine-tuning when ``None``.
-        weight_decay: AdamW weight decay (not applied to gates, norms and biases).
+        weight_decay: AdamW weight decay (not applied to the gates, so a closed gate stays exactly zero).
         warmup_steps: linear warm-up at the start of each stage, for every group active in it.
         lora_rank: LoRA rank.
         lora_alpha: LoRA scaling numerator.
