@@ -18,6 +18,22 @@ import torch
 from apt_lightning.mixin import APTMixin
 
 
+def tiny_gemma(hidden_size: int, num_layers: int, **extra: Any) -> dict[str, Any]:
+    """Kwargs of a tiny Gemma text config (random weights; tests and examples)."""
+    return dict(
+        model_type="gemma", hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=2 * hidden_size,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2, **extra,
+    )
+
+
+def tiny_siglip(hidden_size: int, num_layers: int, image_size: int) -> dict[str, Any]:
+    """Kwargs of a tiny SigLIP vision config with 8-pixel patches."""
+    return dict(
+        model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=2, image_size=image_size, patch_size=8, vision_use_head=False,
+    )
+
+
 def pad_last_dim(x: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad the last dimension of ``x`` to ``size`` (pi0 pads state/actions to ``max_*_dim``)."""
     if x.shape[-1] > size:
@@ -30,13 +46,26 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
 
     action_dim: int
     chunk_size: int
+    image_token_id: int
+    num_image_tokens: int
 
     def apt_language_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.prompt(batch)["language_mask"]
 
-    @abstractmethod
     def prompt(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Full VLM prompt (image tokens + text): ``input_ids``, ``attention_mask``, ``language_mask``."""
+        """Full VLM prompt: ``input_ids``, ``attention_mask``, ``language_mask`` with image tokens first.
+
+        A batch that already holds image tokens (from a PaliGemma processor) is used as it is.
+        """
+        ids = batch["input_ids"]
+        if (ids == self.image_token_id).any():
+            return {k: batch[k] for k in ("input_ids", "attention_mask", "language_mask")}
+        image = torch.full((ids.shape[0], self.num_image_tokens), self.image_token_id, dtype=ids.dtype, device=ids.device)
+        return {
+            "input_ids": torch.cat([image, ids], 1),
+            "attention_mask": torch.cat([torch.ones_like(image, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1),
+            "language_mask": torch.cat([torch.zeros_like(image, dtype=torch.bool), batch["language_mask"]], 1),
+        }
 
     @abstractmethod
     def flow_loss(self, batch: dict[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:

@@ -14,22 +14,15 @@ from torch import nn
 from transformers import AutoModel, PaliGemmaConfig
 
 from apt_lightning.config import APTConfig, FusionConfig
-from apt_lightning.models.base import FlowMatchingPolicy
+from apt_lightning.models.base import FlowMatchingPolicy, tiny_gemma, tiny_siglip
 from apt_lightning.models.dit import DiTActionHead, masked_attention
 
 
 def tiny_paligemma_config(vocab_size: int = 128, image_size: int = 32, hidden_size: int = 32, num_layers: int = 2) -> PaliGemmaConfig:
     """A PaliGemma small enough for CPU tests (random weights, no download)."""
     return PaliGemmaConfig(
-        text_config=dict(
-            model_type="gemma", hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=2 * hidden_size,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2, vocab_size=vocab_size,
-        ),
-        vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=2, image_size=image_size, patch_size=8,
-            vision_use_head=False,
-        ),
+        text_config=tiny_gemma(hidden_size, num_layers, vocab_size=vocab_size),
+        vision_config=tiny_siglip(hidden_size, num_layers, image_size),
         projection_dim=hidden_size,
         image_token_id=vocab_size - 1,
     )
@@ -112,17 +105,6 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         self.vl_norm = nn.LayerNorm(width)
         self.vl_self_attention = VLSelfAttention(width, vl_self_attention_depth, num_heads=2)
         self.action_head = DiTActionHead(action_dim, state_dim, chunk_size, width, head_dim, head_depth, head_heads)
-
-    def prompt(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        ids = batch["input_ids"]
-        if (ids == self.image_token_id).any():
-            return {k: batch[k] for k in ("input_ids", "attention_mask", "language_mask")}
-        image = torch.full((ids.shape[0], self.num_image_tokens), self.image_token_id, dtype=ids.dtype, device=ids.device)
-        return {
-            "input_ids": torch.cat([image, ids], 1),
-            "attention_mask": torch.cat([torch.ones_like(image, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1),
-            "language_mask": torch.cat([torch.zeros_like(image, dtype=torch.bool), batch["language_mask"]], 1),
-        }
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """VL tokens and their key mask for the head (language dropped), plus language features and mask."""

@@ -18,7 +18,7 @@ import torch
 from transformers import PI0Config, PI0ForConditionalGeneration
 
 from apt_lightning.config import APTConfig, FusionConfig
-from apt_lightning.models.base import FlowMatchingPolicy, pad_last_dim
+from apt_lightning.models.base import FlowMatchingPolicy, pad_last_dim, tiny_gemma, tiny_siglip
 
 
 def tiny_pi0_config(
@@ -26,19 +26,12 @@ def tiny_pi0_config(
     hidden_size: int = 32, num_layers: int = 2, num_inference_steps: int = 5,
 ) -> PI0Config:
     """A PI0Config small enough to train on CPU in milliseconds (random weights, no download)."""
-    gemma = dict(
-        model_type="gemma", hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=2 * hidden_size,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2,
-    )
+    gemma = tiny_gemma(hidden_size, num_layers)
     return PI0Config(
         vlm_config=dict(
             model_type="paligemma",
             text_config={**gemma, "vocab_size": vocab_size},
-            vision_config=dict(
-                model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                num_hidden_layers=num_layers, num_attention_heads=2, image_size=image_size, patch_size=8,
-                vision_use_head=False,
-            ),
+            vision_config=tiny_siglip(hidden_size, num_layers, image_size),
             projection_dim=hidden_size,
             image_token_id=vocab_size - 1,
         ),
@@ -96,19 +89,6 @@ class PI0Policy(FlowMatchingPolicy):
         return self.pi0.config.max_action_dim
 
     # ------------------------------------------------------------------ conditioning
-    def prompt(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        ids = batch["input_ids"]
-        if (ids == self.image_token_id).any():  # already a full prompt from a PaliGemma processor
-            return {k: batch[k] for k in ("input_ids", "attention_mask", "language_mask")}
-        b = ids.shape[0]
-        image = torch.full((b, self.num_image_tokens), self.image_token_id, dtype=ids.dtype, device=ids.device)
-        ones = torch.ones_like(image, dtype=batch["attention_mask"].dtype)
-        return {
-            "input_ids": torch.cat([image, ids], 1),
-            "attention_mask": torch.cat([ones, batch["attention_mask"]], 1),
-            "language_mask": torch.cat([torch.zeros_like(image, dtype=torch.bool), batch["language_mask"]], 1),
-        }
-
     def encode_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor | None, Any]:
         """One VLM pass: KV cache for the expert, language features for Stage 2, and the masks."""
         prompt = self.prompt(batch)
