@@ -45,11 +45,21 @@ def _read(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _prior_keys(module: APTMixin) -> dict[str, str]:
+    """``{clean name: state-dict key}`` of everything outside the VLM and the fusion blocks."""
+    vlm = module.apt_vlm + "."
+    return {_clean(k): k for k in module.state_dict() if not k.startswith(vlm) and _FUSION not in k}  # type: ignore[attr-defined]
+
+
+def _fusion_keys(module: APTMixin) -> dict[str, str]:
+    """``{clean name: state-dict key}`` of every fusion block parameter."""
+    return {_clean(k): k for k in module.state_dict() if _FUSION in k}  # type: ignore[attr-defined]
+
+
 def va_prior_state_dict(module: APTMixin) -> dict[str, torch.Tensor]:
     """Everything outside the VLM and the fusion blocks: the language-agnostic expert (Stage-1 result)."""
-    vlm = module.apt_vlm + "."
     state = module.state_dict()  # type: ignore[attr-defined]
-    return {_clean(k): v for k, v in state.items() if not k.startswith(vlm) and _FUSION not in k}
+    return {clean: state[key] for clean, key in _prior_keys(module).items()}
 
 
 def export_va_prior(module: APTMixin, path: str | Path) -> Path:
@@ -80,17 +90,13 @@ def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], select: dict
 
 def load_va_prior(module: APTMixin, path: str | Path) -> None:
     """Load a prior written by :func:`export_va_prior` into ``module`` (fusion sites injected or not)."""
-    tensors = _read(path, "va_prior")
-    vlm = module.apt_vlm + "."
-    state = module.state_dict()  # type: ignore[attr-defined]
-    select = {_clean(k): k for k in state if not k.startswith(vlm) and _FUSION not in k}
-    _load_into(module, tensors, select, "VA prior")  # type: ignore[arg-type]
+    _load_into(module, _read(path, "va_prior"), _prior_keys(module), "VA prior")  # type: ignore[arg-type]
 
 
 def fusion_state_dict(module: APTMixin) -> dict[str, torch.Tensor]:
     """Weights and gates of every fusion block, keyed ``<site>.apt_fusion.<param>``."""
     state = module.state_dict()  # type: ignore[attr-defined]
-    return {_clean(k): v for k, v in state.items() if _FUSION in k}
+    return {clean: state[key] for clean, key in _fusion_keys(module).items()}
 
 
 def export_fusion(module: APTMixin, path: str | Path) -> Path:
@@ -101,10 +107,7 @@ def export_fusion(module: APTMixin, path: str | Path) -> Path:
 
 def load_fusion(module: APTMixin, path: str | Path) -> None:
     """Load fusion weights written by :func:`export_fusion`; the module must have the same fusion sites."""
-    tensors = _read(path, "fusion")
-    state = module.state_dict()  # type: ignore[attr-defined]
-    select = {_clean(k): k for k in state if _FUSION in k}
-    _load_into(module, tensors, select, "fusion")  # type: ignore[arg-type]
+    _load_into(module, _read(path, "fusion"), _fusion_keys(module), "fusion")  # type: ignore[arg-type]
 
 
 def export_vlm(module: APTMixin, path: str | Path) -> Path:
