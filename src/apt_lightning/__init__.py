@@ -29,11 +29,12 @@ from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
 from apt_lightning.inject import fusion_sites, inject_fusion, resolve_targets, unload_fusion
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
 from apt_lightning.mixin import APTMixin
-from apt_lightning.schedule import StageLRFactor, StagePlan
+from apt_lightning.schedule import JOINT, StageLRFactor, StagePlan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "JOINT",
     "APTConfig",
     "APTMixin",
     "APTStageScheduler",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from apt_lightning.errors import AptError, ContractError, NonFiniteGateError, StageMismatchError
 from apt_lightning.mixin import APTMixin
-from apt_lightning.schedule import Stage, StagePlan
+from apt_lightning.schedule import JOINT, Stage, StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,14 @@ def _as_apt_module(pl_module: pl.LightningModule) -> APTMixin:
 class APTStageScheduler(Callback):
     """Freezes the VLM and masks language in Stage 1, then opens gated fusion for Stage 2, by global step.
 
-    Three plans cover both workflows:
+    Three plans cover both workflows, and a fourth runs the baseline APT is measured against:
 
     * ``APTStageScheduler(switch_at_step=N)``: one ``fit``; Stage 1 for steps ``[0, N)``, Stage 2 after.
     * ``APTStageScheduler(stage=1)``: Stage 1 only; export the VA prior with :func:`export_va_prior`.
     * ``APTStageScheduler(stage=2)``: Stage 2 only, on a model that loaded a prior with :func:`load_va_prior`.
+    * ``APTStageScheduler(stage="joint")``: ordinary single-stage training, no APT: the expert sees the
+      instruction from step 0 through the model's own attention, no fusion blocks, the VLM trains as
+      ``APTConfig.vlm_mode`` says. Same model code, data and optimiser groups, so comparisons are fair.
 
     Fusion blocks and (for ``vlm_mode="lora"``) adapters are injected in ``setup``, before any checkpoint
     restores into them and before DDP wraps the model; ``requires_grad`` is then fixed for the whole fit. A
@@ -43,7 +46,7 @@ class APTStageScheduler(Callback):
 
     Args:
         switch_at_step: global step at which Stage 2 starts; ``None`` to stay in ``stage``.
-        stage: the stage the fit starts in (1 or 2).
+        stage: the stage the fit starts in: 1, 2, or ``"joint"`` (also ``0``) for the baseline.
         check_finite: stop training with :class:`NonFiniteGateError` when a gate becomes NaN or infinite.
 
     Example::
@@ -52,7 +55,13 @@ class APTStageScheduler(Callback):
         'stage1->stage2'
     """
 
-    def __init__(self, switch_at_step: int | None = None, stage: Stage = 1, check_finite: bool = True) -> None:
+    def __init__(
+        self, switch_at_step: int | None = None, stage: Stage | Literal["joint"] = 1, check_finite: bool = True
+    ) -> None:
+        if stage == "joint":
+            stage = JOINT
+        if stage not in (JOINT, 1, 2):
+            raise ValueError(f"`stage` must be 1, 2 or 'joint', got {stage!r}.")
         if switch_at_step is not None and stage != 1:
             raise ValueError(f"`switch_at_step` needs `stage=1` (the fit starts in Stage 1), got stage={stage!r}.")
         self.plan = StagePlan(first_stage=stage, switch_step=switch_at_step)

@@ -33,12 +33,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from apt_lightning.config import APTConfig, FusionConfig
-from apt_lightning.errors import ContractError, FusionContextError
+from apt_lightning.errors import ContractError, FusionContextError, StageMismatchError
 from apt_lightning.fusion import GatedFusionLayer
 from apt_lightning.inject import fusion_sites, inject_fusion
 from apt_lightning.lora import LORA_PREFIX, has_lora, inject_vlm_lora
-from apt_lightning.masking import PrefixMasks, language_blind_masks
-from apt_lightning.schedule import Stage, StageLRFactor, StagePlan
+from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
+from apt_lightning.schedule import JOINT, Stage, StageLRFactor, StagePlan
 
 PARAM_GROUPS = ("expert", "fusion", "gates", "vlm")
 
@@ -140,27 +140,34 @@ class APTMixin:
     def apt_prepare(self, plan: StagePlan) -> None:
         """Validate the contract, inject fusion blocks (and LoRA), and fix ``requires_grad`` for the whole plan.
 
-        Idempotent. ``requires_grad`` is decided once for everything the plan will train, so the set of
+        The joint baseline plan (:data:`~apt_lightning.schedule.JOINT`) injects no fusion blocks and trains the
+        VLM from step 0 as ``vlm_mode`` says. Idempotent. ``requires_grad`` is decided once for everything the plan will train, so the set of
         parameters a DDP wrapper registers never changes mid-fit; what a stage does not train simply gets
         no gradient (its modules are skipped or run under ``no_grad``) and a zero learning rate.
         """
         self.apt_validate_contract()
-        inject_fusion(self, self._apt_fusion_config(), forbidden_prefix=self.apt_vlm)  # type: ignore[arg-type]
+        if plan.is_joint and self.apt_sites():
+            raise ContractError(
+                f"{type(self).__name__} already holds APT fusion blocks, but the plan is the joint baseline, which has "
+                "none. Build a fresh model for the baseline (or call `unload_fusion(model)` first)."
+            )
+        if not plan.is_joint:
+            inject_fusion(self, self._apt_fusion_config(), forbidden_prefix=self.apt_vlm)  # type: ignore[arg-type]
         mode = self.apt_cfg.vlm_mode
         vlm = self.apt_vlm_module
-        if mode == "lora" and plan.has_stage2:
+        if mode == "lora" and plan.trains_vlm:
             inject_vlm_lora(vlm, self.apt_cfg)
         else:
-            vlm.requires_grad_(mode == "full" and plan.has_stage2)
+            vlm.requires_grad_(mode == "full" and plan.trains_vlm)
         for site in self.apt_sites().values():
             site.apt_fusion.requires_grad_(plan.has_stage2)
         self._apt_plan = plan
         self.apt_set_stage(plan.first_stage)
 
     def apt_set_stage(self, stage: Stage) -> None:
-        """Activate (Stage 2) or bypass (Stage 1) every fusion site and put a frozen VLM in eval mode."""
-        if stage not in (1, 2):
-            raise ValueError(f"`stage` must be 1 or 2, got {stage!r}.")
+        """Activate (Stage 2) or bypass (Stage 1, joint) every fusion site and put a frozen VLM in eval mode."""
+        if stage not in (JOINT, 1, 2):
+            raise ValueError(f"`stage` must be 1, 2 or 0 (joint baseline), got {stage!r}.")
         self._apt_stage = stage
         for site in self.apt_sites().values():
             site.active = stage == 2
@@ -171,7 +178,7 @@ class APTMixin:
 
     @property
     def apt_vlm_frozen(self) -> bool:
-        """True when the VLM takes no gradient now: always in Stage 1, and in Stage 2 with ``vlm_mode='frozen'``."""
+        """True when the VLM takes no gradient now: always in Stage 1, otherwise with ``vlm_mode='frozen'``."""
         return self._apt_stage == 1 or self.apt_cfg.vlm_mode == "frozen"
 
     def train(self, mode: bool = True) -> Any:
@@ -189,8 +196,14 @@ class APTMixin:
         """Language-blind prefix masks for both stages (see :func:`~apt_lightning.language_blind_masks`).
 
         The same masks serve Stage 1 and Stage 2, which is what makes the switch exact: non-language tokens
-        never see the instruction, and Stage 2 adds language only through the gated fusion context.
+        never see the instruction, and Stage 2 adds language only through the gated fusion context. In the
+        joint baseline the masks hide nothing (every valid token sees every valid token, as without APT);
+        ``language`` still marks the instruction.
         """
+        if self._apt_stage == JOINT:
+            masks = language_blind_masks(attention_mask, torch.zeros_like(language_mask), causal=causal)
+            masks.language = check_language_mask(language_mask, attention_mask)
+            return masks
         return language_blind_masks(attention_mask, language_mask, causal=causal)
 
     def apt_vlm_context(self) -> contextlib.AbstractContextManager:
@@ -201,10 +214,10 @@ class APTMixin:
     def apt_fusion_context(self, features: torch.Tensor | None, mask: torch.Tensor | None) -> Iterator[None]:
         """Make ``features`` (B, S, D) with key ``mask`` (B, S) the language context of every fusion site.
 
-        Set it once per forward or sampling call; all denoising steps inside reuse it. Stage 1 ignores it
-        (``features`` may be ``None`` there, saving the work of computing them).
+        Set it once per forward or sampling call; all denoising steps inside reuse it. Stage 1 and the
+        joint baseline ignore it (``features`` may be ``None`` there, saving the work of computing them).
         """
-        if self._apt_stage == 1:
+        if self._apt_stage != 2:
             yield
             return
         if features is None or mask is None:
@@ -279,14 +292,36 @@ class APTMixin:
         """``tanh`` of every gate, per site."""
         return {name: site.apt_fusion.gate_values() for name, site in self.apt_sites().items()}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the stage, so a module loaded for inference behaves as it did when saved."""
+        checkpoint["apt"] = {"stage": int(self._apt_stage), "version": 1}
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild fusion sites and LoRA adapters before weights load, e.g. in ``load_from_checkpoint``."""
+        """Rebuild fusion sites and LoRA adapters before weights load, e.g. in ``load_from_checkpoint``.
+
+        The saved stage is restored too: a Stage-2 checkpoint evaluates with its gates open and a joint
+        baseline with its ordinary masks. (In a resumed fit the scheduler then sets the stage of the step.)
+        """
+        saved_stage = checkpoint.get("apt", {}).get("stage")
+        plan = self._apt_plan
+        if plan is not None and saved_stage is not None and (saved_stage == JOINT) != plan.is_joint:
+            saved = "the joint baseline (no APT)" if saved_stage == JOINT else f"APT (stage {saved_stage})"
+            raise StageMismatchError(
+                f"This checkpoint was trained with {saved}, but this fit runs the {plan.name!r} plan; their modules "
+                "differ (the baseline has no fusion blocks). Resume with the checkpoint's own plan "
+                "(APTStageScheduler(stage='joint') for the baseline), or start the other plan from a fresh model."
+            )
         keys = checkpoint.get("state_dict", {})
         if any(".apt_fusion." in k for k in keys) and not self.apt_sites():
             inject_fusion(self, self._apt_fusion_config(), forbidden_prefix=self.apt_vlm)  # type: ignore[arg-type]
         vlm_prefix = self.apt_vlm + "."
         if any(k.startswith(vlm_prefix) and LORA_PREFIX in k for k in keys) and not has_lora(self.apt_vlm_module):
             inject_vlm_lora(self.apt_vlm_module, self.apt_cfg)
+        if saved_stage is not None:
+            self.apt_set_stage(saved_stage)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)

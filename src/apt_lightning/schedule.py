@@ -1,12 +1,20 @@
-"""Which stage runs at which global step, and the per-group learning-rate factors that follow from it."""
+"""Which stage runs at which global step, and the per-group learning-rate factors that follow from it.
+
+Stages are ``1`` (vision-action prior: VLM frozen, language masked) and ``2`` (language through the gated
+fusion). :data:`JOINT` (``0``) is the ordinary single-stage training APT replaces: the expert sees the
+instruction from step 0 through the model's own attention and the VLM trains as ``vlm_mode`` says. It exists
+so a baseline runs through exactly the same code, data and optimiser groups as APT.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-Stage = Literal[1, 2]
-GROUP_STAGES: dict[str, tuple[int, ...]] = {"expert": (1, 2), "fusion": (2,), "gates": (2,), "vlm": (2,)}
+Stage = Literal[0, 1, 2]
+JOINT: Stage = 0
+"""The baseline "stage": ordinary joint training, no APT masking, no fusion blocks."""
+GROUP_STAGES: dict[str, tuple[int, ...]] = {"expert": (0, 1, 2), "fusion": (2,), "gates": (2,), "vlm": (0, 2)}
 
 
 @dataclass(frozen=True)
@@ -14,7 +22,8 @@ class StagePlan:
     """The stages one ``Trainer.fit`` runs.
 
     Args:
-        first_stage: stage at global step 0 of this plan.
+        first_stage: stage at global step 0 of this plan: 1, 2, or :data:`JOINT` (0) for the ordinary
+            single-stage baseline.
         switch_step: global step at which Stage 2 starts (``first_stage=1`` only); ``None`` for a fit that
             stays in ``first_stage`` (the two-fit workflow).
 
@@ -23,14 +32,16 @@ class StagePlan:
         >>> plan = StagePlan(first_stage=1, switch_step=100)
         >>> plan.stage_at(99), plan.stage_at(100), plan.name
         (1, 2, 'stage1->stage2')
+        >>> StagePlan(first_stage=JOINT).name
+        'joint'
     """
 
     first_stage: Stage = 1
     switch_step: int | None = None
 
     def __post_init__(self) -> None:
-        if self.first_stage not in (1, 2):
-            raise ValueError(f"`first_stage` must be 1 or 2, got {self.first_stage!r}.")
+        if self.first_stage not in (JOINT, 1, 2):
+            raise ValueError(f"`first_stage` must be 1, 2 or 0 (joint baseline), got {self.first_stage!r}.")
         if self.switch_step is not None:
             if self.first_stage != 1:
                 raise ValueError("`switch_step` only applies to a plan that starts in Stage 1.")
@@ -41,7 +52,17 @@ class StagePlan:
     def name(self) -> str:
         if self.switch_step is not None:
             return "stage1->stage2"
-        return f"stage{self.first_stage}"
+        return "joint" if self.is_joint else f"stage{self.first_stage}"
+
+    @property
+    def is_joint(self) -> bool:
+        """The ordinary single-stage baseline (no APT)."""
+        return self.first_stage == JOINT
+
+    @property
+    def trains_vlm(self) -> bool:
+        """Whether any step of the plan may train the VLM (Stage 2 or joint, as ``vlm_mode`` allows)."""
+        return self.has_stage2 or self.is_joint
 
     @property
     def has_stage2(self) -> bool:

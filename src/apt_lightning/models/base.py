@@ -9,13 +9,43 @@ Batch layout (what :mod:`apt_lightning.bench` produces and what a user's collate
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from abc import abstractmethod
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from apt_lightning.config import APTConfig
 from apt_lightning.mixin import APTMixin
+
+
+def as_apt_config(value: APTConfig | dict[str, Any] | None) -> APTConfig:
+    """Accept an :class:`APTConfig`, its fields as a dict (YAML, checkpoints) or ``None`` (defaults)."""
+    if value is None:
+        return APTConfig()
+    return value if isinstance(value, APTConfig) else APTConfig(**value)
+
+
+def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> "FlowMatchingPolicy":
+    """Load a reference policy saved by a ``Trainer`` checkpoint, whichever class it is, in its saved stage.
+
+    The checkpoint is self-contained: the model config and APT settings are in its hyper-parameters, so no
+    hub download or pretraining cache is needed.
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    qualname = checkpoint.get("policy_class")
+    if qualname is None:
+        raise ValueError(
+            f"{path} holds no `policy_class`: it was not saved from a reference policy of apt_lightning.models. "
+            "Load your own module with `YourModule.load_from_checkpoint(path)`."
+        )
+    module_name, _, class_name = qualname.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    policy = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    return policy.eval()
 
 
 def tiny_gemma(hidden_size: int, num_layers: int, **extra: Any) -> dict[str, Any]:
@@ -106,3 +136,12 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         return self.sample_actions(batch)
+
+    def save_policy_hyperparameters(self, **values: Any) -> None:
+        """Store constructor arguments as plain data (configs as dicts), so checkpoints load without pickles."""
+        values["apt_config"] = dataclasses.asdict(self.apt_cfg)
+        self.save_hyperparameters(values)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["policy_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        super().on_save_checkpoint(checkpoint)

@@ -9,12 +9,14 @@ is unmasked in GR00T), and Stage 2 adds language through gated cross-attention a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from transformers import AutoModel, PaliGemmaConfig
+from transformers import AutoConfig, AutoModel, PaliGemmaConfig
 
 from apt_lightning.config import APTConfig, FusionConfig
-from apt_lightning.models.base import FlowMatchingPolicy, tiny_gemma, tiny_siglip
+from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, tiny_gemma, tiny_siglip
 from apt_lightning.models.dit import DiTActionHead, masked_attention
 
 
@@ -73,7 +75,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
 
     def __init__(
         self,
-        vlm_config: PaliGemmaConfig | None = None,
+        vlm_config: PaliGemmaConfig | dict[str, Any] | None = None,
         pretrained: str | None = None,
         select_layer: int = -1,
         action_dim: int = 2,
@@ -85,16 +87,24 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         vl_self_attention_depth: int = 1,
         causal_vlm: bool = False,
         num_inference_steps: int = 4,
-        apt_config: APTConfig | None = None,
+        apt_config: APTConfig | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if pretrained is not None:
             self.backbone = AutoModel.from_pretrained(pretrained)
         else:
+            if isinstance(vlm_config, dict):
+                vlm_config = AutoConfig.for_model(**vlm_config)
             self.backbone = AutoModel.from_config(vlm_config or tiny_paligemma_config())
         config = self.backbone.config
         width = config.get_text_config().hidden_size
-        self.apt_config = apt_config or APTConfig()
+        self.apt_config = as_apt_config(apt_config)
+        self.save_policy_hyperparameters(
+            vlm_config=config.to_dict(), select_layer=select_layer, action_dim=action_dim, state_dim=state_dim,
+            chunk_size=chunk_size, head_dim=head_dim, head_depth=head_depth, head_heads=head_heads,
+            vl_self_attention_depth=vl_self_attention_depth, causal_vlm=causal_vlm,
+            num_inference_steps=num_inference_steps,
+        )
         self.apt_fusion = FusionConfig(target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads)
         self.select_layer = select_layer
         self.causal_vlm = causal_vlm

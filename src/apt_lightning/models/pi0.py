@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import PI0Config, PI0ForConditionalGeneration
+from transformers import AutoModel, PI0Config, PI0ForConditionalGeneration
 
 from apt_lightning.config import APTConfig, FusionConfig
-from apt_lightning.models.base import FlowMatchingPolicy, pad_last_dim, tiny_gemma, tiny_siglip
+from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, pad_last_dim, tiny_gemma, tiny_siglip
 
 
 def tiny_pi0_config(
@@ -52,6 +52,8 @@ class PI0Policy(FlowMatchingPolicy):
         apt_config: APT optimisation and VLM-mode settings.
         action_dim: dimensions of the dataset's actions (padded to ``max_action_dim``).
         fusion_heads: attention heads of each gated cross-attention block.
+        vlm_pretrained: directory of a pretrained PaliGemma (``save_pretrained``) whose weights replace the VLM's,
+            e.g. from :func:`apt_lightning.bench.pretrained_vlm`.
 
     Example::
 
@@ -64,19 +66,25 @@ class PI0Policy(FlowMatchingPolicy):
 
     def __init__(
         self,
-        config: PI0Config | None = None,
+        config: PI0Config | dict[str, Any] | None = None,
         pretrained: str | None = None,
-        apt_config: APTConfig | None = None,
+        apt_config: APTConfig | dict[str, Any] | None = None,
         action_dim: int | None = None,
         fusion_heads: int = 2,
+        vlm_pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if pretrained is not None:
             self.pi0 = PI0ForConditionalGeneration.from_pretrained(pretrained)
         else:
+            if isinstance(config, dict):
+                config = PI0Config.from_dict(config)
             self.pi0 = PI0ForConditionalGeneration(config or tiny_pi0_config())
+        if vlm_pretrained is not None:
+            self.pi0.model.vlm.load_state_dict(AutoModel.from_pretrained(vlm_pretrained).state_dict())
         cfg = self.pi0.config
-        self.apt_config = apt_config or APTConfig()
+        self.apt_config = as_apt_config(apt_config)
+        self.save_policy_hyperparameters(config=cfg.to_dict(), action_dim=action_dim, fusion_heads=fusion_heads)
         self.apt_fusion = FusionConfig(target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads)
         self.chunk_size = cfg.chunk_size
         self.action_dim = action_dim or cfg.max_action_dim
