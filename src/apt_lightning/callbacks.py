@@ -196,17 +196,25 @@ class GateMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        module = _as_apt_module(pl_module)
         every = self.every_n_steps or trainer.log_every_n_steps
         step = trainer.global_step
         if step % max(every, 1) != 0 and step != 1:
             return
-        values = module.apt_gate_values()
+        values = self._record(trainer, pl_module)
         metrics = {f"apt/gate/{site}/{kind}": v for site, gates in values.items() for kind, v in gates.items()}
         if metrics:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        if not self.history or self.history[-1]["step"] != step:
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module)  # the final gates, whatever the interval
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
+        module = _as_apt_module(pl_module)
+        values = module.apt_gate_values()
+        step = trainer.global_step
+        if values and (not self.history or self.history[-1]["step"] != step):  # no sites (joint baseline): no history
             self.history.append({"step": step, "stage": module.apt_stage, "gates": values})
+        return values
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
