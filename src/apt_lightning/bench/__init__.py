@@ -23,7 +23,9 @@ from apt_lightning.bench.data import (
     expert_trajectory,
     images_to_tensor,
 )
+from apt_lightning.bench.datamodule import TabletopDataModule, policy_batch
 from apt_lightning.bench.env import MAX_EPISODE_STEPS, TabletopEnv
+from apt_lightning.bench.evaluation import evaluate_policy, policy_fn
 from apt_lightning.bench.expert import plan_path, scripted_actions
 from apt_lightning.bench.language import (
     AttributeQuery,
@@ -46,6 +48,7 @@ from apt_lightning.bench.physics import ACTION_DIM, MAX_STEP, STATE_DIM
 from apt_lightning.bench.policies import expert_policy, shortcut_policy
 from apt_lightning.bench.probes import SensitivityProbe, measure_instruction_sensitivity, sensitivity_probe
 from apt_lightning.bench.render import render
+from apt_lightning.bench.report import aggregate, format_table, plot_gates, plot_success
 from apt_lightning.bench.rollout import RolloutResult, rollout
 from apt_lightning.bench.scene import COLOURS, SHAPES, SIZES, Episode, Scene, SceneObject
 from apt_lightning.bench.splits import (
@@ -60,6 +63,7 @@ from apt_lightning.bench.splits import (
     wording_violations,
 )
 from apt_lightning.bench.tokenizer import PromptTokens, WordTokenizer, build_prompt
+from apt_lightning.bench.vlm_pretraining import VLMPretrainingConfig, pretrain_vlm, pretrained_vlm
 from apt_lightning.bench.vocabulary import vocabulary_words
 
 __all__ = [
@@ -86,9 +90,12 @@ __all__ = [
     "SceneObject",
     "SensitivityProbe",
     "SuccessRate",
+    "TabletopDataModule",
     "TabletopEnv",
     "TrainingLayout",
+    "VLMPretrainingConfig",
     "WordTokenizer",
+    "aggregate",
     "build_prompt",
     "canonical_pairs",
     "caption",
@@ -97,8 +104,10 @@ __all__ = [
     "default_tokenizer",
     "describe_object",
     "diverse_instruction",
+    "evaluate_policy",
     "expert_policy",
     "expert_trajectory",
+    "format_table",
     "held_out_violations",
     "images_to_tensor",
     "load_instruction_file",
@@ -108,6 +117,12 @@ __all__ = [
     "paraphrase_instruction",
     "parse_referring_expression",
     "plan_path",
+    "plot_gates",
+    "plot_success",
+    "policy_batch",
+    "policy_fn",
+    "pretrain_vlm",
+    "pretrained_vlm",
     "question_answer",
     "render",
     "resolve_instruction",
