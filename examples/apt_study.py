@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(summary, fmt="text"))
     if study["pretraining"]:
         metrics = study["pretraining"].get("metrics", study["pretraining"])
-        shown = {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float) and "accuracy" in k}
-        print(f"\nPretrained VLM, held-out attribute accuracy: {shown}")
+        shown = {k.split("/", 1)[1]: round(v, 3) for k, v in metrics.items() if k.startswith("eval/") and "_acc" in k}
+        print(f"\nPretrained VLM, held-out accuracy of the referred object's attributes: {shown}")
     print(f"\nWall time {study['wall_s']:.0f} s. Wrote {out}/results.json, table.md, success.png, gates.png, checkpoints/")
     return study
 
