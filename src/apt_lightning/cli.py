@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 from apt_lightning.bench.datamodule import TabletopDataModule
 from apt_lightning.models.base import FlowMatchingPolicy
 
-__all__ = ["APTLightningCLI", "evaluate_main", "main"]
+__all__ = ["APTLightningCLI", "evaluate_entry", "evaluate_main", "main"]
 
 
 class APTLightningCLI(LightningCLI):
@@ -137,6 +137,11 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+def evaluate_entry() -> None:
+    """Console-script wrapper: ``sys.exit`` would print a returned dict and exit with status 1."""
+    evaluate_main()
 
 
 if __name__ == "__main__":
