@@ -141,9 +141,10 @@ class APTMixin:
         """Validate the contract, inject fusion blocks (and LoRA), and fix ``requires_grad`` for the whole plan.
 
         The joint baseline plan (:data:`~apt_lightning.schedule.JOINT`) injects no fusion blocks and trains the
-        VLM from step 0 as ``vlm_mode`` says. Idempotent. ``requires_grad`` is decided once for everything the plan will train, so the set of
-        parameters a DDP wrapper registers never changes mid-fit; what a stage does not train simply gets
-        no gradient (its modules are skipped or run under ``no_grad``) and a zero learning rate.
+        VLM from step 0 as ``vlm_mode`` says. Idempotent. ``requires_grad`` is decided once for everything the
+        plan will train, so the set of parameters a DDP wrapper registers never changes mid-fit; what a stage
+        does not train simply gets no gradient (its modules are skipped or run under ``no_grad``) and a zero
+        learning rate.
         """
         self.apt_validate_contract()
         if plan.is_joint and self.apt_sites():
