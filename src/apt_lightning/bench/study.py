@@ -158,19 +158,21 @@ def run_study(
     started = time.perf_counter()
     out = Path(out) if out is not None else None
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # 4 info lines per fit would bury the bar
-    vocab = TabletopDataModule().vocab_size
+    prompts = TabletopDataModule()
+    vocab = prompts.vocab_size
     vlm_dir, pretraining = None, None
     if config.pretrain_vlm:
         vlm_config = tiny_paligemma_config(vocab_size=vocab, hidden_size=config.hidden_size)
         vlm_dir, pretraining = pretrained_vlm(
-            vlm_config, TabletopDataModule().tokenizer, config.pretraining, cache_dir=cache_dir, progress=progress
+            vlm_config, prompts.tokenizer, config.pretraining, cache_dir=cache_dir, progress=progress
         )
     plan = list(_runs(config))
     bar = tqdm(total=len(plan) * config.steps, desc="training", unit="step", disable=not progress)
-    runs, data = [], {}
+    runs: list[dict[str, Any]] = []
+    data: dict[int, TabletopDataModule] = {}  # demonstrations of a seed are collected once, shared by every arch
     for index, (arch, seed, method) in enumerate(plan):
         if seed not in data:
-            data = {seed: TabletopDataModule(config.episodes, seed, config.chunk_size, config.batch_size)}
+            data[seed] = TabletopDataModule(config.episodes, seed, config.chunk_size, config.batch_size)
             data[seed].setup("fit")
         apt_config = config.apt_config(arch, method, seed)
         pl.seed_everything(seed, verbose=False)  # same expert initialisation for both methods
@@ -195,17 +197,10 @@ def run_study(
         })
     bar.close()
     return {
-        "config": _plain(dataclasses.asdict(config)),
+        "config": dataclasses.asdict(config),
         "pretraining": pretraining,
         "runs": runs,
         "wall_s": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
     }
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
