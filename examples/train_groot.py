@@ -39,7 +39,7 @@ else:
 
 policy = GR00TStylePolicy(
     tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=64),
-    pretrained=str(vlm_dir) if vlm_dir else None,  # GR00T loads its VLM backbone from a pretrained checkpoint
+    vlm_pretrained=str(vlm_dir) if vlm_dir else None,  # GR00T loads its VLM backbone from a pretrained checkpoint
     chunk_size=8, head_dim=64, head_depth=4,
     apt_config=apt_config,
 )

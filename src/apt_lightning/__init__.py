@@ -12,7 +12,10 @@ from apt_lightning.errors import (
     FusionContextError,
     LanguageMaskError,
     NoMatchingTargetError,
+    NonFiniteError,
     NonFiniteGateError,
+    NonFiniteLossError,
+    NotPreparedError,
     StageMismatchError,
 )
 from apt_lightning.export import (
@@ -26,10 +29,11 @@ from apt_lightning.export import (
     va_prior_state_dict,
 )
 from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
-from apt_lightning.inject import fusion_sites, inject_fusion, resolve_targets, unload_fusion
+from apt_lightning.inject import inject_fusion, resolve_targets, unload_fusion
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
 from apt_lightning.mixin import APTMixin
 from apt_lightning.schedule import JOINT, StageLRFactor, StagePlan
+from apt_lightning.structure import fusion_sites
 
 __version__ = "0.1.0"
 
@@ -47,7 +51,10 @@ __all__ = [
     "GatedFusionLayer",
     "LanguageMaskError",
     "NoMatchingTargetError",
+    "NonFiniteError",
     "NonFiniteGateError",
+    "NonFiniteLossError",
+    "NotPreparedError",
     "PrefixMasks",
     "StageLRFactor",
     "StageMismatchError",

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from apt_lightning.errors import AptError, ContractError, NonFiniteGateError, StageMismatchError
+from apt_lightning.errors import AptError, ContractError, NonFiniteGateError, NonFiniteLossError, StageMismatchError
 from apt_lightning.mixin import APTMixin
-from apt_lightning.schedule import JOINT, Stage, StagePlan
+from apt_lightning.optim import has_apt_groups
+from apt_lightning.schedule import Stage, StagePlan, parse_stage
+from apt_lightning.structure import fusion_sites, gate_parameters
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,26 @@ def _as_apt_module(pl_module: pl.LightningModule) -> APTMixin:
             f"{type(pl_module).__name__}(APTMixin, LightningModule)` to use APT callbacks."
         )
     return pl_module
+
+
+def non_finite_entries(batch: Any, prefix: str = "") -> list[str]:
+    """Keys (``"state"``, ``"obs.image"``, ``"[1]"``) of the floating-point tensors in ``batch`` holding NaN/inf.
+
+    Example::
+
+        >>> non_finite_entries({"state": torch.tensor([1.0, float("nan")]), "ids": torch.tensor([3])})
+        ['state']
+    """
+    if isinstance(batch, torch.Tensor):
+        bad = batch.is_floating_point() or batch.is_complex()
+        return [prefix or "batch"] if bad and not bool(torch.isfinite(batch).all()) else []
+    if isinstance(batch, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in batch.items()]
+    elif isinstance(batch, (list, tuple)):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(batch)]
+    else:
+        return []
+    return [name for key, value in items for name in non_finite_entries(value, key)]
 
 
 class APTStageScheduler(Callback):
@@ -39,15 +62,22 @@ class APTStageScheduler(Callback):
       instruction from step 0 through the model's own attention, no fusion blocks, the VLM trains as
       ``APTConfig.vlm_mode`` says. Same model code, data and optimiser groups, so comparisons are fair.
 
-    Fusion blocks and (for ``vlm_mode="lora"``) adapters are injected in ``setup``, before any checkpoint
-    restores into them and before DDP wraps the model; ``requires_grad`` is then fixed for the whole fit. A
+    ``setup`` builds structure only (fusion blocks and LoRA adapters, before any checkpoint restores into them
+    and before DDP wraps the model; ``requires_grad`` for the whole fit). The stage itself is the plan applied
+    to the global step, set at every entry point: training (each batch, and on resume once the step is
+    restored), validation, test and predict (a ``validate`` after a fit runs in the stage the fit ended in). A
     one-fit plan under DDP therefore needs ``find_unused_parameters=True``: Stage-2 parameters exist but take
     no gradient during Stage 1.
+
+    With ``check_finite`` (default), a NaN or infinite loss or gradient stops training before the optimizer
+    step (:class:`NonFiniteLossError` naming the batch entries that hold non-finite values and the step), and a
+    non-finite gate stops it before any checkpoint (:class:`NonFiniteGateError`): no weight, and no
+    checkpoint, ever holds the bad value.
 
     Args:
         switch_at_step: global step at which Stage 2 starts; ``None`` to stay in ``stage``.
         stage: the stage the fit starts in: 1, 2, or ``"joint"`` (also ``0``) for the baseline.
-        check_finite: stop training with :class:`NonFiniteGateError` when a gate becomes NaN or infinite.
+        check_finite: stop on non-finite losses, gradients and gates (one device sync per step).
 
     Example::
 
@@ -58,21 +88,20 @@ class APTStageScheduler(Callback):
     def __init__(
         self, switch_at_step: int | None = None, stage: Stage | Literal["joint"] = 1, check_finite: bool = True
     ) -> None:
-        if stage == "joint":
-            stage = JOINT
-        if stage not in (JOINT, 1, 2):
-            raise ValueError(f"`stage` must be 1, 2 or 'joint', got {stage!r}.")
+        stage = parse_stage(stage)
         if switch_at_step is not None and stage != 1:
             raise ValueError(f"`switch_at_step` needs `stage=1` (the fit starts in Stage 1), got stage={stage!r}.")
         self.plan = StagePlan(first_stage=stage, switch_step=switch_at_step)
         self.check_finite = check_finite
-        self._switched_at: int | None = None
+        self._batch: Any = None
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ setup: structure and early checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         module = _as_apt_module(pl_module)
-        if stage == "fit":
+        if stage == TrainerFn.FITTING:
             self._check_strategy(trainer)
+            self._check_budget(trainer)
+            self._check_learning_rate(module)
         module.apt_prepare(self.plan)
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         rank_zero_info(
@@ -92,57 +121,147 @@ class APTStageScheduler(Callback):
                     "or DDPStrategy(find_unused_parameters=True), or run the two stages as two fits."
                 )
 
-    # ------------------------------------------------------------------ stage tracking
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Stage:
-        module = _as_apt_module(pl_module)
-        stage = self.plan.stage_at(trainer.global_step)
-        if stage != module.apt_stage:
-            if stage == 2 and module.apt_stage == 1:
-                self._on_switch(trainer, module)
-            module.apt_set_stage(stage)
-        return stage
-
-    def _on_switch(self, trainer: pl.Trainer, module: APTMixin) -> None:
-        open_gates = {
-            site: v for site, v in module.apt_gate_values().items() if v["attn"] != 0.0 or v["ff"] != 0.0
-        }
-        if open_gates and trainer.global_step == self.plan.switch_step:
+    def _check_budget(self, trainer: pl.Trainer) -> None:
+        switch, max_steps = self.plan.switch_step, trainer.max_steps
+        if switch is not None and max_steps is not None and 0 <= max_steps <= switch:
             rank_zero_warn(
-                f"Gates are not zero at the Stage-2 switch ({sorted(open_gates)[:3]} ...): the switch will not be an "
-                "exact identity. Call `reset_gates()` on those blocks if this is not intended."
+                f"`switch_at_step`={switch} >= Trainer(max_steps={max_steps}): this fit never reaches Stage 2. "
+                "Raise max_steps above the switch (or resume later with a larger max_steps), or use "
+                "APTStageScheduler(stage=1) for a Stage-1-only fit."
             )
-        self._switched_at = trainer.global_step
-        rank_zero_info(f"APT: switching to Stage 2 (language through gated fusion) at global step {trainer.global_step}.")
+
+    @staticmethod
+    def _check_learning_rate(module: APTMixin) -> None:
+        """A model's own ``lr`` is dead under APT's optimiser unless it went into ``APTConfig``: say so."""
+        hparams = getattr(module, "hparams", {})
+        for name in ("lr", "learning_rate"):
+            value = getattr(module, name, None)
+            value = hparams.get(name, value) if value is None else value
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value != module.apt_cfg.lr:
+                rank_zero_warn(
+                    f"{type(module).__name__}.{name}={value} is not the learning rate APT's optimiser uses "
+                    f"(APTConfig.lr={module.apt_cfg.lr}). Pass it on: `self.apt_config = APTConfig(lr={name})` in "
+                    "`__init__`."
+                )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _as_apt_module(pl_module).apt_set_stage(self.plan.stage_at(trainer.global_step))
+        if not all(has_apt_groups(optimizer) for optimizer in trainer.optimizers):
+            rank_zero_warn(
+                f"{type(pl_module).__name__}.configure_optimizers does not build on APT's param groups: the gates get "
+                "no larger learning rate and no group follows the stage schedule (Stage-2 parameters may even train "
+                "in Stage 1). Return `self.apt_configure_optimizers(YourOptimizer, **kwargs)` from it, or delete it "
+                "to use AdamW with APTConfig's learning rates."
+            )
+
+    # ------------------------------------------------------------------ the stage at every entry point
+    def _sync(self, trainer: pl.Trainer, module: APTMixin, step: int) -> None:
+        before = module.apt_stage
+        module.apt_set_step(step)
+        if before == 1 and module.apt_stage == 2 and step == self.plan.switch_step:
+            self._on_switch(module, step)
+
+    def _on_switch(self, module: APTMixin, step: int) -> None:
+        open_gates = sorted(site for site, v in module.apt_gate_values().items() if v["attn"] != 0.0 or v["ff"] != 0.0)
+        if open_gates:
+            rank_zero_warn(
+                f"Gates are not zero at the Stage-2 switch ({open_gates[:3]} ...): the switch will not be an "
+                "exact identity. Call `reset_gates()` on those blocks if this is not intended."
+            )
+        rank_zero_info(f"APT: switching to Stage 2 (language through gated fusion) at global step {step}.")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module = _as_apt_module(pl_module)
+        if module.apt_step > trainer.global_step:
+            rank_zero_warn(
+                f"The model was trained to global step {module.apt_step}, but this fit starts at step "
+                f"{trainer.global_step}: the plan restarts from Stage {self.plan.stage_at(trainer.global_step)}. "
+                "To continue a run, pass `ckpt_path=` to `fit`."
+            )
+        module.apt_set_step(trainer.global_step)  # the step is restored by now when resuming
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        stage = self._apply(trainer, pl_module)
-        pl_module.log("apt/stage", float(stage), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        module = _as_apt_module(pl_module)
+        self._batch = batch
+        self._sync(trainer, module, trainer.global_step)
+        pl_module.log("apt/stage", float(module.apt_stage), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch = None
+        _as_apt_module(pl_module).apt_set_step(trainer.global_step)
+
+    def _sync_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module = _as_apt_module(pl_module)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        module.apt_set_step(trainer.global_step if fitting else module.apt_step)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_evaluation(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_evaluation(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_evaluation(trainer, pl_module)
+
+    # ------------------------------------------------------------------ nothing non-finite reaches the weights
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self.check_finite and not bool(torch.isfinite(loss.detach()).all()):
+            self._stop(trainer, _as_apt_module(pl_module), f"The loss is {loss.detach().float().cpu().tolist()}")
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self.check_finite or str(trainer.precision) == "16-mixed":  # fp16 loss scaling skips inf steps itself
+            return
+        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for _, g in named])
+        if not bool(finite.all()):
+            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            self._stop(trainer, _as_apt_module(pl_module), f"The gradients of {len(bad)} parameters ({bad[:3]} ...) are not finite")
+
+    def _stop(self, trainer: pl.Trainer, module: APTMixin, what: str) -> None:
+        stage = module.apt_stage
+        entries = non_finite_entries(self._batch)
+        if entries:
+            cause = (
+                f"The batch holds NaN/inf in {entries}: fix or filter that data (e.g. drop samples with "
+                "non-finite values in your dataset or collate function)."
+            )
+        else:
+            cause = "The batch is finite, so the model produced the value: lower the learning rate or set `gradient_clip_val`"
+            if stage == 2:
+                cause += f" (in Stage 2 often the gate learning rate, APTConfig.gate_lr={module.apt_cfg.resolved_gate_lr})"
+            cause += "."
+        raise NonFiniteLossError(
+            f"{what} at global step {trainer.global_step} (stage {stage}, plan {self.plan.name}). Training stopped "
+            f"before the optimizer step: no weight changed and no checkpoint of this step was written. {cause}"
+        )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self.check_finite:
             return
-        module = _as_apt_module(pl_module)
-        for site, block in module.apt_sites().items():
-            values = block.apt_fusion.gate_values()
-            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        gates = gate_parameters(pl_module)
+        if not gates or bool(torch.isfinite(torch.cat([g.detach().flatten() for g in gates])).all()):
+            return
+        for site, layer in fusion_sites(pl_module):
+            block = layer.apt_fusion
+            bad = [k for k, g in zip(("attn", "ff"), block.gate_parameters()) if not bool(torch.isfinite(g).all())]
             if bad:
+                values = {k: float(g.detach().flatten()[0]) for k, g in zip(("attn", "ff"), block.gate_parameters())}
                 raise NonFiniteGateError(
-                    f"Gate(s) {sorted(bad)} of fusion site `{site}` became non-finite ({bad}) at global step "
+                    f"Gate(s) {bad} of fusion site `{site}` became non-finite ({values}) at global step "
                     f"{trainer.global_step}. Training stopped before any checkpoint of this state. Lower "
                     "`APTConfig.gate_lr`, enable gradient clipping, or check the language features for NaN."
                 )
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_dict(), "switched_at": self._switched_at, "version": 1}
+        return {"plan": self.plan.to_dict(), "version": 2}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._switched_at = state_dict.get("switched_at")
+        pass  # the plan is checked against the checkpoint in on_load_checkpoint; the step lives in the module
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -23,7 +25,9 @@ class FusionConfig:
         target_modules: modules whose output gets a gated cross-attention block appended (e.g. decoder layers).
         exclude_modules: names removed from the matches, same semantics.
         hidden_dim: width of the targets' output; inferred from ``module.hidden_size`` or ``module.config``.
-        context_dim: width of the language features; inferred from the VLM config when ``None``.
+        context_dim: width of the language features; inferred from the VLM config when ``None``. A list gives
+            one width per site, in site (module) order, for per-site contexts read from VLM layers of
+            different widths.
         num_heads: attention heads of each block.
         head_dim: width per head; ``hidden_dim // num_heads`` when ``None``.
         ff_mult: expansion of the gated feed-forward branch.
@@ -38,7 +42,7 @@ class FusionConfig:
     target_modules: str | list[str] = field(metadata={"help": "regex (str) or names/suffixes (list)"})
     exclude_modules: str | list[str] | None = None
     hidden_dim: int | None = None
-    context_dim: int | None = None
+    context_dim: int | list[int] | None = None
     num_heads: int = 4
     head_dim: int | None = None
     ff_mult: int = 4
@@ -49,10 +53,15 @@ class FusionConfig:
             self.target_modules = list(self.target_modules)
         if not self.target_modules:
             raise ValueError("`target_modules` is empty: name the expert modules that receive gated fusion.")
-        for name in ("hidden_dim", "context_dim", "head_dim"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if isinstance(self.context_dim, Sequence) and not isinstance(self.context_dim, str):
+            self.context_dim = list(self.context_dim)
+        widths = self.context_dim if isinstance(self.context_dim, list) else [self.context_dim]
+        for name, values in (("hidden_dim", [self.hidden_dim]), ("context_dim", widths), ("head_dim", [self.head_dim])):
+            for value in values:
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                    raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if isinstance(self.context_dim, list) and not self.context_dim:
+            raise ValueError("`context_dim` is an empty list: give one width per fusion site, or one int for all.")
         if self.num_heads <= 0 or self.ff_mult <= 0:
             raise ValueError(f"`num_heads` and `ff_mult` must be positive, got {self.num_heads!r}, {self.ff_mult!r}.")
         if not 0.0 <= self.dropout < 1.0:
@@ -80,7 +89,8 @@ class APTConfig:
         lora_rank: LoRA rank.
         lora_alpha: LoRA scaling numerator.
         lora_dropout: LoRA dropout.
-        lora_target_modules: VLM module names that get LoRA adapters (peft semantics).
+        lora_target_modules: VLM modules that get LoRA adapters, peft semantics: a list/tuple of names or
+            dotted suffixes, or one ``str`` as a regular expression over the full module name.
         seed: base seed of the per-step random streams (noise, flow-matching time) that make resume exact.
 
     Example::
@@ -99,21 +109,24 @@ class APTConfig:
     lora_rank: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS
+    lora_target_modules: tuple[str, ...] | list[str] | str = DEFAULT_LORA_TARGETS
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.vlm_mode not in _VLM_MODES:
             raise ValueError(f"`vlm_mode` must be one of {_VLM_MODES}, got {self.vlm_mode!r}.")
-        for name in ("lr", "fusion_lr", "gate_lr", "vlm_lr"):
+        for name in ("lr", "fusion_lr", "gate_lr", "vlm_lr", "weight_decay"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if self.warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {self.warmup_steps!r}.")
         if self.lora_rank <= 0:
             raise ValueError(f"`lora_rank` must be positive, got {self.lora_rank!r}.")
-        self.lora_target_modules = tuple(self.lora_target_modules)
+        if not isinstance(self.lora_target_modules, str):  # a str is one regex (peft), never its letters
+            self.lora_target_modules = tuple(self.lora_target_modules)
+        if not self.lora_target_modules:
+            raise ValueError("`lora_target_modules` is empty: name the VLM modules that get LoRA adapters.")
         if self.vlm_mode != "lora":
             defaults = {f.name: f.default for f in fields(self)}
             changed = [n for n in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(self, n) != defaults[n]]

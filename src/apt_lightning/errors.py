@@ -16,7 +16,11 @@ class ContractError(AptError, TypeError):
     """The LightningModule does not declare what :class:`~apt_lightning.APTMixin` needs."""
 
 
-class NoMatchingTargetError(AptError, ValueError):
+class NotPreparedError(ContractError):
+    """The module was used before :meth:`~apt_lightning.APTMixin.apt_prepare` gave it a stage plan."""
+
+
+class NoMatchingTargetError(ContractError, ValueError):
     """A fusion ``target_modules`` pattern matched no module (or every match was excluded)."""
 
 
@@ -28,9 +32,29 @@ class StageMismatchError(AptError, RuntimeError):
     """A checkpoint was taken under a stage plan that the current run cannot continue."""
 
 
-class NonFiniteGateError(AptError, RuntimeError):
+class NonFiniteError(AptError, RuntimeError):
+    """Training produced a NaN or infinite value; it was stopped before the value reached the weights or a
+    checkpoint."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """The loss or a gradient of a training step is NaN or infinite."""
+
+
+class NonFiniteGateError(NonFiniteError):
     """A gate of a gated cross-attention block became NaN or infinite."""
 
 
 class FusionContextError(AptError, RuntimeError):
     """A Stage-2 fusion block ran without language context."""
+
+
+class ExportError(AptError, ValueError):
+    """A safetensors export cannot be written or loaded safely: unreadable or corrupt file, content hash
+    mismatch, non-finite tensors, wrong export kind, or a model whose fusion geometry differs from the
+    exporting model's."""
+
+
+class UnverifiedExportWarning(UserWarning):
+    """An export written before verified exports (no content hash or geometry) was loaded without those
+    checks. Turn it into an error with ``warnings.simplefilter("error", UnverifiedExportWarning)``."""

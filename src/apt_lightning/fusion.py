@@ -10,13 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from apt_lightning.errors import FusionContextError
-
-GATE_PREFIX = "apt_gate"
-FUSION_ATTR = "apt_fusion"
+from apt_lightning.attention import masked_attention
+from apt_lightning.errors import ContractError, FusionContextError
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -69,46 +66,67 @@ class GatedCrossAttentionBlock(nn.Module):
             self.apt_gate_attn.zero_()
             self.apt_gate_ff.zero_()
 
+    def gate_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The two gates (attention, feed-forward): the ``gates`` param group, no weight decay."""
+        return self.apt_gate_attn, self.apt_gate_ff
+
     def gate_values(self) -> dict[str, float]:
         """``tanh`` of both gates, the factors that actually scale the branches."""
         return {"attn": float(self.apt_gate_attn.detach().tanh()), "ff": float(self.apt_gate_ff.detach().tanh())}
 
+    @property
+    def dim(self) -> int:
+        """Width of the query stream (the wrapped module's hidden states)."""
+        return self.attn_norm.normalized_shape[0]
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the language context this block reads."""
+        return self.context_norm.normalized_shape[0]
+
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         """Attend from ``x`` (B, T, dim) to ``context`` (B, S, context_dim); ``context_mask`` (B, S) is True on
-        valid keys. Rows whose mask is all False are returned unchanged: no language means the VA prior."""
+        valid keys. Rows whose mask is all False are returned unchanged: no language means the VA prior.
+
+        Each gated branch is added in ``x``'s dtype, so under autocast (bf16) a closed gate returns ``x`` bit
+        for bit and hands the host model the precision it passed in.
+        """
         if context.shape[0] != x.shape[0] or context_mask.shape != context.shape[:2]:
             raise FusionContextError(
                 f"Fusion context of shape {tuple(context.shape)} with mask {tuple(context_mask.shape)} does not "
                 f"match queries of shape {tuple(x.shape)}: expected context (B={x.shape[0]}, S, D) and mask (B, S)."
             )
-        context_mask = context_mask.to(device=x.device, dtype=torch.bool)
-        has_context = context_mask.any(dim=-1)  # (B,)
-        if context.shape[1] == 0 or not bool(has_context.any()):
+        if context.shape[1] == 0:
             return x
-        # Rows with no valid key attend to everything (finite, then discarded) instead of producing NaN.
-        safe_mask = context_mask | ~has_context[:, None]
+        context_mask = context_mask.to(device=x.device, dtype=torch.bool)
         b, t, _ = x.shape
         q = self.to_q(self.attn_norm(x)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.to_kv(self.context_norm(context.to(x.dtype))).chunk(2, dim=-1)
         k = k.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :])
+        attn = masked_attention(q, k, v, context_mask)  # exact zeros on rows without language
         attn = self.to_out(attn.transpose(1, 2).reshape(b, t, -1))
-        keep = has_context[:, None, None].to(x.dtype)
-        y = x + self.apt_gate_attn.tanh() * (self.dropout(attn) * keep)
-        return y + self.apt_gate_ff.tanh() * (self.dropout(self.ff(y)) * keep)
+        y = x + (self.apt_gate_attn.tanh() * self.dropout(attn)).to(x.dtype)
+        keep = context_mask.any(dim=-1)[:, None, None]
+        ff = torch.where(keep, self.dropout(self.ff(y)), 0.0)
+        return y + (self.apt_gate_ff.tanh() * ff).to(y.dtype)
 
 
 class GatedFusionLayer(nn.Module):
     """Runs ``base_layer`` unchanged, then the gated block on its output hidden states.
 
     The host model calls this wrapper exactly as it called the original module, so the expert's forward code
-    needs no edit. While ``active`` is False (Stage 1) the block is skipped entirely. Context comes from
+    needs no edit. While ``active`` is False (Stage 1, joint) the block is skipped entirely. Context comes from
     :meth:`set_context`, which :meth:`APTMixin.apt_fusion_context` calls for every site at once.
+
+    Every call checks (shapes only, no host sync) that the wrapped module returns hidden states the block can
+    read; an inactive site records the problem in :attr:`output_problem` (so Stage 1 reports every bad site
+    at its first step instead of the switch failing after it), an active one raises :class:`ContractError`.
 
     Attributes:
         base_layer: the wrapped module (peft convention), whose parameters keep their names under it.
         apt_fusion: the :class:`GatedCrossAttentionBlock`.
+        output_problem: why the wrapped module's output cannot take fusion, or ``None``.
     """
 
     def __init__(self, base_layer: nn.Module, block: GatedCrossAttentionBlock) -> None:
@@ -116,6 +134,7 @@ class GatedFusionLayer(nn.Module):
         self.base_layer = base_layer
         self.apt_fusion = block
         self.active = False
+        self.output_problem: str | None = None
         self._context: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_context(self, context: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
@@ -127,21 +146,36 @@ class GatedFusionLayer(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("base_layer"), name)
 
+    def _hidden_states(self, out: Any) -> torch.Tensor | None:
+        """The output's hidden states, or ``None`` after recording why the output cannot take fusion."""
+        hidden = out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, tuple) and out else None
+        if not isinstance(hidden, torch.Tensor):
+            self.output_problem = (
+                f"{type(self.base_layer).__name__} returns {type(out).__name__}, not hidden states (a tensor, or a "
+                "tuple whose first item is one): target a submodule that returns the expert's hidden states."
+            )
+        elif hidden.ndim != 3 or hidden.shape[-1] != self.apt_fusion.dim:
+            self.output_problem = (
+                f"{type(self.base_layer).__name__} returns shape {tuple(hidden.shape)}, but its fusion block reads "
+                f"hidden states (B, T, {self.apt_fusion.dim}): target the expert's layers (whose output is the "
+                "hidden-state stream), or set `FusionConfig.hidden_dim` to the output width."
+            )
+        else:
+            self.output_problem = None
+            return hidden
+        return None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(*args, **kwargs)
+        hidden = self._hidden_states(out)
         if not self.active:
             return out
+        if hidden is None:
+            raise ContractError(f"Fusion site cannot take gated fusion: {self.output_problem}")
         if self._context is None:
             raise FusionContextError(
                 "Stage-2 fusion context must be set before forward: run the expert inside "
                 "`with self.apt_fusion_context(language_features, language_mask):`."
             )
-        context, mask = self._context
-        if isinstance(out, torch.Tensor):
-            return self.apt_fusion(out, context, mask)
-        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-            return (self.apt_fusion(out[0], context, mask), *out[1:])
-        raise TypeError(
-            f"{type(self.base_layer).__name__} returned {type(out).__name__}; gated fusion needs a tensor or a "
-            "tuple whose first item is the hidden states. Target a submodule that returns hidden states."
-        )
+        fused = self.apt_fusion(hidden, *self._context)
+        return fused if isinstance(out, torch.Tensor) else (fused, *out[1:])

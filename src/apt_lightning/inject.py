@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
 
 from torch import nn
 
 from apt_lightning.config import FusionConfig
 from apt_lightning.errors import NoMatchingTargetError
 from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
+from apt_lightning.structure import fusion_sites, original_named_modules
 
 
 def target_matches(targets: str | list[str], name: str) -> bool:
@@ -44,8 +44,7 @@ def resolve_targets(
         NoMatchingTargetError: nothing matched (the message lists the closest existing names), every match
             was excluded, or a match lies inside ``forbidden_prefix`` (the VLM: fusion belongs to the expert).
     """
-    names = [n for n, m in model.named_modules() if n and not isinstance(m, GatedFusionLayer)]
-    names = [n.replace(".base_layer", "") for n in names if ".apt_fusion" not in n]
+    names = [n for n, _ in original_named_modules(model) if n]
     hits = [n for n in names if target_matches(targets, n)]
     if not hits:
         raise NoMatchingTargetError(
@@ -68,7 +67,7 @@ def resolve_targets(
     return kept
 
 
-def _infer_width(module: nn.Module, name: str) -> int | None:
+def _infer_width(module: nn.Module) -> int | None:
     for attr in ("hidden_size", "embed_dim", "dim", "out_features"):
         value = getattr(module, attr, None)
         if isinstance(value, int):
@@ -77,36 +76,62 @@ def _infer_width(module: nn.Module, name: str) -> int | None:
     return getattr(config, "hidden_size", None)
 
 
+def _module_at(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, child, (parent[int(child)] if child.isdigit() else getattr(parent, child))
+
+
+def fusion_geometry_problems(model: nn.Module, sites: list[str], config: FusionConfig) -> list[str]:
+    """Everything that keeps blocks from being built for ``sites``, as messages naming the site and the fix.
+
+    Checks the widths :func:`inject_fusion` needs without mutating ``model``; an empty list means injection
+    will succeed.
+    """
+    problems: list[str] = []
+    if config.context_dim is None:
+        problems.append("`FusionConfig.context_dim` is unset and cannot be inferred: give the width of the language features.")
+    elif isinstance(config.context_dim, list) and len(config.context_dim) != len(sites):
+        problems.append(
+            f"`FusionConfig.context_dim` lists {len(config.context_dim)} widths but there are {len(sites)} fusion "
+            f"sites {sites[:6]}: give one width per site, in this order, or one int for all."
+        )
+    if config.hidden_dim is None:
+        unknown = [s for s in sites if not isinstance(_module_at(model, s)[2], GatedFusionLayer)
+                   and _infer_width(_module_at(model, s)[2]) is None]
+        if unknown:
+            kinds = sorted({type(_module_at(model, s)[2]).__name__ for s in unknown})
+            problems.append(
+                f"Cannot infer the output width of fusion site(s) {unknown[:6]} ({', '.join(kinds)} has no "
+                "`hidden_size`, `embed_dim`, `dim`, `out_features` or `config.hidden_size`): set `FusionConfig.hidden_dim`."
+            )
+    return problems
+
+
 def inject_fusion(model: nn.Module, config: FusionConfig, forbidden_prefix: str | None = None) -> list[str]:
     """Wrap every target of ``config`` in a :class:`GatedFusionLayer` (inactive until Stage 2).
 
-    Returns the site names. Modules that are already wrapped are left as they are, so calling this again
-    (e.g. from ``setup`` on resume) is a no-op.
+    Returns the site names, in module order (the order of per-site contexts). Modules that are already
+    wrapped are left as they are, so calling this again (e.g. from ``setup`` on resume) is a no-op. All
+    targets and widths are checked before anything is wrapped.
 
     Raises:
         NoMatchingTargetError: see :func:`resolve_targets`.
-        ValueError: a target's width cannot be inferred and ``config.hidden_dim`` is unset, or
-            ``config.context_dim`` is unset.
+        ValueError: see :func:`fusion_geometry_problems` (a width is unknown, or ``context_dim`` does not list
+            one width per site).
     """
     sites = resolve_targets(model, config.target_modules, config.exclude_modules, forbidden_prefix)
-    if config.context_dim is None:
-        raise ValueError("`FusionConfig.context_dim` is unset: give the width of the language features.")
-    plan: list[tuple[nn.Module, str, nn.Module, int]] = []
-    for site in sites:
-        parent_name, _, child = site.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, child) if not child.isdigit() else parent[int(child)]
+    problems = fusion_geometry_problems(model, sites, config)
+    if problems:
+        raise ValueError(" ".join(problems))
+    widths = config.context_dim if isinstance(config.context_dim, list) else [config.context_dim] * len(sites)
+    for site, context_dim in zip(sites, widths):
+        parent, child, module = _module_at(model, site)
         if isinstance(module, GatedFusionLayer):
             continue
-        width = config.hidden_dim or _infer_width(module, site)
-        if width is None:
-            raise ValueError(
-                f"Cannot infer the output width of `{site}` ({type(module).__name__}): set `FusionConfig.hidden_dim`."
-            )
-        plan.append((parent, child, module, width))
-    for parent, child, module, width in plan:
         block = GatedCrossAttentionBlock(
-            width, config.context_dim, config.num_heads, config.head_dim, config.ff_mult, config.dropout
+            config.hidden_dim or _infer_width(module), context_dim, config.num_heads, config.head_dim,  # type: ignore[arg-type]
+            config.ff_mult, config.dropout,
         )
         param = next(module.parameters(), None)
         if param is not None:
@@ -119,20 +144,10 @@ def inject_fusion(model: nn.Module, config: FusionConfig, forbidden_prefix: str 
     return sites
 
 
-def fusion_sites(model: nn.Module) -> Iterator[tuple[str, GatedFusionLayer]]:
-    """``(site_name, wrapper)`` for every injected fusion site, named as the original module was."""
-    for name, module in model.named_modules():
-        if isinstance(module, GatedFusionLayer):
-            yield name.replace(".base_layer", ""), module
-
-
 def unload_fusion(model: nn.Module) -> None:
     """Replace every :class:`GatedFusionLayer` by its ``base_layer``: original modules, original keys."""
-    for name, wrapper in list(model.named_modules()):
-        if not isinstance(wrapper, GatedFusionLayer):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+    for name, wrapper in list(fusion_sites(model)):
+        parent, child, _ = _module_at(model, name)
         if child.isdigit():
             parent[int(child)] = wrapper.base_layer
         else:

@@ -15,8 +15,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from apt_lightning.config import APTConfig
-
-LORA_PREFIX = "lora_"
+from apt_lightning.structure import lora_parameters
 
 
 def has_lora(module: nn.Module) -> bool:
@@ -30,11 +29,12 @@ def inject_vlm_lora(vlm: nn.Module, config: APTConfig) -> None:
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=list(config.lora_target_modules),
+            target_modules=config.lora_target_modules if isinstance(config.lora_target_modules, str) else list(config.lora_target_modules),
         )
         inject_adapter_in_model(lora_config, vlm)
-    for name, param in vlm.named_parameters():
-        param.requires_grad_(LORA_PREFIX in name)
+    vlm.requires_grad_(False)
+    for param in lora_parameters(vlm):
+        param.requires_grad_(True)
 
 
 def merged_state_dict(vlm: nn.Module) -> dict[str, torch.Tensor]:

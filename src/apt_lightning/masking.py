@@ -23,8 +23,9 @@ class PrefixMasks:
 
     Attributes:
         vlm_attention: (B, 1, L, L) bool, True where a query may attend a key; pass as the VLM's 4-D mask.
-        expert_attention: (B, L) like ``attention_mask``, 1 on valid non-language tokens: what the expert
-            (or any unmasked attention over VLM features) may see.
+        expert_attention: (B, L) bool, True on valid non-language tokens: what the expert (or any unmasked
+            attention over VLM features) may see. Bool whatever ``attention_mask``'s dtype, so it works as a
+            key mask for SDPA and ``nn.MultiheadAttention`` (invert it for ``key_padding_mask``).
         position_ids: (B, L) positions that do not depend on the instruction for non-language tokens.
         language: (B, L) bool, True on valid language tokens: the key mask of the fusion context.
     """
@@ -35,25 +36,55 @@ class PrefixMasks:
     language: torch.Tensor
 
 
+def _check_attention_mask(attention_mask: object) -> torch.Tensor:
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+        what = f"shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise LanguageMaskError(
+            f"The attention mask must be a (B, L) torch.Tensor, 1 on valid tokens; got {what}. "
+            "Pass the prompt's `attention_mask` (image tokens included), as the VLM receives it."
+        )
+    return attention_mask
+
+
 def check_language_mask(language_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Validate ``language_mask`` against ``attention_mask`` (B, L) and return it restricted to valid tokens.
 
     Raises:
-        LanguageMaskError: not a tensor, not ``torch.bool``, or a shape other than ``attention_mask``'s.
+        LanguageMaskError: not a tensor (numpy arrays too), not ``torch.bool``, not (B, L) like
+            ``attention_mask`` (1-D, transposed, one token short ...), or a row whose every valid token is
+            marked as language, which would leave the expert nothing to see.
     """
+    attention_mask = _check_attention_mask(attention_mask)
     if not isinstance(language_mask, torch.Tensor):
-        raise LanguageMaskError(f"The language mask must be a torch.Tensor, got {type(language_mask).__name__}.")
+        raise LanguageMaskError(
+            f"The language mask must be a torch.Tensor, got {type(language_mask).__name__}. "
+            "Convert it with `torch.as_tensor(mask, dtype=torch.bool)` in your collate function."
+        )
     if language_mask.dtype != torch.bool:
         raise LanguageMaskError(
             f"The language mask must have dtype torch.bool (True on instruction tokens), got {language_mask.dtype}. "
             "Convert it with `.bool()` after checking which value marks language."
         )
     if language_mask.shape != attention_mask.shape:
+        hint = ""
+        if language_mask.ndim == 1:
+            hint = " It is 1-D: give one row per sample, shape (B, L)."
+        elif language_mask.ndim == 2 and language_mask.shape == attention_mask.shape[::-1]:
+            hint = " It looks transposed: use `mask.T`."
         raise LanguageMaskError(
             f"The language mask has shape {tuple(language_mask.shape)} but the token sequence has shape "
-            f"{tuple(attention_mask.shape)} (B, L): it must mark each token of `input_ids`, image tokens included."
+            f"{tuple(attention_mask.shape)} (B, L): it must mark each token of `input_ids`, image tokens included.{hint}"
         )
-    return language_mask.to(attention_mask.device) & attention_mask.bool()
+    valid = attention_mask.bool()
+    language = language_mask.to(attention_mask.device) & valid
+    blind = (valid & ~language).sum(-1) == 0
+    if bool(blind.any()):
+        rows = blind.nonzero().flatten().tolist()
+        raise LanguageMaskError(
+            f"The language mask covers every valid token of row(s) {rows[:8]} (images included): the expert would "
+            "see nothing in Stage 1. Mark only the instruction's tokens, not the image or state tokens."
+        )
+    return language
 
 
 def language_blind_masks(
@@ -80,7 +111,7 @@ def language_blind_masks(
     positions = torch.where(language, valid.long().cumsum(-1), visible.long().cumsum(-1)) - 1
     return PrefixMasks(
         vlm_attention=allowed[:, None],
-        expert_attention=visible.to(attention_mask.dtype),
+        expert_attention=visible,
         position_ids=positions.clamp(min=0),
         language=language,
     )

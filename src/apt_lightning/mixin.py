@@ -16,8 +16,11 @@ A module adopts APT with three declarations and a few lines in its forward::
             with self.apt_fusion_context(feats, masks.language):
                 return self.head(noise, feats, context_mask=masks.expert_attention)
 
-The stage itself is driven by :class:`~apt_lightning.APTStageScheduler`, which calls :meth:`apt_prepare` in
-``setup`` and :meth:`apt_set_stage` as global steps pass.
+One owner decides the active stage: the module's :class:`~apt_lightning.StagePlan` applied to the global step
+its weights have reached (:attr:`APTMixin.apt_step`). :class:`~apt_lightning.APTStageScheduler` calls
+:meth:`apt_prepare` in ``setup`` (structure only) and :meth:`apt_set_step` at every entry point (train,
+validate, test, predict, resume); checkpoints store the plan and the step, so ``load_from_checkpoint`` restores
+both. Without a Trainer (inference scripts, notebooks), call ``model.apt_prepare(plan, step=...)`` yourself.
 """
 
 from __future__ import annotations
@@ -25,22 +28,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from apt_lightning.config import APTConfig, FusionConfig
-from apt_lightning.errors import ContractError, FusionContextError, StageMismatchError
+from apt_lightning.errors import ContractError, FusionContextError, NoMatchingTargetError, NotPreparedError, StageMismatchError
 from apt_lightning.fusion import GatedFusionLayer
-from apt_lightning.inject import fusion_sites, inject_fusion
-from apt_lightning.lora import LORA_PREFIX, has_lora, inject_vlm_lora
+from apt_lightning.inject import fusion_geometry_problems, inject_fusion, resolve_targets
+from apt_lightning.lora import has_lora, inject_vlm_lora
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
-from apt_lightning.schedule import JOINT, Stage, StageLRFactor, StagePlan
+from apt_lightning.optim import configure_apt_optimizers, param_groups
+from apt_lightning.schedule import JOINT, Stage, StagePlan, parse_stage
+from apt_lightning.structure import fusion_sites, is_fusion_key
 
-PARAM_GROUPS = ("expert", "fusion", "gates", "vlm")
+CHECKPOINT_KEY = "apt"
+_CHECKPOINT_VERSION = 2
 
 
 class APTMixin:
@@ -51,19 +56,25 @@ class APTMixin:
     * ``apt_vlm`` (``str``): dotted name of the VLM module (frozen in Stage 1, bit-identical after it).
     * ``apt_fusion`` (:class:`FusionConfig`): the expert modules that get gated cross-attention in Stage 2.
     * :meth:`apt_language_mask`: the per-batch (B, L) bool mask of instruction tokens.
-    * optionally ``apt_config`` (:class:`APTConfig`): VLM mode and per-group learning rates.
+    * optionally ``apt_config`` (:class:`APTConfig`): VLM mode and per-group learning rates. A model with its
+      own learning rate passes it here (``self.apt_config = APTConfig(lr=lr)`` in ``__init__``): the mixin's
+      optimiser reads only ``APTConfig``.
 
     The mixin provides :attr:`apt_stage`, the mask/context helpers used in ``forward``, a default
-    ``configure_optimizers`` with one param group per role and a stage-aware schedule, and keeps a frozen
-    VLM in eval mode whatever ``train()`` Lightning calls.
+    ``configure_optimizers`` with one param group per role and a stage-aware schedule (build your own on
+    :meth:`apt_configure_optimizers`), and keeps a frozen VLM in eval mode whatever ``train()`` Lightning calls.
+
+    A fresh module is *unprepared*: it has no stage until :meth:`apt_prepare` gives it a plan (the scheduler
+    does, in ``setup``; ``load_from_checkpoint`` does, from the checkpoint). The forward helpers refuse to run
+    before that with :class:`~apt_lightning.NotPreparedError` instead of guessing a stage.
     """
 
     apt_vlm: str
     apt_fusion: FusionConfig
     apt_config: APTConfig | None = None
 
-    _apt_stage: Stage = 1
     _apt_plan: StagePlan | None = None
+    _apt_step: int = 0
 
     # ------------------------------------------------------------------ contract
     def apt_language_mask(self, batch: Any) -> torch.Tensor:
@@ -71,7 +82,28 @@ class APTMixin:
         raise NotImplementedError
 
     def apt_validate_contract(self) -> None:
-        """Check every declaration at once and raise one :class:`ContractError` listing what is missing."""
+        """Check every declaration, fusion target and width at once, without changing the module.
+
+        Raises:
+            ContractError: listing every problem, each with its fix (:class:`NoMatchingTargetError`, a
+                subclass, when a fusion target is among them).
+        """
+        problems = self._apt_declaration_problems()
+        target_problem = False
+        if not problems:
+            config = self._apt_fusion_config()
+            try:
+                sites = resolve_targets(self, config.target_modules, config.exclude_modules, self.apt_vlm)  # type: ignore[arg-type]
+            except NoMatchingTargetError as error:
+                problems.append(str(error))
+                target_problem = True
+            else:
+                problems += fusion_geometry_problems(self, sites, config)  # type: ignore[arg-type]
+        if problems:
+            error_cls = NoMatchingTargetError if target_problem else ContractError
+            raise error_cls(f"{type(self).__name__} does not satisfy the APTMixin contract:\n- " + "\n- ".join(problems))
+
+    def _apt_declaration_problems(self) -> list[str]:
         problems: list[str] = []
         module: nn.Module = self  # type: ignore[assignment]
         vlm_name = getattr(self, "apt_vlm", None)
@@ -93,10 +125,19 @@ class APTMixin:
             problems.append("`apt_language_mask(batch)` is not implemented: return the (B, L) bool instruction mask.")
         if self.apt_config is not None and not isinstance(self.apt_config, APTConfig):
             problems.append(f"`apt_config` must be an APTConfig, got {type(self.apt_config).__name__}.")
-        if problems:
-            raise ContractError(
-                f"{type(self).__name__} does not satisfy the APTMixin contract:\n- " + "\n- ".join(problems)
-            )
+        return problems
+
+    def _apt_fusion_config(self) -> FusionConfig:
+        """``apt_fusion`` with ``context_dim`` inferred from the VLM config when unset (left ``None`` if it cannot
+        be: :func:`fusion_geometry_problems` reports that)."""
+        config = self.apt_fusion
+        if config.context_dim is None:
+            vlm_config = getattr(self.apt_vlm_module, "config", None)
+            text_config = getattr(vlm_config, "text_config", None) or vlm_config
+            width = getattr(text_config, "hidden_size", None)
+            if isinstance(width, int):
+                config = dataclasses.replace(config, context_dim=width)
+        return config
 
     # ------------------------------------------------------------------ structure
     @property
@@ -108,43 +149,50 @@ class APTMixin:
         return self.get_submodule(self.apt_vlm)  # type: ignore[attr-defined]
 
     @property
-    def apt_stage(self) -> Stage:
-        """1 while learning the VA prior, 2 once language flows through the gates."""
-        return self._apt_stage
+    def apt_is_prepared(self) -> bool:
+        """Whether :meth:`apt_prepare` gave the module a plan (and with it a stage)."""
+        return self._apt_plan is not None
 
     @property
     def apt_plan(self) -> StagePlan:
         if self._apt_plan is None:
-            raise ContractError(
-                f"{type(self).__name__} has no APT stage plan: add `APTStageScheduler(...)` to the Trainer's "
-                "callbacks (or call `apt_prepare(StagePlan(...))` when using the module without a Trainer)."
+            raise NotPreparedError(
+                f"{type(self).__name__} has no APT stage plan yet: add `APTStageScheduler(...)` to the Trainer's "
+                "callbacks, load a trained model with `load_from_checkpoint`, or (inference scripts, notebooks) call "
+                "`model.apt_prepare(StagePlan(first_stage=1, switch_step=N), step=global_step)` first."
             )
         return self._apt_plan
 
+    @property
+    def apt_step(self) -> int:
+        """Global step the weights have reached; with the plan it decides :attr:`apt_stage`."""
+        return self._apt_step
+
+    @property
+    def apt_stage(self) -> Stage:
+        """1 while learning the VA prior, 2 once language flows through the gates, 0 for the joint baseline."""
+        return self.apt_plan.stage_at(self._apt_step)
+
+    @property
+    def apt_needs_language(self) -> bool:
+        """Whether :meth:`apt_fusion_context` will use language features now (Stage 2 only). Models whose
+        language features cost extra work may skip computing them when this is False."""
+        return self.apt_stage == 2
+
     def apt_sites(self) -> dict[str, GatedFusionLayer]:
+        """Fusion sites by name, in module order: the order of per-site contexts."""
         return dict(fusion_sites(self))  # type: ignore[arg-type]
 
-    def _apt_fusion_config(self) -> FusionConfig:
-        config = self.apt_fusion
-        if config.context_dim is None:
-            vlm_config = getattr(self.apt_vlm_module, "config", None)
-            text_config = getattr(vlm_config, "text_config", None) or vlm_config
-            width = getattr(text_config, "hidden_size", None)
-            if width is None:
-                raise ContractError(
-                    f"Cannot infer the language feature width from `{self.apt_vlm}`: set FusionConfig.context_dim."
-                )
-            config = dataclasses.replace(config, context_dim=width)
-        return config
+    def apt_prepare(self, plan: StagePlan, step: int | None = None) -> None:
+        """Check the contract, build the plan's structure, and activate the stage of ``step``.
 
-    def apt_prepare(self, plan: StagePlan) -> None:
-        """Validate the contract, inject fusion blocks (and LoRA), and fix ``requires_grad`` for the whole plan.
+        Structure means fusion blocks (unless the plan is the joint baseline), LoRA adapters and
+        ``requires_grad`` for everything the plan will ever train, so the set of parameters a DDP wrapper
+        registers never changes mid-fit; what a stage does not train gets no gradient and a zero learning rate.
+        Idempotent. ``step`` defaults to the step the module has already reached (0 when fresh).
 
-        The joint baseline plan (:data:`~apt_lightning.schedule.JOINT`) injects no fusion blocks and trains the
-        VLM from step 0 as ``vlm_mode`` says. Idempotent. ``requires_grad`` is decided once for everything the
-        plan will train, so the set of parameters a DDP wrapper registers never changes mid-fit; what a stage
-        does not train simply gets no gradient (its modules are skipped or run under ``no_grad``) and a zero
-        learning rate.
+        Raises:
+            ContractError: every problem with the declarations, fusion targets and widths, at once.
         """
         self.apt_validate_contract()
         if plan.is_joint and self.apt_sites():
@@ -154,8 +202,8 @@ class APTMixin:
             )
         if not plan.is_joint:
             inject_fusion(self, self._apt_fusion_config(), forbidden_prefix=self.apt_vlm)  # type: ignore[arg-type]
-        mode = self.apt_cfg.vlm_mode
         vlm = self.apt_vlm_module
+        mode = self.apt_cfg.vlm_mode
         if mode == "lora" and plan.trains_vlm:
             inject_vlm_lora(vlm, self.apt_cfg)
         else:
@@ -163,13 +211,15 @@ class APTMixin:
         for site in self.apt_sites().values():
             site.apt_fusion.requires_grad_(plan.has_stage2)
         self._apt_plan = plan
-        self.apt_set_stage(plan.first_stage)
+        self.apt_set_step(self._apt_step if step is None else step)
 
-    def apt_set_stage(self, stage: Stage) -> None:
-        """Activate (Stage 2) or bypass (Stage 1, joint) every fusion site and put a frozen VLM in eval mode."""
-        if stage not in (JOINT, 1, 2):
-            raise ValueError(f"`stage` must be 1, 2 or 0 (joint baseline), got {stage!r}.")
-        self._apt_stage = stage
+    def apt_set_step(self, step: int) -> None:
+        """Record that the weights reached global step ``step`` and activate the stage the plan gives it:
+        fusion sites on in Stage 2 and off otherwise, a frozen VLM in eval mode."""
+        if isinstance(step, bool) or int(step) != step or step < 0:
+            raise ValueError(f"`step` must be a global step (int >= 0), got {step!r}.")
+        self._apt_step = int(step)
+        stage = self.apt_stage
         for site in self.apt_sites().values():
             site.active = stage == 2
         if self.apt_vlm_frozen:
@@ -179,17 +229,16 @@ class APTMixin:
 
     @property
     def apt_vlm_frozen(self) -> bool:
-        """True when the VLM takes no gradient now: always in Stage 1, otherwise with ``vlm_mode='frozen'``."""
-        return self._apt_stage == 1 or self.apt_cfg.vlm_mode == "frozen"
+        """True when the VLM takes no gradient now: in Stage 1, with ``vlm_mode='frozen'``, or unprepared."""
+        if self._apt_plan is None:
+            return False
+        return self.apt_stage == 1 or self.apt_cfg.vlm_mode == "frozen"
 
     def train(self, mode: bool = True) -> Any:
         """Lightning calls ``train()`` at every epoch and after validation: keep a frozen VLM in eval mode."""
         result = super().train(mode)  # type: ignore[misc]
-        if mode and getattr(self, "apt_vlm", None) and self.apt_vlm_frozen:
-            try:
-                self.apt_vlm_module.eval()
-            except AttributeError:
-                pass  # contract not satisfied yet; apt_validate_contract reports it
+        if mode and self.apt_vlm_frozen:
+            self.apt_vlm_module.eval()
         return result
 
     # ------------------------------------------------------------------ helpers for forward
@@ -201,40 +250,51 @@ class APTMixin:
         joint baseline the masks hide nothing (every valid token sees every valid token, as without APT);
         ``language`` still marks the instruction.
         """
-        if self._apt_stage == JOINT:
-            masks = language_blind_masks(attention_mask, torch.zeros_like(language_mask), causal=causal)
-            masks.language = check_language_mask(language_mask, attention_mask)
+        language = check_language_mask(language_mask, attention_mask)
+        if self.apt_stage == JOINT:
+            masks = language_blind_masks(attention_mask, torch.zeros_like(language), causal=causal)
+            masks.language = language
             return masks
-        return language_blind_masks(attention_mask, language_mask, causal=causal)
+        return language_blind_masks(attention_mask, language, causal=causal)
 
     def apt_vlm_context(self) -> contextlib.AbstractContextManager:
         """``torch.no_grad()`` while the VLM is frozen, so it builds no graph and can receive no gradient."""
+        self.apt_plan  # noqa: B018 -- an unprepared module has no stage to decide this: NotPreparedError
         return torch.no_grad() if self.apt_vlm_frozen else contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def apt_fusion_context(self, features: torch.Tensor | None, mask: torch.Tensor | None) -> Iterator[None]:
-        """Make ``features`` (B, S, D) with key ``mask`` (B, S) the language context of every fusion site.
+    def apt_fusion_context(
+        self,
+        features: torch.Tensor | Sequence[torch.Tensor] | None,
+        mask: torch.Tensor | Sequence[torch.Tensor] | None,
+    ) -> Iterator[None]:
+        """Make ``features`` the language context of the fusion sites for the block.
 
-        Set it once per forward or sampling call; all denoising steps inside reuse it. Stage 1 and the
-        joint baseline ignore it (``features`` may be ``None`` there, saving the work of computing them).
+        Args:
+            features: one (B, S, D) tensor for every site, or a sequence with one (B, S_i, D_i) tensor per site
+                in site order (:meth:`apt_sites`), e.g. the VLM layer each expert layer reads. ``D_i`` must be
+                that site's ``context_dim``.
+            mask: (B, S) bool key mask (True on language tokens), or one per site.
+
+        Set it once per forward or sampling call; all denoising steps inside reuse it. Outside Stage 2 it is
+        ignored, so pass the features unconditionally (or skip computing them when
+        :attr:`apt_needs_language` is False).
+
+        Raises:
+            FusionContextError: missing features, a wrong number of per-site tensors, or a shape or width that
+                does not fit a site (named).
         """
-        if self._apt_stage != 2:
+        if not self.apt_needs_language:
             yield
             return
-        if features is None or mask is None:
-            raise FusionContextError("Stage 2 needs language features and their mask in `apt_fusion_context`.")
-        if features.ndim != 3 or mask.shape != features.shape[:2]:
-            raise FusionContextError(
-                f"Fusion context must be features (B, S, D) with mask (B, S); got {tuple(features.shape)} and "
-                f"{tuple(mask.shape)}."
-            )
-        sites = self.apt_sites().values()
-        for site in sites:
-            site.set_context(features, mask.bool())
+        sites = self.apt_sites()
+        contexts = _per_site_contexts(features, mask, sites)
+        for site, (context, key_mask) in zip(sites.values(), contexts):
+            site.set_context(context, key_mask)
         try:
             yield
         finally:
-            for site in sites:
+            for site in sites.values():
                 site.set_context(None)
 
     @contextlib.contextmanager
@@ -245,7 +305,7 @@ class APTMixin:
         any checkpoint draws exactly what the uninterrupted run drew.
         """
         trainer = getattr(self, "_trainer", None)
-        step = trainer.global_step if trainer is not None else 0
+        step = trainer.global_step if trainer is not None else self._apt_step
         rank = trainer.global_rank if trainer is not None else 0
         seed = self.apt_cfg.seed
         for value in (step, rank, *keys):
@@ -259,34 +319,18 @@ class APTMixin:
     # ------------------------------------------------------------------ optimisation
     def apt_param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters split by role, each group named and with its own lr: expert, fusion, gates, vlm."""
-        cfg = self.apt_cfg
-        vlm_ids = {id(p) for p in self.apt_vlm_module.parameters()}
-        gate_ids, fusion_ids = set(), set()
-        for site in self.apt_sites().values():
-            for name, param in site.apt_fusion.named_parameters():
-                (gate_ids if name.startswith("apt_gate") else fusion_ids).add(id(param))
-        groups: dict[str, list[nn.Parameter]] = {g: [] for g in PARAM_GROUPS}
-        for param in self.parameters():  # type: ignore[attr-defined]
-            if not param.requires_grad:
-                continue
-            key = id(param)
-            role = "gates" if key in gate_ids else "fusion" if key in fusion_ids else "vlm" if key in vlm_ids else "expert"
-            groups[role].append(param)
-        lrs = {"expert": cfg.lr, "fusion": cfg.resolved_fusion_lr, "gates": cfg.resolved_gate_lr, "vlm": cfg.resolved_vlm_lr}
-        decay = {"expert": cfg.weight_decay, "fusion": cfg.weight_decay, "gates": 0.0, "vlm": cfg.weight_decay}
-        return [
-            {"name": role, "params": params, "lr": lrs[role], "weight_decay": decay[role]}
-            for role, params in groups.items()
-            if params
-        ]
+        return param_groups(self)
+
+    def apt_configure_optimizers(
+        self, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_kwargs: Any
+    ) -> dict[str, Any]:
+        """APT's groups and stage-aware schedule with an optimiser of your choice: the one line to call from your
+        own ``configure_optimizers`` (``return self.apt_configure_optimizers(torch.optim.SGD, momentum=0.9)``)."""
+        return configure_apt_optimizers(self, optimizer_cls, **optimizer_kwargs)
 
     def configure_optimizers(self) -> Any:
         """AdamW over :meth:`apt_param_groups` with a per-group, stage-aware ``LambdaLR`` stepped every step."""
-        groups = self.apt_param_groups()
-        optimizer = torch.optim.AdamW(groups, lr=self.apt_cfg.lr)
-        factors = [StageLRFactor(self.apt_plan, g["name"], self.apt_cfg.warmup_steps) for g in groups]
-        scheduler = LambdaLR(optimizer, factors)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.apt_configure_optimizers()
 
     # ------------------------------------------------------------------ monitoring and loading
     def apt_gate_values(self) -> dict[str, dict[str, float]]:
@@ -294,35 +338,92 @@ class APTMixin:
         return {name: site.apt_fusion.gate_values() for name, site in self.apt_sites().items()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the stage, so a module loaded for inference behaves as it did when saved."""
-        checkpoint["apt"] = {"stage": int(self._apt_stage), "version": 1}
+        """Record the plan and the step, so a module loaded for inference behaves as it did when saved."""
+        if self._apt_plan is not None:
+            checkpoint[CHECKPOINT_KEY] = {
+                "plan": self._apt_plan.to_dict(), "step": self._apt_step, "stage": int(self.apt_stage),
+                "version": _CHECKPOINT_VERSION,
+            }
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild fusion sites and LoRA adapters before weights load, e.g. in ``load_from_checkpoint``.
+        """Rebuild the saved structure before weights load and restore the saved step (hence the stage).
 
-        The saved stage is restored too: a Stage-2 checkpoint evaluates with its gates open and a joint
-        baseline with its ordinary masks. (In a resumed fit the scheduler then sets the stage of the step.)
+        A module without a plan (``load_from_checkpoint``) takes the checkpoint's plan: a Stage-2 checkpoint
+        evaluates with its gates open and a joint baseline with its ordinary masks. A module that already has
+        one (a resumed fit) keeps it; the scheduler checks that the two agree.
         """
-        saved_stage = checkpoint.get("apt", {}).get("stage")
+        saved = checkpoint.get(CHECKPOINT_KEY) or {}
+        saved_plan, saved_step = _saved_plan_and_step(saved)
         plan = self._apt_plan
-        if plan is not None and saved_stage is not None and (saved_stage == JOINT) != plan.is_joint:
-            saved = "the joint baseline (no APT)" if saved_stage == JOINT else f"APT (stage {saved_stage})"
+        if plan is not None and saved_plan is not None and saved_plan.is_joint != plan.is_joint:
+            was = "the joint baseline (no APT)" if saved_plan.is_joint else f"APT ({saved_plan.name})"
             raise StageMismatchError(
-                f"This checkpoint was trained with {saved}, but this fit runs the {plan.name!r} plan; their modules "
+                f"This checkpoint was trained with {was}, but this fit runs the {plan.name!r} plan; their modules "
                 "differ (the baseline has no fusion blocks). Resume with the checkpoint's own plan "
                 "(APTStageScheduler(stage='joint') for the baseline), or start the other plan from a fresh model."
             )
         keys = checkpoint.get("state_dict", {})
-        if any(".apt_fusion." in k for k in keys) and not self.apt_sites():
-            inject_fusion(self, self._apt_fusion_config(), forbidden_prefix=self.apt_vlm)  # type: ignore[arg-type]
+        if plan is None and saved_plan is not None:
+            self.apt_prepare(saved_plan, step=saved_step)
+        else:
+            if any(is_fusion_key(k) for k in keys) and not self.apt_sites():
+                inject_fusion(self, self._apt_fusion_config(), forbidden_prefix=self.apt_vlm)  # type: ignore[arg-type]
+            if self._apt_plan is not None:
+                self.apt_set_step(saved_step)
         vlm_prefix = self.apt_vlm + "."
-        if any(k.startswith(vlm_prefix) and LORA_PREFIX in k for k in keys) and not has_lora(self.apt_vlm_module):
+        has_saved_lora = any(k.startswith(vlm_prefix) and ".lora_" in k for k in keys)
+        if has_saved_lora and not has_lora(self.apt_vlm_module):
             inject_vlm_lora(self.apt_vlm_module, self.apt_cfg)
-        if saved_stage is not None:
-            self.apt_set_stage(saved_stage)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
+
+
+def _saved_plan_and_step(saved: dict[str, Any]) -> tuple[StagePlan | None, int]:
+    """The plan and step a checkpoint records; version-1 checkpoints stored only the stage."""
+    if "plan" in saved:
+        return StagePlan(**saved["plan"]), int(saved.get("step", 0))
+    if "stage" in saved:
+        return StagePlan(first_stage=parse_stage(saved["stage"])), 0
+    return None, 0
+
+
+def _per_site_contexts(
+    features: torch.Tensor | Sequence[torch.Tensor] | None,
+    mask: torch.Tensor | Sequence[torch.Tensor] | None,
+    sites: dict[str, GatedFusionLayer],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One validated (features, bool mask) pair per site, in site order."""
+    if features is None or mask is None:
+        raise FusionContextError(
+            "Stage 2 needs language features and their mask in `apt_fusion_context(features, mask)`; got None."
+        )
+    names = list(sites)
+    per_site = [features] * len(names) if isinstance(features, torch.Tensor) else list(features)
+    masks = [mask] * len(names) if isinstance(mask, torch.Tensor) else list(mask)
+    for what, items in (("feature tensors", per_site), ("masks", masks)):
+        if len(items) != len(names):
+            raise FusionContextError(
+                f"`apt_fusion_context` got {len(items)} {what} for {len(names)} fusion sites: pass one tensor for all "
+                f"sites or one per site, in this order: {names}."
+            )
+    contexts = []
+    for name, context, key_mask in zip(names, per_site, masks):
+        width = sites[name].apt_fusion.context_dim
+        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != width:
+            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise FusionContextError(
+                f"Fusion site `{name}` reads context (B, S, {width}) but got {shape}: pass that site the VLM states "
+                "it was built for, or set `FusionConfig.context_dim` (one width per site) to the widths you pass."
+            )
+        if not isinstance(key_mask, torch.Tensor) or key_mask.shape != context.shape[:2]:
+            shape = tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
+            raise FusionContextError(
+                f"Fusion site `{name}`: mask {shape} does not match its features {tuple(context.shape)}; expected "
+                f"(B, S) = {tuple(context.shape[:2])}."
+            )
+        contexts.append((context, key_mask.bool()))
+    return contexts

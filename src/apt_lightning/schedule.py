@@ -9,12 +9,28 @@ so a baseline runs through exactly the same code, data and optimiser groups as A
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Stage = Literal[0, 1, 2]
 JOINT: Stage = 0
 """The baseline "stage": ordinary joint training, no APT masking, no fusion blocks."""
 GROUP_STAGES: dict[str, tuple[int, ...]] = {"expert": (0, 1, 2), "fusion": (2,), "gates": (2,), "vlm": (0, 2)}
+
+
+def parse_stage(value: Any, name: str = "stage") -> Stage:
+    """The one check of a stage value: 1, 2, or ``"joint"``/``0`` for the baseline; never a bool.
+
+    Example::
+
+        >>> parse_stage("joint"), parse_stage(2)
+        (0, 2)
+    """
+    if value == "joint":
+        return JOINT
+    if isinstance(value, bool) or value not in (JOINT, 1, 2):
+        hint = " (a bool is ambiguous: write stage='joint' for the baseline)" if isinstance(value, bool) else ""
+        raise ValueError(f"`{name}` must be 1, 2 or 'joint' (0), got {value!r}{hint}.")
+    return int(value)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -40,13 +56,12 @@ class StagePlan:
     switch_step: int | None = None
 
     def __post_init__(self) -> None:
-        if self.first_stage not in (JOINT, 1, 2):
-            raise ValueError(f"`first_stage` must be 1, 2 or 0 (joint baseline), got {self.first_stage!r}.")
+        object.__setattr__(self, "first_stage", parse_stage(self.first_stage, "first_stage"))
         if self.switch_step is not None:
             if self.first_stage != 1:
                 raise ValueError("`switch_step` only applies to a plan that starts in Stage 1.")
-            if self.switch_step < 0:
-                raise ValueError(f"`switch_step` must be >= 0, got {self.switch_step!r}.")
+            if isinstance(self.switch_step, bool) or not isinstance(self.switch_step, int) or self.switch_step < 0:
+                raise ValueError(f"`switch_step` must be an int >= 0, got {self.switch_step!r}.")
 
     @property
     def name(self) -> str:

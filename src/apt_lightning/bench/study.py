@@ -122,7 +122,7 @@ def build_policy(
         return PI0Policy(config, apt_config=apt_config, vlm_pretrained=vlm)
     if arch == "groot":
         return GR00TStylePolicy(
-            tiny_paligemma_config(vocab_size=vocab_size, hidden_size=hidden_size), pretrained=vlm,
+            tiny_paligemma_config(vocab_size=vocab_size, hidden_size=hidden_size), vlm_pretrained=vlm,
             chunk_size=chunk_size, head_dim=hidden_size, head_depth=4, apt_config=apt_config,
         )
     raise ValueError(f"Unknown arch {arch!r}; expected one of {ARCHS}.")

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apt_lightning.attention import masked_attention
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """(B,) times -> (B, dim) sin/cos features."""
@@ -16,16 +18,6 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=-1)
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA with a (B, S) key mask; rows with no valid key return zeros instead of NaN."""
-    if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    key_mask = key_mask.bool()
-    empty = ~key_mask.any(-1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(key_mask | empty[:, None])[:, None, None, :])
-    return out.masked_fill(empty[:, None, None, None], 0.0)
 
 
 class Attention(nn.Module):

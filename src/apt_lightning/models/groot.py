@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PaliGemmaConfig
 
-from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, tiny_gemma, tiny_siglip
-from apt_lightning.models.dit import DiTActionHead, masked_attention
+from apt_lightning.attention import masked_attention
+from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.models.dit import DiTActionHead
 
 
 def tiny_paligemma_config(vocab_size: int = 128, image_size: int = 32, hidden_size: int = 32, num_layers: int = 2) -> PaliGemmaConfig:
@@ -54,8 +55,9 @@ class GR00TStylePolicy(FlowMatchingPolicy):
     """VLM backbone (PaliGemma here; any ``AutoModel`` VLM with ``image_token_id``) + DiT flow-matching head.
 
     Args:
-        vlm_config: config of the backbone (random init); ignored when ``pretrained`` is given.
-        pretrained: path or hub id for ``AutoModel.from_pretrained`` of the backbone.
+        vlm_config: config of the backbone (random init); ignored when ``vlm_pretrained`` is given.
+        vlm_pretrained: path or hub id for ``AutoModel.from_pretrained`` of the backbone (the VLM); the same
+            argument name as :class:`PI0Policy`'s.
         select_layer: hidden-states index the features are taken from (GR00T N1.5 uses 12).
         action_dim, state_dim, chunk_size: data dimensions.
         head_dim, head_depth, head_heads: DiT size.
@@ -73,10 +75,20 @@ class GR00TStylePolicy(FlowMatchingPolicy):
 
     apt_vlm = "backbone"
 
+    @classmethod
+    def vlm_text_width(cls, init_args: Any) -> int:
+        """Hidden size of the text model of the backbone that ``vlm_config`` (a config or its dict) describes."""
+        config = init_args.get("vlm_config")
+        if config is None:
+            config = tiny_paligemma_config()
+        elif isinstance(config, dict):
+            config = AutoConfig.for_model(**config)
+        return int(config.get_text_config().hidden_size)
+
     def __init__(
         self,
         vlm_config: PaliGemmaConfig | dict[str, Any] | None = None,
-        pretrained: str | None = None,
+        vlm_pretrained: str | None = None,
         select_layer: int = -1,
         action_dim: int = 2,
         state_dim: int = 2,
@@ -90,8 +102,8 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         apt_config: APTConfig | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if pretrained is not None:
-            self.backbone = AutoModel.from_pretrained(pretrained)
+        if vlm_pretrained is not None:
+            self.backbone = AutoModel.from_pretrained(vlm_pretrained)
         else:
             if isinstance(vlm_config, dict):
                 vlm_config = AutoConfig.for_model(**vlm_config)
@@ -116,7 +128,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         self.vl_self_attention = VLSelfAttention(width, vl_self_attention_depth, num_heads=2)
         self.action_head = DiTActionHead(action_dim, state_dim, chunk_size, width, head_dim, head_depth, head_heads)
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """VL tokens and their key mask for the head (language dropped), plus language features and mask."""
         prompt = self.prompt(batch)
         masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"], causal=self.causal_vlm)
@@ -129,14 +141,14 @@ class GR00TStylePolicy(FlowMatchingPolicy):
                 output_hidden_states=True,
             )
         features = out.hidden_states[self.select_layer]
-        visible = masks.expert_attention.bool()
+        visible = masks.expert_attention
         vl_tokens = self.vl_self_attention(self.vl_norm(features), visible)
-        language = features if self.apt_stage == 2 else None
-        return vl_tokens, visible, language, masks.language
+        return vl_tokens, visible, features, masks.language
 
     # ------------------------------------------------------------------ flow matching (GR00T convention)
     def sample_time(self, batch_size: int) -> torch.Tensor:
-        sample = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0)).sample((batch_size,))
+        one = torch.tensor(1.0, dtype=torch.float32)  # float32 whatever the default dtype (bf16-true)
+        sample = torch.distributions.Beta(1.5 * one, one).sample((batch_size,))
         return (0.999 - sample) / 0.999
 
     def flow_loss(self, batch: dict[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,16 @@ class PI0Policy(FlowMatchingPolicy):
 
     apt_vlm = "pi0.model.vlm"
 
+    @classmethod
+    def vlm_text_width(cls, init_args: Any) -> int:
+        """Hidden size of the PaliGemma text model that ``config`` (a ``PI0Config`` or its dict) describes."""
+        config = init_args.get("config")
+        if config is None:
+            config = tiny_pi0_config()
+        elif isinstance(config, dict):
+            config = PI0Config.from_dict(config)
+        return int(config.vlm_config.text_config.hidden_size)
+
     def __init__(
         self,
         config: PI0Config | dict[str, Any] | None = None,
@@ -97,7 +107,7 @@ class PI0Policy(FlowMatchingPolicy):
         return self.pi0.config.max_action_dim
 
     # ------------------------------------------------------------------ conditioning
-    def encode_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor | None, Any]:
+    def encode_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor, Any]:
         """One VLM pass: KV cache for the expert, language features for Stage 2, and the masks."""
         prompt = self.prompt(batch)
         masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"])
@@ -114,8 +124,7 @@ class PI0Policy(FlowMatchingPolicy):
                 position_ids=masks.position_ids,
                 use_cache=True,
             )
-        features = out.last_hidden_state if self.apt_stage == 2 else None
-        return out.cache, features, masks
+        return out.cache, out.last_hidden_state, masks
 
     def _velocity(self, batch: dict[str, torch.Tensor], x: torch.Tensor, time: torch.Tensor, cache: Any, masks: Any):
         state = pad_last_dim(batch["state"], self.pi0.config.max_state_dim)
@@ -124,8 +133,9 @@ class PI0Policy(FlowMatchingPolicy):
     # ------------------------------------------------------------------ flow matching (openpi convention)
     def sample_time(self, batch_size: int) -> torch.Tensor:
         cfg = self.pi0.config
-        beta = torch.distributions.Beta(
-            torch.tensor(cfg.time_sampling_beta_alpha), torch.tensor(cfg.time_sampling_beta_beta)
+        beta = torch.distributions.Beta(  # float32 whatever the default dtype (bf16-true has no Beta sampler)
+            torch.tensor(cfg.time_sampling_beta_alpha, dtype=torch.float32),
+            torch.tensor(cfg.time_sampling_beta_beta, dtype=torch.float32),
         )
         return beta.sample((batch_size,)) * cfg.time_sampling_scale + cfg.time_sampling_offset
 
