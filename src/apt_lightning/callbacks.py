@@ -205,8 +205,20 @@ class APTStageScheduler(Callback):
 
     # ------------------------------------------------------------------ nothing non-finite reaches the weights
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._check_site_outputs(pl_module)
         if self.check_finite and not bool(torch.isfinite(loss.detach()).all()):
             self._stop(trainer, _as_apt_module(pl_module), f"The loss is {loss.detach().float().cpu().tolist()}")
+
+    @staticmethod
+    def _check_site_outputs(pl_module: pl.LightningModule) -> None:
+        """Every fusion site checked its wrapped module's output in this forward (Stage 1 included): report
+        all that cannot take fusion now, at the first step, not when the switch comes."""
+        problems = [f"`{site}`: {layer.output_problem}" for site, layer in fusion_sites(pl_module) if layer.output_problem]
+        if problems:
+            raise ContractError(
+                f"{len(problems)} fusion site(s) of {type(pl_module).__name__} cannot take gated fusion (found in "
+                "the first forward, before any weight changed):\n- " + "\n- ".join(problems)
+            )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self.check_finite or str(trainer.precision) == "16-mixed":  # fp16 loss scaling skips inf steps itself

@@ -338,10 +338,14 @@ class APTMixin:
         return {name: site.apt_fusion.gate_values() for name, site in self.apt_sites().items()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the plan and the step, so a module loaded for inference behaves as it did when saved."""
+        """Record the plan and the step, so a module loaded for inference behaves as it did when saved.
+
+        The step is the checkpoint's ``global_step`` (the optimizer steps its weights hold) when Lightning wrote it.
+        """
         if self._apt_plan is not None:
+            step = int(checkpoint.get("global_step", self._apt_step))
             checkpoint[CHECKPOINT_KEY] = {
-                "plan": self._apt_plan.to_dict(), "step": self._apt_step, "stage": int(self.apt_stage),
+                "plan": self._apt_plan.to_dict(), "step": step, "stage": int(self._apt_plan.stage_at(step)),
                 "version": _CHECKPOINT_VERSION,
             }
         parent = getattr(super(), "on_save_checkpoint", None)
