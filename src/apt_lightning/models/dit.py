@@ -102,7 +102,7 @@ class DiTActionHead(nn.Module):
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
     ) -> torch.Tensor:
-        t_features = sinusoidal_embedding(t * 1000.0, self.dim)  # GR00T embeds the discretised time
+        t_features = sinusoidal_embedding(t * 1000.0, self.dim).to(x_t.dtype)  # GR00T embeds the discretised time
         temb = self.time_mlp(t_features)
         actions = self.action_in(x_t)
         actions = self.action_time(torch.cat([actions, t_features[:, None].expand_as(actions)], -1))

@@ -154,7 +154,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
     def flow_loss(self, batch: dict[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         actions = batch["actions"]
         vl_tokens, visible, language, language_mask = self.encode(batch)
-        t = time[:, None, None]
+        t = time[:, None, None].to(noise.dtype)  # time is drawn in float32; the mix runs in the data dtype
         x_t = (1 - t) * noise + t * actions
         with self.apt_fusion_context(language, language_mask):
             velocity = self.action_head(x_t, time, batch["state"], vl_tokens, visible)

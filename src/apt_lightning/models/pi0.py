@@ -142,7 +142,7 @@ class PI0Policy(FlowMatchingPolicy):
     def flow_loss(self, batch: dict[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         actions = pad_last_dim(batch["actions"], self.pi0.config.max_action_dim)
         cache, features, masks = self.encode_prefix(batch)
-        t = time[:, None, None]
+        t = time[:, None, None].to(noise.dtype)  # time is drawn in float32; the mix runs in the data dtype
         x_t = t * noise + (1 - t) * actions
         with self.apt_fusion_context(features, masks.language):
             velocity = self._velocity(batch, x_t, time, cache, masks)
