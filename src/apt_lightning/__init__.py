@@ -9,6 +9,7 @@ from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.errors import (
     AptError,
     ContractError,
+    ExportError,
     FusionContextError,
     LanguageMaskError,
     NoMatchingTargetError,
@@ -17,6 +18,7 @@ from apt_lightning.errors import (
     NonFiniteLossError,
     NotPreparedError,
     StageMismatchError,
+    UnverifiedExportWarning,
 )
 from apt_lightning.export import (
     export_fusion,
@@ -27,6 +29,7 @@ from apt_lightning.export import (
     load_va_prior,
     load_vlm,
     va_prior_state_dict,
+    verify_export,
 )
 from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
 from apt_lightning.inject import inject_fusion, resolve_targets, unload_fusion
@@ -44,6 +47,7 @@ __all__ = [
     "APTStageScheduler",
     "AptError",
     "ContractError",
+    "ExportError",
     "FusionConfig",
     "FusionContextError",
     "GateMonitor",
@@ -58,6 +62,7 @@ __all__ = [
     "PrefixMasks",
     "StageLRFactor",
     "StageMismatchError",
+    "UnverifiedExportWarning",
     "StagePlan",
     "check_language_mask",
     "export_fusion",
@@ -73,5 +78,6 @@ __all__ = [
     "resolve_targets",
     "unload_fusion",
     "va_prior_state_dict",
+    "verify_export",
     "__version__",
 ]
