@@ -161,7 +161,8 @@ class APTStageScheduler(Callback):
             self._on_switch(module, step)
 
     def _on_switch(self, module: APTMixin, step: int) -> None:
-        open_gates = sorted(site for site, v in module.apt_gate_values().items() if v["attn"] != 0.0 or v["ff"] != 0.0)
+        blocks = {site: layer.apt_fusion for site, layer in module.apt_sites().items()}
+        open_gates = sorted(site for site, block in blocks.items() if block.gate == "tanh" and not block.is_identity)
         if open_gates:
             rank_zero_warn(
                 f"Gates are not zero at the Stage-2 switch ({open_gates[:3]} ...): the switch will not be an "

@@ -32,6 +32,9 @@ class FusionConfig:
         head_dim: width per head; ``hidden_dim // num_heads`` when ``None``.
         ff_mult: expansion of the gated feed-forward branch.
         dropout: dropout on attention and feed-forward outputs (before the gate).
+        gate: ``"tanh"`` (default; zero-initialised, the Stage-2 model starts as exactly the Stage-1 model) or
+            ``"sigmoid"`` (initialised at 0.5 as in APT's released code: the switch changes the outputs).
+        gate_shape: ``"scalar"`` (one gate per branch, Flamingo) or ``"channel"`` (one per branch and channel).
 
     Example::
 
@@ -47,8 +50,21 @@ class FusionConfig:
     head_dim: int | None = None
     ff_mult: int = 4
     dropout: float = 0.0
+    gate: Literal["tanh", "sigmoid"] = "tanh"
+    gate_shape: Literal["scalar", "channel"] = "scalar"
 
     def __post_init__(self) -> None:
+        if self.gate not in ("tanh", "sigmoid"):
+            raise ValueError(f"`gate` must be 'tanh' or 'sigmoid', got {self.gate!r}.")
+        if self.gate_shape not in ("scalar", "channel"):
+            raise ValueError(f"`gate_shape` must be 'scalar' or 'channel', got {self.gate_shape!r}.")
+        if self.gate == "sigmoid":
+            warnings.warn(
+                "FusionConfig(gate='sigmoid') starts at 0.5: the Stage-2 switch changes the model's outputs (no exact "
+                "identity). Use gate='tanh' unless you are reproducing APT's released code.",
+                UserWarning,
+                stacklevel=3,
+            )
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if not self.target_modules:
@@ -92,6 +108,10 @@ class APTConfig:
         lora_target_modules: VLM modules that get LoRA adapters, peft semantics: a list/tuple of names or
             dotted suffixes, or one ``str`` as a regular expression over the full module name.
         seed: base seed of the per-step random streams (noise, flow-matching time) that make resume exact.
+        language_dropout: fraction of the samples of each Stage-2 training batch whose instruction is hidden from
+            the fusion blocks, so they take exactly the Stage-1 (prior) path. Keeps the gate-bypassed path a
+            trained vision-action prior for prior-contrast guidance (``guidance_scale``). Drawn from the
+            per-step stream: exact on resume.
 
     Example::
 
@@ -111,8 +131,11 @@ class APTConfig:
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] | list[str] | str = DEFAULT_LORA_TARGETS
     seed: int = 0
+    language_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.language_dropout, (int, float)) and 0.0 <= self.language_dropout < 1.0):
+            raise ValueError(f"`language_dropout` must be in [0, 1), got {self.language_dropout!r}.")
         if self.vlm_mode not in _VLM_MODES:
             raise ValueError(f"`vlm_mode` must be one of {_VLM_MODES}, got {self.vlm_mode!r}.")
         for name in ("lr", "fusion_lr", "gate_lr", "vlm_lr", "weight_decay"):

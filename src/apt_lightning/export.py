@@ -66,7 +66,7 @@ LAYOUT_KEY = "apt_layout"
 KINDS = ("va_prior", "fusion", "vlm")
 LAYOUT_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "head_dim")
 """Integer module attributes that change outputs without changing tensor shapes; recorded in ``apt_layout``."""
-_COMPARED = ("dim", "context_dim", "num_heads", "head_dim", "ff_hidden", "gates")
+_COMPARED = ("dim", "context_dim", "num_heads", "head_dim", "ff_hidden", "gates", "gate", "gate_shape")
 
 
 def _library_version() -> str:
@@ -99,6 +99,8 @@ def block_geometry(block: GatedCrossAttentionBlock) -> dict[str, Any]:
         "head_dim": int(block.head_dim),
         "ff_hidden": int(linears[0].out_features) if linears else None,
         "gates": [name for name, p in block.named_parameters() if id(p) in gates],
+        "gate": block.gate,
+        "gate_shape": block.gate_shape,
         "dropout": float(getattr(block.dropout, "p", 0.0)),
     }
 

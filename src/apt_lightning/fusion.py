@@ -15,6 +15,9 @@ from torch import nn
 from apt_lightning.attention import masked_attention
 from apt_lightning.errors import ContractError, FusionContextError
 
+GATES = ("tanh", "sigmoid")
+GATE_SHAPES = ("scalar", "channel")
+
 
 class GatedCrossAttentionBlock(nn.Module):
     """``y = x + tanh(g_attn) * XAttn(LN(x), ctx)``; ``y = y + tanh(g_ff) * FF(LN(y))`` with ``g = 0`` at init.
@@ -26,6 +29,10 @@ class GatedCrossAttentionBlock(nn.Module):
         head_dim: width per head (``dim // num_heads`` when ``None``).
         ff_mult: hidden expansion of the feed-forward branch.
         dropout: dropout on both branches before the gates.
+        gate: ``"tanh"`` (Flamingo; ``tanh(0) = 0``, an exact identity at the switch) or ``"sigmoid"`` (APT's own
+            code; ``sigmoid(0) = 0.5``, so the switch changes the outputs: an ablation, not an identity).
+        gate_shape: ``"scalar"`` (one gate per branch, Flamingo) or ``"channel"`` (one per branch and channel,
+            as in the APT paper).
 
     Example::
 
@@ -43,8 +50,13 @@ class GatedCrossAttentionBlock(nn.Module):
         head_dim: int | None = None,
         ff_mult: int = 4,
         dropout: float = 0.0,
+        gate: str = "tanh",
+        gate_shape: str = "scalar",
     ) -> None:
         super().__init__()
+        if gate not in GATES or gate_shape not in GATE_SHAPES:
+            raise ValueError(f"`gate` must be one of {GATES} and `gate_shape` one of {GATE_SHAPES}, got {gate!r}, {gate_shape!r}.")
+        self.gate, self.gate_shape = gate, gate_shape
         head_dim = head_dim or max(dim // num_heads, 1)
         inner = num_heads * head_dim
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -57,22 +69,36 @@ class GatedCrossAttentionBlock(nn.Module):
             nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim)
         )
         self.dropout = nn.Dropout(dropout)
-        self.apt_gate_attn = nn.Parameter(torch.zeros(1))
-        self.apt_gate_ff = nn.Parameter(torch.zeros(1))
+        size = dim if gate_shape == "channel" else 1
+        self.apt_gate_attn = nn.Parameter(torch.zeros(size))
+        self.apt_gate_ff = nn.Parameter(torch.zeros(size))
 
     def reset_gates(self) -> None:
-        """Close both gates: the block becomes an exact identity again."""
+        """Gates back to their initial value: an exact identity again with ``gate="tanh"``."""
         with torch.no_grad():
             self.apt_gate_attn.zero_()
             self.apt_gate_ff.zero_()
+
+    def gate_factor(self, gate: torch.Tensor) -> torch.Tensor:
+        """The factor a gate parameter scales its branch by: ``tanh(g)`` or ``sigmoid(g)``."""
+        return gate.tanh() if self.gate == "tanh" else gate.sigmoid()
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether the block passes its input through unchanged (every gate factor exactly zero)."""
+        return all(bool(self.gate_factor(g.detach()).eq(0).all()) for g in self.gate_parameters())
 
     def gate_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
         """The two gates (attention, feed-forward): the ``gates`` param group, no weight decay."""
         return self.apt_gate_attn, self.apt_gate_ff
 
     def gate_values(self) -> dict[str, float]:
-        """``tanh`` of both gates, the factors that actually scale the branches."""
-        return {"attn": float(self.apt_gate_attn.detach().tanh()), "ff": float(self.apt_gate_ff.detach().tanh())}
+        """The factors that actually scale the branches (``tanh`` or ``sigmoid`` of the gates; the mean over
+        channels for per-channel gates)."""
+        return {
+            "attn": float(self.gate_factor(self.apt_gate_attn.detach()).mean()),
+            "ff": float(self.gate_factor(self.apt_gate_ff.detach()).mean()),
+        }
 
     @property
     def dim(self) -> int:
@@ -106,10 +132,10 @@ class GatedCrossAttentionBlock(nn.Module):
         v = v.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
         attn = masked_attention(q, k, v, context_mask)  # exact zeros on rows without language
         attn = self.to_out(attn.transpose(1, 2).reshape(b, t, -1))
-        y = x + (self.apt_gate_attn.tanh() * self.dropout(attn)).to(x.dtype)
+        y = x + (self.gate_factor(self.apt_gate_attn) * self.dropout(attn)).to(x.dtype)
         keep = context_mask.any(dim=-1)[:, None, None]
         ff = torch.where(keep, self.dropout(self.ff(y)), 0.0)
-        return y + (self.apt_gate_ff.tanh() * ff).to(y.dtype)
+        return y + (self.gate_factor(self.apt_gate_ff) * ff).to(y.dtype)
 
 
 class GatedFusionLayer(nn.Module):

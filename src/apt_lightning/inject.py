@@ -131,7 +131,7 @@ def inject_fusion(model: nn.Module, config: FusionConfig, forbidden_prefix: str 
             continue
         block = GatedCrossAttentionBlock(
             config.hidden_dim or _infer_width(module), context_dim, config.num_heads, config.head_dim,  # type: ignore[arg-type]
-            config.ff_mult, config.dropout,
+            config.ff_mult, config.dropout, config.gate, config.gate_shape,
         )
         param = next(module.parameters(), None)
         if param is not None:

@@ -37,6 +37,7 @@ from torch import nn
 from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.errors import ContractError, FusionContextError, NoMatchingTargetError, NotPreparedError, StageMismatchError
 from apt_lightning.fusion import GatedFusionLayer
+from apt_lightning.guidance import PriorGuidance
 from apt_lightning.inject import fusion_geometry_problems, inject_fusion, resolve_targets
 from apt_lightning.lora import has_lora, inject_vlm_lora
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
@@ -267,7 +268,8 @@ class APTMixin:
         self,
         features: torch.Tensor | Sequence[torch.Tensor] | None,
         mask: torch.Tensor | Sequence[torch.Tensor] | None,
-    ) -> Iterator[None]:
+        guidance_scale: float = 1.0,
+    ) -> Iterator[PriorGuidance]:
         """Make ``features`` the language context of the fusion sites for the block.
 
         Args:
@@ -275,27 +277,60 @@ class APTMixin:
                 in site order (:meth:`apt_sites`), e.g. the VLM layer each expert layer reads. ``D_i`` must be
                 that site's ``context_dim``.
             mask: (B, S) bool key mask (True on language tokens), or one per site.
+            guidance_scale: prior-contrast guidance weight ``w`` for sampling (see :mod:`apt_lightning.guidance`):
+                ``v = v_prior + w * (v_cond - v_prior)``; 1 is the plain model, and so is any ``w`` while every
+                gate is closed (the two branches are then the same computation).
+
+        Yields:
+            :class:`~apt_lightning.guidance.PriorGuidance`: pass the expert's per-sample inputs through its
+            ``expand`` and the expert's output through its ``combine`` (no-ops unless guidance is on).
 
         Set it once per forward or sampling call; all denoising steps inside reuse it. Outside Stage 2 it is
         ignored, so pass the features unconditionally (or skip computing them when
-        :attr:`apt_needs_language` is False).
+        :attr:`apt_needs_language` is False). In Stage-2 training with ``APTConfig.language_dropout`` = p, a
+        fraction p of the samples get an empty context: they take exactly the prior path.
 
         Raises:
             FusionContextError: missing features, a wrong number of per-site tensors, or a shape or width that
                 does not fit a site (named).
         """
+        sites = self.apt_sites() if self.apt_needs_language else {}
+        gates_open = any(not site.apt_fusion.is_identity for site in sites.values()) if guidance_scale != 1.0 else False
+        guidance = PriorGuidance(float(guidance_scale), active=gates_open)  # closed gates: prior == conditional
         if not self.apt_needs_language:
-            yield
+            yield guidance
             return
-        sites = self.apt_sites()
         contexts = _per_site_contexts(features, mask, sites)
+        keep = self._apt_language_keep(contexts[0][0].shape[0], contexts[0][0].device) if contexts else None
         for site, (context, key_mask) in zip(sites.values(), contexts):
-            site.set_context(context, key_mask)
+            if keep is not None:
+                key_mask = key_mask & keep[:, None]
+            site.set_context(guidance.expand(context), guidance.prior_rows_blind(key_mask))
         try:
-            yield
+            yield guidance
         finally:
             for site in sites.values():
                 site.set_context(None)
+
+    def _apt_language_keep(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """(B,) bool, False on the samples whose instruction language dropout hides this training step."""
+        p = self.apt_cfg.language_dropout
+        if p <= 0.0 or not self.training:  # type: ignore[attr-defined]
+            return None
+        trainer = getattr(self, "_trainer", None)
+        micro_batch = getattr(trainer.fit_loop.epoch_loop, "batch_idx", 0) if trainer is not None else 0
+        generator = torch.Generator().manual_seed(self._apt_seed(micro_batch, 0x4C44))  # own stream: no global RNG
+        return (torch.rand(batch_size, generator=generator) >= p).to(device)
+
+    def _apt_seed(self, *keys: int) -> int:
+        """Seed of the per-step stream ``(apt_config.seed, global_step, rank, *keys)``."""
+        trainer = getattr(self, "_trainer", None)
+        step = trainer.global_step if trainer is not None else self._apt_step
+        rank = trainer.global_rank if trainer is not None else 0
+        seed = self.apt_cfg.seed
+        for value in (step, rank, *keys):
+            seed = (seed * 1_000_003 + int(value) + 1) % (2**63 - 1)
+        return seed
 
     @contextlib.contextmanager
     def apt_rng(self, *keys: int) -> Iterator[None]:
@@ -304,16 +339,10 @@ class APTMixin:
         Noise and flow-matching time drawn inside depend on the step, not on history, so a run resumed from
         any checkpoint draws exactly what the uninterrupted run drew.
         """
-        trainer = getattr(self, "_trainer", None)
-        step = trainer.global_step if trainer is not None else self._apt_step
-        rank = trainer.global_rank if trainer is not None else 0
-        seed = self.apt_cfg.seed
-        for value in (step, rank, *keys):
-            seed = (seed * 1_000_003 + int(value) + 1) % (2**63 - 1)
         device = getattr(self, "device", torch.device("cpu"))
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            torch.manual_seed(self._apt_seed(*keys))
             yield
 
     # ------------------------------------------------------------------ optimisation

@@ -162,14 +162,19 @@ class GR00TStylePolicy(FlowMatchingPolicy):
 
     @torch.no_grad()
     def sample_actions(
-        self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None, num_steps: int | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        noise: torch.Tensor | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         num_steps = num_steps or self.num_inference_steps
         b = batch["state"].shape[0]
         x = noise if noise is not None else torch.randn(b, self.chunk_size, self.action_dim, device=self.device)
         vl_tokens, visible, language, language_mask = self.encode(batch)  # once per chunk
-        with self.apt_fusion_context(language, language_mask):
+        with self.apt_fusion_context(language, language_mask, guidance_scale) as guide:
+            state, vl_tokens, visible = guide.expand(batch["state"]), guide.expand(vl_tokens), guide.expand(visible)
             for step in range(num_steps):
-                time = torch.full((b,), step / num_steps, device=x.device)
-                x = x + self.action_head(x, time, batch["state"], vl_tokens, visible) / num_steps
+                time = torch.full((state.shape[0],), step / num_steps, device=x.device)
+                x = x + guide.combine(self.action_head(guide.expand(x), time, state, vl_tokens, visible)) / num_steps
         return x

@@ -126,9 +126,8 @@ class PI0Policy(FlowMatchingPolicy):
             )
         return out.cache, out.last_hidden_state, masks
 
-    def _velocity(self, batch: dict[str, torch.Tensor], x: torch.Tensor, time: torch.Tensor, cache: Any, masks: Any):
-        state = pad_last_dim(batch["state"], self.pi0.config.max_state_dim)
-        return self.pi0(state=state, noise=x, timestep=time, attention_mask=masks.expert_attention, cache=cache).logits
+    def _velocity(self, state: torch.Tensor, x: torch.Tensor, time: torch.Tensor, cache: Any, expert_mask: torch.Tensor):
+        return self.pi0(state=state, noise=x, timestep=time, attention_mask=expert_mask, cache=cache).logits
 
     # ------------------------------------------------------------------ flow matching (openpi convention)
     def sample_time(self, batch_size: int) -> torch.Tensor:
@@ -144,24 +143,33 @@ class PI0Policy(FlowMatchingPolicy):
         cache, features, masks = self.encode_prefix(batch)
         t = time[:, None, None].to(noise.dtype)  # time is drawn in float32; the mix runs in the data dtype
         x_t = t * noise + (1 - t) * actions
+        state = pad_last_dim(batch["state"], self.pi0.config.max_state_dim)
         with self.apt_fusion_context(features, masks.language):
-            velocity = self._velocity(batch, x_t, time, cache, masks)
+            velocity = self._velocity(state, x_t, time, cache, masks.expert_attention)
         return torch.nn.functional.mse_loss(velocity[..., : self.action_dim], (noise - actions)[..., : self.action_dim])
 
     @torch.no_grad()
     def sample_actions(
-        self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None, num_steps: int | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        noise: torch.Tensor | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         num_steps = num_steps or self.pi0.config.num_inference_steps
         b = batch["state"].shape[0]
         x = noise if noise is not None else torch.randn(b, self.chunk_size, self.noise_dim, device=self.device)
         x = pad_last_dim(x, self.noise_dim)
         cache, features, masks = self.encode_prefix(batch)
-        prefix_length = cache.get_seq_length()
         dt = -1.0 / num_steps
-        with self.apt_fusion_context(features, masks.language):  # language set once for all steps
+        with self.apt_fusion_context(features, masks.language, guidance_scale) as guide:  # set once for all steps
+            if guide.active:
+                cache.batch_repeat_interleave(2)  # the prior rows share the (language-blind) prefix
+            state = guide.expand(pad_last_dim(batch["state"], self.pi0.config.max_state_dim))
+            expert_mask = guide.expand(masks.expert_attention)
+            prefix_length = cache.get_seq_length()
             for step in range(num_steps):
-                time = torch.full((b,), 1.0 + step * dt, device=x.device)
-                x = x + dt * self._velocity(batch, x, time, cache, masks)
+                time = torch.full((state.shape[0],), 1.0 + step * dt, device=x.device)
+                x = x + dt * guide.combine(self._velocity(state, guide.expand(x), time, cache, expert_mask))
                 cache.crop(prefix_length - cache.get_seq_length())  # drop this step's action tokens
         return x[..., : self.action_dim]
