@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from apt_lightning import APTConfig, StagePlan
+from apt_lightning import JOINT, APTConfig, StagePlan
 from apt_lightning.models import GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
 
 
@@ -72,15 +72,11 @@ def main() -> None:
         stage2 = make("frozen")
         stage2.apt_prepare(StagePlan(first_stage=2))
         joint = make("full")  # ordinary single-stage training: everything trainable, language visible to all
-        joint.apt_prepare(StagePlan(first_stage=2))
-        for site in joint.apt_sites().values():
-            site.active = False  # no fusion: language reaches the expert through the VLM features
-        joint.apt_masks = lambda attention, language, causal=False: _visible_masks(attention, language, causal)
+        joint.apt_prepare(StagePlan(first_stage=JOINT))
         t = {}
         for name, policy in (("stage1", stage1), ("stage2", stage2), ("joint", joint)):
             params = [p for p in policy.parameters() if p.requires_grad]
-            policy.train()
-            policy.apt_set_stage(policy.apt_stage)
+            policy.train()  # the mixin keeps a frozen VLM in eval mode
             t[name] = timed(train_step(policy, data, torch.optim.AdamW(params, lr=1e-4)), args.steps)
         rows.append((arch, t))
     print(f"median step time, batch {args.batch}, hidden {args.hidden}, {args.layers} layers, {torch.get_num_threads()} threads")
@@ -89,14 +85,6 @@ def main() -> None:
         print(f"{arch:8} {t['stage1']*1e3:10.1f} {t['stage2']*1e3:10.1f} {t['joint']*1e3:10.1f} "
               f"{t['stage1']/t['joint']:9.2f} {t['stage2']/t['joint']:9.2f}")
     prefix_mask_cost(args, vocab, data)
-
-
-def _visible_masks(attention, language, causal):
-    from apt_lightning.masking import language_blind_masks
-
-    masks = language_blind_masks(attention, torch.zeros_like(language), causal)
-    masks.language = language & attention.bool()
-    return masks
 
 
 def prefix_mask_cost(args, vocab, data) -> None:
