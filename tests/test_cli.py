@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoModel
 
-from apt_lightning.bench import InstructionResolutionError
-from apt_lightning.cli import APTLightningCLI, evaluate_main, main
+from apt_lightning.bench import InstructionResolutionError, vlm_pretraining
+from apt_lightning.bench.cli import APTLightningCLI, evaluate_main, main, model_vlm_width
 from apt_lightning.bench.datamodule import TabletopDataModule
-from apt_lightning.models import FlowMatchingPolicy, tiny_paligemma_config
+from apt_lightning.models import FlowMatchingPolicy, GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -34,6 +35,48 @@ def test_bundled_configs_build_a_model_that_matches_the_benchmark(name):
     assert cli.model.chunk_size == cli.datamodule.hparams.chunk_size
     scheduler = next(c for c in cli.trainer.callbacks if type(c).__name__ == "APTStageScheduler")
     assert scheduler.plan.is_joint == name.endswith("baseline")
+    assert model_vlm_width(cli.config["model"]) == 64  # from the parsed config alone, asking the policy class
+
+
+@pytest.mark.parametrize(
+    ("cls", "init_args", "width"),
+    [
+        (PI0Policy, {}, 32),
+        (PI0Policy, {"config": tiny_pi0_config(hidden_size=48)}, 48),
+        (PI0Policy, {"config": tiny_pi0_config(hidden_size=48).to_dict()}, 48),
+        (GR00TStylePolicy, {"vlm_config": None}, 32),
+        (GR00TStylePolicy, {"vlm_config": tiny_paligemma_config(hidden_size=48)}, 48),
+        (GR00TStylePolicy, {"vlm_config": tiny_paligemma_config(hidden_size=48).to_dict()}, 48),
+    ],
+)
+def test_each_policy_class_reads_its_vlm_width_from_its_own_arguments(cls, init_args, width):
+    assert cls.vlm_text_width(init_args) == width
+
+
+def test_a_policy_without_vlm_text_width_says_what_to_implement():
+    class NoWidth(FlowMatchingPolicy):
+        pass
+
+    with pytest.raises(NotImplementedError, match="does not implement the classmethod `vlm_text_width"):
+        NoWidth.vlm_text_width({})
+
+
+@pytest.mark.parametrize("name", ["pi0_apt", "groot_apt"])
+def test_pretrained_vlm_is_sized_by_the_policy_and_passed_as_vlm_pretrained(tmp_path, monkeypatch, name):
+    asked = []
+
+    def fake_pretrained_vlm(vlm_config, tokenizer):  # the real one pretrains for minutes, then caches
+        asked.append(vlm_config.text_config.hidden_size)
+        AutoModel.from_config(vlm_config).save_pretrained(tmp_path / "vlm")
+        return tmp_path / "vlm", {}
+
+    monkeypatch.setattr(vlm_pretraining, "pretrained_vlm", fake_pretrained_vlm)
+    cli = _cli(CONFIGS / f"{name}.yaml", "--data.episodes", "1", "--pretrained_vlm", "true")
+    assert asked == [64]
+    assert cli.config["model"]["init_args"]["vlm_pretrained"] == str(tmp_path / "vlm")
+    saved = AutoModel.from_pretrained(tmp_path / "vlm").state_dict()
+    loaded = cli.model.apt_vlm_module.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in saved.items())
 
 
 def _small_config(tmp_path: Path, name: str, **data: int) -> Path:

@@ -190,6 +190,6 @@ def test_plots_without_gates(tmp_path: Path) -> None:
 def test_plots_explain_missing_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    with pytest.raises(ImportError, match=r"apt_lightning\[examples\]"):
+    with pytest.raises(ImportError, match=r"apt_lightning\[bench\]"):
         plot_gates([], tmp_path / "gates.png")
     assert not (tmp_path / "gates.png").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from apt_lightning.bench.report import aggregate
@@ -33,7 +35,10 @@ def test_study_config_rejects_bad_settings(kwargs, match):
 
 def test_run_study_trains_both_methods_for_the_same_steps(tmp_path):
     config = StudyConfig(archs=("groot",), seeds=(0,), steps=4, switch_step=2, episodes=4, eval_episodes=3, pretrain_vlm=False)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
     study = run_study(config, out=tmp_path, progress=False)
+    assert lightning_log.level == level  # quieted during the study only, not for the rest of the process
     runs = {r["method"]: r for r in study["runs"]}
     assert set(runs) == {"baseline", "apt"}
     assert runs["baseline"]["steps"] == runs["apt"]["steps"] == 4

@@ -63,6 +63,7 @@ from apt_lightning.bench.splits import (
     wording_violations,
 )
 from apt_lightning.bench.tokenizer import PromptTokens, WordTokenizer, build_prompt
+from apt_lightning.bench.user_file import InstructionFileError, InstructionFormatWarning, UnknownWordWarning
 from apt_lightning.bench.vlm_pretraining import VLMPretrainingConfig, pretrain_vlm, pretrained_vlm
 from apt_lightning.bench.vocabulary import vocabulary_words
 
@@ -82,6 +83,8 @@ __all__ = [
     "AttributeQuery",
     "DemonstrationDataset",
     "Episode",
+    "InstructionFileError",
+    "InstructionFormatWarning",
     "InstructionResolutionError",
     "InstructionSensitivity",
     "PromptTokens",
@@ -93,6 +96,7 @@ __all__ = [
     "TabletopDataModule",
     "TabletopEnv",
     "TrainingLayout",
+    "UnknownWordWarning",
     "VLMPretrainingConfig",
     "WordTokenizer",
     "aggregate",

@@ -48,7 +48,7 @@ IN_DISTRIBUTION_SPLITS: tuple[str, ...] = ("seen",)
 SCALAR_METRICS: tuple[str, ...] = ("instruction_sensitivity", "action_error", "train_s")
 
 _MISSING = "n/a"
-_INSTALL_HINT = 'the plots of apt_lightning.bench.report need matplotlib: pip install "apt_lightning[examples]"'
+_INSTALL_HINT = 'the plots of apt_lightning.bench.report need matplotlib: pip install "apt_lightning[bench]"'
 
 
 # --------------------------------------------------------------------------------------------- aggregation

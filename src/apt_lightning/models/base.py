@@ -10,16 +10,55 @@ Batch layout (what :mod:`apt_lightning.bench` produces and what a user's collate
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import inspect
+import pickle
 from abc import abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 
 from apt_lightning.config import APTConfig
+from apt_lightning.errors import AptError
 from apt_lightning.mixin import APTMixin
+
+
+class PolicyCheckpointError(AptError, ValueError):
+    """A file cannot be loaded as a reference policy: not a checkpoint, or it names no registered policy class."""
+
+
+_POLICY_CLASSES: dict[str, type[FlowMatchingPolicy]] = {}
+"""Every subclass of :class:`FlowMatchingPolicy`, by ``module.qualname``: the only classes a checkpoint can name."""
+
+
+def policy_class_name(cls: type) -> str:
+    """The name a checkpoint stores in ``policy_class`` for ``cls`` (``"module.QualName"``)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def registered_policies() -> dict[str, type[FlowMatchingPolicy]]:
+    """Policy classes :func:`load_policy` can build, by the name their checkpoints store (sorted)."""
+    return dict(sorted(_POLICY_CLASSES.items()))
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` with every mapping key a string and every tuple a list, recursively.
+
+    Hyper-parameters in this form survive YAML/JSON, so LightningCLI can parse a checkpoint's back (transformers
+    configs store ``id2label`` with integer keys, and read them back as integers from string keys).
+
+    Example::
+
+        >>> plain_data({"id2label": {0: "LABEL_0"}, "sizes": (1, 2)})
+        {'id2label': {'0': 'LABEL_0'}, 'sizes': [1, 2]}
+    """
+    if isinstance(value, Mapping):
+        return {str(key): plain_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(item) for item in value]
+    return value
 
 
 def as_apt_config(value: APTConfig | dict[str, Any] | None) -> APTConfig:
@@ -29,22 +68,54 @@ def as_apt_config(value: APTConfig | dict[str, Any] | None) -> APTConfig:
     return value if isinstance(value, APTConfig) else APTConfig(**value)
 
 
-def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> "FlowMatchingPolicy":
+def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> FlowMatchingPolicy:
     """Load a reference policy saved by a ``Trainer`` checkpoint, whichever class it is, in its saved stage.
 
-    The checkpoint is self-contained: the model config and APT settings are in its hyper-parameters, so no
-    hub download or pretraining cache is needed.
+    The checkpoint is self-contained: the model config and APT settings are in its hyper-parameters and the
+    weights in its state dict. Loading it is safe against a crafted file:
+
+    * its ``policy_class`` is looked up among the subclasses of :class:`FlowMatchingPolicy` already defined
+      (:func:`registered_policies`); no module the checkpoint names is ever imported;
+    * every constructor argument that would download weights (``pretrained_arguments``, e.g. ``pretrained``,
+      ``vlm_pretrained``) is set to ``None``, so no hub or path of the checkpoint's choosing is contacted;
+    * tensors are read with ``weights_only=True``.
+
+    Raises:
+        PolicyCheckpointError: If ``path`` is not a readable checkpoint, holds no ``policy_class`` or names a
+            class that is not a registered policy (the message lists the known ones).
     """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    qualname = checkpoint.get("policy_class")
-    if qualname is None:
-        raise ValueError(
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise PolicyCheckpointError(
+            f"{path} cannot be read as a PyTorch checkpoint: it is not one, or it holds Python objects other than "
+            "tensors and plain data, which are never unpickled here. Pass a .ckpt file written by a Lightning Trainer."
+        ) from error
+    except (OSError, EOFError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "empty or truncated file"
+        raise PolicyCheckpointError(
+            f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {reason}). "
+            "Pass a .ckpt file written by a Lightning Trainer."
+        ) from error
+    name = checkpoint.get("policy_class") if isinstance(checkpoint, dict) else None
+    if name is None:
+        raise PolicyCheckpointError(
             f"{path} holds no `policy_class`: it was not saved from a reference policy of apt_lightning.models. "
             "Load your own module with `YourModule.load_from_checkpoint(path)`."
         )
-    module_name, _, class_name = qualname.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    policy = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    cls = _POLICY_CLASSES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise PolicyCheckpointError(
+            f"{path} names `policy_class`={name!r}, which is not a subclass of FlowMatchingPolicy defined in this "
+            f"process; known classes: {sorted(_POLICY_CLASSES)}. A checkpoint never chooses code to import: if "
+            "the class is your own, import the module that defines it before calling `load_policy`."
+        )
+    parameters = inspect.signature(cls.__init__).parameters
+    offline = {arg: None for arg in cls.pretrained_arguments if arg in parameters}
+    # `_instantiator=None` also keeps Lightning from building the class through an instantiator the file names.
+    policy = cls.load_from_checkpoint(
+        path, map_location=map_location, weights_only=True, _instantiator=None, **offline
+    )
     return policy.eval()
 
 
@@ -78,6 +149,29 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
     chunk_size: int
     image_token_id: int
     num_image_tokens: int
+    pretrained_arguments: ClassVar[tuple[str, ...]] = ("pretrained", "vlm_pretrained")
+    """Constructor arguments that load weights from a path or hub id; :func:`load_policy` sets them to ``None``."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _POLICY_CLASSES[policy_class_name(cls)] = cls
+
+    @classmethod
+    @abstractmethod
+    def vlm_text_width(cls, init_args: Mapping[str, Any]) -> int:
+        """Hidden size of the VLM's text model for these constructor arguments, without building the model.
+
+        Lets a command line size a pretrained VLM to fit the policy before instantiating it.
+
+        Args:
+            init_args: The constructor arguments as a plain dict (configs as config objects or dicts); missing
+                ones take their defaults. ``apt_lightning.bench.cli.model_vlm_width`` turns a parsed
+                LightningCLI ``model`` config into this form.
+        """
+        raise NotImplementedError(
+            f"{cls.__name__} does not implement the classmethod `vlm_text_width(init_args)`: return the hidden "
+            "size of its VLM's text model from its constructor arguments."
+        )
 
     def apt_language_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.prompt(batch)["language_mask"]
@@ -138,10 +232,15 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         return self.sample_actions(batch)
 
     def save_policy_hyperparameters(self, **values: Any) -> None:
-        """Store constructor arguments as plain data (configs as dicts), so checkpoints load without pickles."""
+        """Store constructor arguments as plain data, so checkpoints load without pickles and parse as YAML.
+
+        Configs are stored as dicts with string keys (:func:`plain_data`), and the class under ``_class_path``
+        (LightningCLI's own key), so ``LightningCLI`` parses them back when a run resumes with ``--ckpt_path``.
+        """
         values["apt_config"] = dataclasses.asdict(self.apt_cfg)
-        self.save_hyperparameters(values)
+        values["_class_path"] = policy_class_name(type(self))
+        self.save_hyperparameters(plain_data(values))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["policy_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["policy_class"] = policy_class_name(type(self))
         super().on_save_checkpoint(checkpoint)

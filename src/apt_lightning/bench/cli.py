@@ -1,10 +1,18 @@
-"""Command-line entry points: ``apt-lightning`` (LightningCLI with YAML configs) and ``apt-evaluate``.
+"""Command-line entry points of the benchmark: ``apt-lightning`` (LightningCLI with YAML configs) and ``apt-evaluate``.
+
+They live in :mod:`apt_lightning.bench` because they are bound to the tabletop data; the core library never
+imports them. Install them with the ``bench`` extra (``pip install "apt_lightning[bench]"``).
 
 Training runs through the ordinary LightningCLI, so every Trainer, model and data option is a flag or a
 YAML key::
 
     apt-lightning fit --config configs/pi0_apt.yaml
     apt-lightning fit --config configs/groot_baseline.yaml --trainer.max_steps 800 --seed_everything 1
+    python -m apt_lightning.bench.cli fit --config configs/groot_apt.yaml   # the same without the script
+
+A killed run resumes exactly from its last checkpoint with ``--ckpt_path``::
+
+    apt-lightning fit --config configs/groot_apt.yaml --ckpt_path runs/cli/groot_apt/checkpoints/last.ckpt
 
 The model's own ``configure_optimizers`` (the mixin's expert/fusion/gates/vlm groups with their stage-aware
 schedule) is kept: do not add ``--optimizer``/``--lr_scheduler``, which would replace it with a single group.
@@ -13,21 +21,32 @@ schedule) is kept: do not add ``--optimizer``/``--lr_scheduler``, which would re
 Evaluation of a saved checkpoint, on the benchmark splits and/or on a file of your own instructions::
 
     apt-evaluate runs/study/checkpoints/pi0-apt-seed0.ckpt --instructions my_instructions.txt
+
+A bad checkpoint or instruction file ends ``apt-evaluate`` with one line, ``apt-evaluate: error: <what and how to
+fix>``, and exit status 2; warnings (unknown words, JSON in a ``.txt`` file) print as ``apt-evaluate: warning:``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from apt_lightning.bench.datamodule import TabletopDataModule
-from apt_lightning.models.base import FlowMatchingPolicy
+from apt_lightning.bench.language import InstructionResolutionError
+from apt_lightning.bench.user_file import InstructionFileError
+from apt_lightning.models.base import FlowMatchingPolicy, PolicyCheckpointError
 
-__all__ = ["APTLightningCLI", "evaluate_entry", "evaluate_main", "main"]
+__all__ = ["USER_ERRORS", "APTLightningCLI", "evaluate_entry", "evaluate_main", "main", "model_vlm_width"]
+
+USER_ERRORS: tuple[type[Exception], ...] = (InstructionFileError, InstructionResolutionError, PolicyCheckpointError)
+"""Errors caused by the command's inputs: ``apt-evaluate`` prints them as one line, not a traceback."""
 
 
 class APTLightningCLI(LightningCLI):
@@ -47,22 +66,42 @@ class APTLightningCLI(LightningCLI):
         from apt_lightning.models import tiny_paligemma_config
 
         model = config["model"]
-        args = model["init_args"]
-        hidden = _vlm_width(model)
+        hidden = model_vlm_width(model)
         data = TabletopDataModule()
         path, _ = pretrained_vlm(tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=hidden), data.tokenizer)
-        key = "vlm_pretrained" if model["class_path"].endswith("PI0Policy") else "pretrained"
-        args[key] = str(path)
+        model["init_args"]["vlm_pretrained"] = str(path)
 
     def before_fit(self) -> None:
         _check_model_matches_data(self.model, self.datamodule)
 
 
-def _vlm_width(model: Any) -> int:
-    args = model["init_args"]
-    if model["class_path"].endswith("PI0Policy"):
-        return int(args["config"]["vlm_config"]["text_config"]["hidden_size"])
-    return int(args["vlm_config"]["text_config"]["hidden_size"])
+def model_vlm_width(model: Any) -> int:
+    """Hidden size of the VLM text model of the parsed ``model`` config (``class_path`` + ``init_args``).
+
+    Asks the policy class (:meth:`~apt_lightning.models.FlowMatchingPolicy.vlm_text_width`), so the command line
+    knows no policy by name.
+    """
+    cls = _import(model["class_path"])
+    if not (isinstance(cls, type) and issubclass(cls, FlowMatchingPolicy)):
+        raise TypeError(
+            f"`model.class_path`={model['class_path']!r} is not a FlowMatchingPolicy; --pretrained_vlm needs one."
+        )
+    init_args = model["init_args"]
+    init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+    return cls.vlm_text_width({key: _build_spec(value) for key, value in init_args.items()})
+
+
+def _import(class_path: str) -> Any:
+    """The object a ``class_path`` of the user's own config names (the parser has imported it already)."""
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _build_spec(value: Any) -> Any:
+    """An argument as the class receives it: jsonargparse keeps a typed config (``PI0Config``) as a spec."""
+    if isinstance(value, dict) and "class_path" in value and set(value) <= {"class_path", "init_args", "dict_kwargs"}:
+        return _import(value["class_path"])(**value.get("init_args", {}), **value.get("dict_kwargs", {}))
+    return value
 
 
 def _check_model_matches_data(model: FlowMatchingPolicy, data: Any) -> None:
@@ -92,13 +131,19 @@ def main(args: list[str] | None = None) -> None:
 
 
 def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``apt-evaluate``: success per split (and on your instruction file) of a saved policy checkpoint."""
+    """``apt-evaluate``: success per split (and on your instruction file) of a saved policy checkpoint.
+
+    Raises:
+        PolicyCheckpointError: If the checkpoint is missing, a directory or not a reference policy's.
+        InstructionFileError, InstructionResolutionError: If the instruction file cannot be read or names
+            ``file:line`` of an instruction that resolves to no object.
+    """
     from apt_lightning.bench.evaluation import evaluate_policy
     from apt_lightning.bench.splits import EVAL_SPLITS
     from apt_lightning.bench.user_file import load_instruction_file, user_episodes
     from apt_lightning.models import load_policy
 
-    parser = argparse.ArgumentParser(prog="apt-evaluate", description=evaluate_main.__doc__)
+    parser = argparse.ArgumentParser(prog="apt-evaluate", description=evaluate_main.__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by Trainer for a reference policy")
     parser.add_argument(
         "--instructions", type=Path,
@@ -112,15 +157,13 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.checkpoint.is_dir():
+        raise PolicyCheckpointError(f"checkpoint {args.checkpoint} is a directory; pass the .ckpt file inside it.")
     if not args.checkpoint.is_file():
-        parser.error(f"checkpoint {args.checkpoint} does not exist")
+        raise PolicyCheckpointError(f"checkpoint {args.checkpoint} does not exist; check the path.")
     extra = {}
     if args.instructions is not None:
-        if not args.instructions.is_file():
-            parser.error(f"instruction file {args.instructions} does not exist")
         instructions = load_instruction_file(args.instructions)  # names file:line of any bad instruction
-        if not instructions:
-            parser.error(f"{args.instructions} holds no instruction (blank lines and # comments are skipped)")
         extra["user"] = user_episodes(instructions, per_instruction=args.per_instruction, seed=args.seed)
     policy = load_policy(args.checkpoint)
     results = evaluate_policy(
@@ -139,9 +182,22 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def evaluate_entry() -> None:
-    """Console-script wrapper: ``sys.exit`` would print a returned dict and exit with status 1."""
-    evaluate_main()
+def _one_line_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"apt-evaluate: warning: {message}", file=sys.stderr)
+
+
+def evaluate_entry(argv: list[str] | None = None) -> None:
+    """Console script ``apt-evaluate``: input errors print as ``apt-evaluate: error: ...`` and exit with status 2.
+
+    (Returning the results dict would make ``sys.exit`` print it and exit with status 1.)
+    """
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            evaluate_main(argv)
+        except USER_ERRORS as error:
+            print(f"apt-evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
