@@ -25,8 +25,12 @@ def batch(b: int, words: int, vocab: int) -> dict[str, torch.Tensor]:
     language = torch.zeros_like(ids, dtype=torch.bool)
     language[:, 1:-1] = True
     return {
-        "pixel_values": torch.randn(b, 3, 64, 64), "state": torch.randn(b, 2), "input_ids": ids,
-        "attention_mask": torch.ones_like(ids), "language_mask": language, "actions": torch.randn(b, 8, 2),
+        "pixel_values": torch.randn(b, 3, 64, 64),
+        "state": torch.randn(b, 2),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "language_mask": language,
+        "actions": torch.randn(b, 8, 2),
     }
 
 
@@ -43,12 +47,28 @@ def timed(step, n: int) -> float:
 
 def train_step(policy, data, optimizer):
     def run():
-        noise, t = torch.randn(data["actions"].shape[0], policy.chunk_size, policy.noise_dim), policy.sample_time(data["actions"].shape[0])
+        noise, t = (
+            torch.randn(data["actions"].shape[0], policy.chunk_size, policy.noise_dim),
+            policy.sample_time(data["actions"].shape[0]),
+        )
         loss = policy.flow_loss(data, noise, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return run
+
+
+def build(arch: str, vlm_mode: str, args: argparse.Namespace, vocab: int) -> PI0Policy | GR00TStylePolicy:
+    """A reference policy of the benchmark's size."""
+    apt_config = APTConfig(vlm_mode=vlm_mode)  # type: ignore[arg-type]
+    if arch == "pi0":
+        config = tiny_pi0_config(
+            hidden_size=args.hidden, num_layers=args.layers, chunk_size=8, vocab_size=vocab, image_size=64
+        )
+        return PI0Policy(config, apt_config=apt_config)
+    vlm = tiny_paligemma_config(vocab_size=vocab, image_size=64, hidden_size=args.hidden, num_layers=args.layers)
+    return GR00TStylePolicy(vlm, chunk_size=8, head_dim=args.hidden, head_depth=args.layers, apt_config=apt_config)
 
 
 def main() -> None:
@@ -63,15 +83,11 @@ def main() -> None:
     data = batch(args.batch, 12, vocab)
     rows = []
     for arch in ("pi0", "groot"):
-        if arch == "pi0":
-            make = lambda mode: PI0Policy(tiny_pi0_config(hidden_size=args.hidden, num_layers=args.layers, chunk_size=8, vocab_size=vocab, image_size=64), apt_config=APTConfig(vlm_mode=mode))
-        else:
-            make = lambda mode: GR00TStylePolicy(tiny_paligemma_config(vocab_size=vocab, image_size=64, hidden_size=args.hidden, num_layers=args.layers), chunk_size=8, head_dim=args.hidden, head_depth=args.layers, apt_config=APTConfig(vlm_mode=mode))
-        stage1 = make("frozen")
+        stage1 = build(arch, "frozen", args, vocab)
         stage1.apt_prepare(StagePlan(first_stage=1))
-        stage2 = make("frozen")
+        stage2 = build(arch, "frozen", args, vocab)
         stage2.apt_prepare(StagePlan(first_stage=2))
-        joint = make("full")  # ordinary single-stage training: everything trainable, language visible to all
+        joint = build(arch, "full", args, vocab)  # ordinary training: everything trainable, language visible
         joint.apt_prepare(StagePlan(first_stage=JOINT))
         t = {}
         for name, policy in (("stage1", stage1), ("stage2", stage2), ("joint", joint)):
@@ -79,17 +95,24 @@ def main() -> None:
             policy.train()  # the mixin keeps a frozen VLM in eval mode
             t[name] = timed(train_step(policy, data, torch.optim.AdamW(params, lr=1e-4)), args.steps)
         rows.append((arch, t))
-    print(f"median step time, batch {args.batch}, hidden {args.hidden}, {args.layers} layers, {torch.get_num_threads()} threads")
+    print(
+        f"median step time, batch {args.batch}, hidden {args.hidden}, {args.layers} layers, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'model':8} {'stage1 ms':>10} {'stage2 ms':>10} {'joint ms':>10} {'s1/joint':>9} {'s2/joint':>9}")
     for arch, t in rows:
-        print(f"{arch:8} {t['stage1']*1e3:10.1f} {t['stage2']*1e3:10.1f} {t['joint']*1e3:10.1f} "
-              f"{t['stage1']/t['joint']:9.2f} {t['stage2']/t['joint']:9.2f}")
+        print(
+            f"{arch:8} {t['stage1'] * 1e3:10.1f} {t['stage2'] * 1e3:10.1f} {t['joint'] * 1e3:10.1f} "
+            f"{t['stage1'] / t['joint']:9.2f} {t['stage2'] / t['joint']:9.2f}"
+        )
     prefix_mask_cost(args, vocab, data)
 
 
 def prefix_mask_cost(args, vocab, data) -> None:
     """pi0 prefix pass: APT's 4-D language-blind mask vs transformers' stock 2-D mask."""
-    policy = PI0Policy(tiny_pi0_config(hidden_size=args.hidden, num_layers=args.layers, chunk_size=8, vocab_size=vocab, image_size=64))
+    policy = PI0Policy(
+        tiny_pi0_config(hidden_size=args.hidden, num_layers=args.layers, chunk_size=8, vocab_size=vocab, image_size=64)
+    )
     policy.apt_prepare(StagePlan(first_stage=2))
     policy.eval()
     prompt = policy.prompt(data)
@@ -100,14 +123,28 @@ def prefix_mask_cost(args, vocab, data) -> None:
 
     def blind():
         with torch.no_grad():
-            model.vlm(inputs_embeds=model.embed_prefix(prompt["input_ids"], pixels, cams), attention_mask=masks.vlm_attention, position_ids=masks.position_ids, use_cache=True)
+            model.vlm(
+                inputs_embeds=model.embed_prefix(prompt["input_ids"], pixels, cams),
+                attention_mask=masks.vlm_attention,
+                position_ids=masks.position_ids,
+                use_cache=True,
+            )
 
     def stock():
         with torch.no_grad():
-            model.vlm(inputs_embeds=model.embed_prefix(prompt["input_ids"], pixels, cams), attention_mask=prompt["attention_mask"], position_ids=prompt["attention_mask"].cumsum(-1) - 1, token_type_ids=torch.zeros_like(prompt["input_ids"]), use_cache=True)
+            model.vlm(
+                inputs_embeds=model.embed_prefix(prompt["input_ids"], pixels, cams),
+                attention_mask=prompt["attention_mask"],
+                position_ids=prompt["attention_mask"].cumsum(-1) - 1,
+                token_type_ids=torch.zeros_like(prompt["input_ids"]),
+                use_cache=True,
+            )
 
     tb, ts = timed(blind, args.steps), timed(stock, args.steps)
-    print(f"pi0 prefix pass: language-blind 4-D mask {tb*1e3:.1f} ms, stock 2-D mask {ts*1e3:.1f} ms, ratio {tb/ts:.2f}")
+    print(
+        f"pi0 prefix pass: language-blind 4-D mask {tb * 1e3:.1f} ms, stock 2-D mask {ts * 1e3:.1f} ms, "
+        f"ratio {tb / ts:.2f}"
+    )
 
 
 if __name__ == "__main__":

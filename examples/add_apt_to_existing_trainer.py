@@ -83,19 +83,24 @@ def toy_data(n: int = 64) -> list[dict[str, torch.Tensor]]:
     items = []
     for i in range(n):
         word = i % 2  # the instruction ("left" = 5, "right" = 6) decides the action
-        items.append({
-            "patches": torch.randn(PATCHES, 12, generator=g),
-            "input_ids": torch.tensor([1, 5 + word, 2]),
-            "language_mask": torch.tensor([False, True, False]),
-            "actions": torch.full((CHUNK, 2), 1.0 if word == 0 else -1.0),
-        })
+        items.append(
+            {
+                "patches": torch.randn(PATCHES, 12, generator=g),
+                "input_ids": torch.tensor([1, 5 + word, 2]),
+                "language_mask": torch.tensor([False, True, False]),
+                "actions": torch.full((CHUNK, 2), 1.0 if word == 0 else -1.0),
+            }
+        )
     return items
 
 
 if __name__ == "__main__":
     model = MyVLA()
     trainer = pl.Trainer(
-        max_steps=120, accelerator="cpu", logger=False, enable_checkpointing=False,
+        max_steps=120,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
         callbacks=[APTStageScheduler(switch_at_step=60), GateMonitor(every_n_steps=20)],  # APT: one callback
     )
     trainer.fit(model, ResumableDataLoader(toy_data(), batch_size=8, shuffle=True))

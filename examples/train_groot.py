@@ -1,4 +1,5 @@
-"""Train a GR00T-style VLA (PaliGemma features + DiT flow-matching head) with APT on the tabletop benchmark, then evaluate it.
+"""Train a GR00T-style VLA (PaliGemma features + DiT flow-matching head) with APT on the tabletop benchmark, then
+evaluate it.
 
 The APT-specific lines are the callback and ``APTConfig``; ``--baseline`` runs the same model the ordinary way
 (language from step 0, the VLM frozen as GR00T does by default with tune_llm=False).
@@ -28,7 +29,9 @@ pl.seed_everything(0)
 data = TabletopDataModule(episodes=300, chunk_size=8, batch_size=32)
 vlm_dir = None
 if not args.random_vlm:  # a PaliGemma pretrained on diverse language from the environment (cached after the first run)
-    vlm_dir, _ = pretrained_vlm(tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=64), data.tokenizer, VLMPretrainingConfig())
+    vlm_dir, _ = pretrained_vlm(
+        tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=64), data.tokenizer, VLMPretrainingConfig()
+    )
 
 if args.baseline:
     apt_config = APTConfig(vlm_mode="frozen", lr=1e-3, warmup_steps=20)
@@ -40,11 +43,16 @@ else:
 policy = GR00TStylePolicy(
     tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=64),
     vlm_pretrained=str(vlm_dir) if vlm_dir else None,  # GR00T loads its VLM backbone from a pretrained checkpoint
-    chunk_size=8, head_dim=64, head_depth=4,
+    chunk_size=8,
+    head_dim=64,
+    head_depth=4,
     apt_config=apt_config,
 )
 trainer = pl.Trainer(
-    max_steps=args.steps, accelerator="cpu", default_root_dir=args.out, log_every_n_steps=10,
+    max_steps=args.steps,
+    accelerator="cpu",
+    default_root_dir=args.out,
+    log_every_n_steps=10,
     callbacks=[scheduler, GateMonitor(every_n_steps=10)],
 )
 trainer.fit(policy, datamodule=data)

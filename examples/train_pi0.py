@@ -28,7 +28,9 @@ pl.seed_everything(0)
 data = TabletopDataModule(episodes=300, chunk_size=8, batch_size=32)
 vlm_dir = None
 if not args.random_vlm:  # a PaliGemma pretrained on diverse language from the environment (cached after the first run)
-    vlm_dir, _ = pretrained_vlm(tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=64), data.tokenizer, VLMPretrainingConfig())
+    vlm_dir, _ = pretrained_vlm(
+        tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=64), data.tokenizer, VLMPretrainingConfig()
+    )
 
 if args.baseline:
     apt_config = APTConfig(vlm_mode="full", lr=1e-3, vlm_lr=1e-3, warmup_steps=20)
@@ -43,7 +45,10 @@ policy = PI0Policy(
     vlm_pretrained=str(vlm_dir) if vlm_dir else None,
 )
 trainer = pl.Trainer(
-    max_steps=args.steps, accelerator="cpu", default_root_dir=args.out, log_every_n_steps=10,
+    max_steps=args.steps,
+    accelerator="cpu",
+    default_root_dir=args.out,
+    log_every_n_steps=10,
     callbacks=[scheduler, GateMonitor(every_n_steps=10)],
 )
 trainer.fit(policy, datamodule=data)

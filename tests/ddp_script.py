@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import loader, make_policy, trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from apt_lightning import APTStageScheduler
+from helpers import loader, make_policy, trainer
 
 if __name__ == "__main__":
     arch, out = sys.argv[1], Path(sys.argv[2])

@@ -9,16 +9,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Dataset
 
-from apt_lightning.data import ResumableDataLoader
-
 from apt_lightning import APTConfig
+from apt_lightning.data import ResumableDataLoader
 from apt_lightning.models import GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
 
 BOS, EOS = 1, 2
 WORDS = {"left": [10, 11], "right": [20, 21, 22]}  # instructions of different lengths
 
 
-def make_batch(words: str | list[str] = "left", batch_size: int = 2, seed: int = 0, pad: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(
+    words: str | list[str] = "left", batch_size: int = 2, seed: int = 0, pad: int = 0
+) -> dict[str, torch.Tensor]:
     """One batch; ``words`` picks each row's instruction; ``pad`` adds padding tokens at the end."""
     words = [words] * batch_size if isinstance(words, str) else words
     g = torch.Generator().manual_seed(seed)
@@ -92,8 +93,14 @@ class LossRecorder(Callback):
 
 def trainer(max_steps: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)

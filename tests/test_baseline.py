@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from helpers import loader, make_batch, make_policy, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import JOINT, APTStageScheduler, ContractError, StageMismatchError, StagePlan
 from apt_lightning.models import load_policy
+from helpers import loader, make_batch, make_policy, trainer
 
 
 def _noise(policy, seed=123):
@@ -34,11 +34,18 @@ def test_joint_masks_hide_nothing_and_actions_follow_the_instruction(arch):
     batch = make_batch("left", pad=1)
     masks = policy.apt_masks(batch["attention_mask"], batch["language_mask"])
     valid = batch["attention_mask"].bool()
-    assert torch.equal(masks.vlm_attention[:, 0] | torch.eye(valid.shape[1], dtype=torch.bool), (valid[:, None, :] | torch.eye(valid.shape[1], dtype=torch.bool)).expand_as(masks.vlm_attention[:, 0]))
+    assert torch.equal(
+        masks.vlm_attention[:, 0] | torch.eye(valid.shape[1], dtype=torch.bool),
+        (valid[:, None, :] | torch.eye(valid.shape[1], dtype=torch.bool)).expand_as(masks.vlm_attention[:, 0]),
+    )
     assert torch.equal(masks.expert_attention, batch["attention_mask"])
     assert torch.equal(masks.language, batch["language_mask"])
     noise = _noise(policy)
-    diff = (policy.sample_actions(make_batch("left"), noise) - policy.sample_actions(make_batch("right"), noise)).abs().max()
+    diff = (
+        (policy.sample_actions(make_batch("left"), noise) - policy.sample_actions(make_batch("right"), noise))
+        .abs()
+        .max()
+    )
     assert diff > 1e-5  # the instruction reaches the expert from step 0
 
 
@@ -61,7 +68,9 @@ def test_joint_trains_the_vlm_as_vlm_mode_says(mode):
     assert bool(lora_b) == (mode == "lora")
     if mode == "lora":
         assert any(v.abs().sum() > 0 for v in lora_b)  # adapters start at zero and train from step 0
-    assert {g["name"] for g in policy.trainer.optimizers[0].param_groups} == ({"expert"} if mode == "frozen" else {"expert", "vlm"})
+    assert {g["name"] for g in policy.trainer.optimizers[0].param_groups} == (
+        {"expert"} if mode == "frozen" else {"expert", "vlm"}
+    )
 
 
 def test_joint_refuses_a_model_that_holds_fusion_blocks():
@@ -71,7 +80,9 @@ def test_joint_refuses_a_model_that_holds_fusion_blocks():
         policy.apt_prepare(StagePlan(first_stage=JOINT))
 
 
-@pytest.mark.parametrize("scheduler", [APTStageScheduler(switch_at_step=1), APTStageScheduler(stage="joint")], ids=["apt", "joint"])
+@pytest.mark.parametrize(
+    "scheduler", [APTStageScheduler(switch_at_step=1), APTStageScheduler(stage="joint")], ids=["apt", "joint"]
+)
 def test_load_policy_restores_the_saved_stage_and_outputs(arch, scheduler, tmp_path):
     policy = make_policy(arch)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -90,7 +101,9 @@ def test_resuming_a_joint_checkpoint_under_apt_is_refused(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(2, [APTStageScheduler(stage="joint"), checkpoint], enable_checkpointing=True).fit(policy, loader())
     with pytest.raises(StageMismatchError, match="joint baseline"):
-        trainer(4, [APTStageScheduler(switch_at_step=3)]).fit(make_policy("groot"), loader(), ckpt_path=tmp_path / "last.ckpt")
+        trainer(4, [APTStageScheduler(switch_at_step=3)]).fit(
+            make_policy("groot"), loader(), ckpt_path=tmp_path / "last.ckpt"
+        )
 
 
 def test_load_policy_names_the_fix_for_foreign_checkpoints(tmp_path):

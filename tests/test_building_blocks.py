@@ -39,7 +39,9 @@ class Toy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.vlm = nn.Sequential(nn.Linear(4, 4))
-        self.expert = nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(4, 4) for _ in range(3)]), "out": nn.Linear(4, 2)})
+        self.expert = nn.ModuleDict(
+            {"blocks": nn.ModuleList([nn.Linear(4, 4) for _ in range(3)]), "out": nn.Linear(4, 2)}
+        )
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,13 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def _cli(config: Path, *extra: str) -> APTLightningCLI:
-    return APTLightningCLI(FlowMatchingPolicy, TabletopDataModule, subclass_mode_model=True, run=False,
-                           args=["--config", str(config), *extra])
+    return APTLightningCLI(
+        FlowMatchingPolicy,
+        TabletopDataModule,
+        subclass_mode_model=True,
+        run=False,
+        args=["--config", str(config), *extra],
+    )
 
 
 @pytest.mark.parametrize("name", ["pi0_apt", "pi0_baseline", "groot_apt", "groot_baseline"])
@@ -103,14 +108,27 @@ def test_cli_fit_keeps_param_groups_then_evaluates_a_user_file(tmp_path):
     instructions = tmp_path / "mine.txt"
     instructions.write_text("# two of mine\npick up the red circle\nfetch the tiny blue square\n")
     out = tmp_path / "eval.json"
-    results = evaluate_main([str(checkpoint), "--instructions", str(instructions), "--per-instruction", "2",
-                             "--splits", "seen", "--episodes", "2", "--json", str(out)])
+    results = evaluate_main(
+        [
+            str(checkpoint),
+            "--instructions",
+            str(instructions),
+            "--per-instruction",
+            "2",
+            "--splits",
+            "seen",
+            "--episodes",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert set(results["success"]) == {"seen", "user"}
     assert json.loads(out.read_text())["success"] == results["success"]
 
 
 def test_cli_refuses_model_and_data_that_disagree(tmp_path):
-    with pytest.raises(ValueError, match="chunk size 8 != data.chunk_size 4"):
+    with pytest.raises(ValueError, match=r"chunk size 8 != data\.chunk_size 4"):
         main(["fit", "--config", str(_small_config(tmp_path, "groot_baseline", chunk_size=4))])
 
 
@@ -119,5 +137,5 @@ def test_evaluate_names_the_bad_line_of_an_instruction_file(tmp_path):
     checkpoint.write_bytes(b"")
     bad = tmp_path / "bad.txt"
     bad.write_text("pick up the red circle\nplease do something\n")
-    with pytest.raises(InstructionResolutionError, match="bad.txt:2"):
+    with pytest.raises(InstructionResolutionError, match=r"bad\.txt:2"):
         evaluate_main([str(checkpoint), "--instructions", str(bad)])

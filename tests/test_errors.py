@@ -5,16 +5,15 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import loader, make_batch, make_policy, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from apt_lightning import (
+    AptError,
     APTMixin,
     APTStageScheduler,
-    AptError,
     ContractError,
     FusionConfig,
     GatedCrossAttentionBlock,
@@ -24,6 +23,7 @@ from apt_lightning import (
     StageMismatchError,
     StagePlan,
 )
+from helpers import loader, make_batch, make_policy, trainer
 
 
 class Incomplete(APTMixin, pl.LightningModule):
@@ -78,7 +78,9 @@ def test_language_mask_of_wrong_dtype_or_shape(arch, mask, match):
 def test_fusion_target_matching_nothing_lists_nearest_names():
     policy = make_policy("groot")
     policy.apt_fusion = FusionConfig(target_modules=["action_head.blockz.0"])
-    with pytest.raises(NoMatchingTargetError, match=r"matched no module.*Closest existing names: \[.*'action_head.blocks.0'"):
+    with pytest.raises(
+        NoMatchingTargetError, match=r"matched no module.*Closest existing names: \[.*'action_head.blocks.0'"
+    ):
         policy.apt_prepare(StagePlan())
     assert not policy.apt_sites(), "a failed injection must leave the model untouched"
 
@@ -103,18 +105,24 @@ def checkpoints(tmp_path_factory):
 
 
 def test_stage2_checkpoint_under_stage1_only_plan(checkpoints):
-    with pytest.raises(StageMismatchError, match="trained in Stage 2 .* Stage-1-only plan"):
-        trainer(6, [APTStageScheduler(stage=1)]).fit(make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage2.ckpt"))
+    with pytest.raises(StageMismatchError, match=r"trained in Stage 2 .* Stage-1-only plan"):
+        trainer(6, [APTStageScheduler(stage=1)]).fit(
+            make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage2.ckpt")
+        )
 
 
 def test_stage1_checkpoint_under_stage2_only_plan(checkpoints):
-    with pytest.raises(StageMismatchError, match="holds Stage-1 training .* export the prior with `export_va_prior`"):
-        trainer(6, [APTStageScheduler(stage=2)]).fit(make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage1.ckpt"))
+    with pytest.raises(StageMismatchError, match=r"holds Stage-1 training .* export the prior with `export_va_prior`"):
+        trainer(6, [APTStageScheduler(stage=2)]).fit(
+            make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage1.ckpt")
+        )
 
 
 def test_changed_switch_step_on_resume(checkpoints):
     with pytest.raises(StageMismatchError, match="Resume with the same APTStageScheduler arguments"):
-        trainer(6, [APTStageScheduler(switch_at_step=3)]).fit(make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage2.ckpt"))
+        trainer(6, [APTStageScheduler(switch_at_step=3)]).fit(
+            make_policy("pi0"), loader(), ckpt_path=str(checkpoints / "stage2.ckpt")
+        )
 
 
 @pytest.mark.parametrize("context_mask", ["all_masked", "empty"])
@@ -163,6 +171,8 @@ def test_non_finite_gate_stops_training_and_names_the_site(tmp_path):
 
 def test_one_fit_plan_under_ddp_requires_find_unused_parameters():
     strategy = DDPStrategy(find_unused_parameters=False)
-    t = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False)
+    t = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False
+    )
     with pytest.raises(AptError, match="ddp_find_unused_parameters_true"):
         APTStageScheduler(switch_at_step=5)._check_strategy(t)

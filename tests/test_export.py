@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
-from helpers import loader, make_batch, make_policy, trainer
 from safetensors.torch import load_file
 
 from apt_lightning import (
-    APTStageScheduler,
     AptError,
+    APTStageScheduler,
     export_fusion,
     export_va_prior,
     export_vlm,
@@ -19,6 +18,7 @@ from apt_lightning import (
     load_va_prior,
     load_vlm,
 )
+from helpers import loader, make_batch, make_policy, trainer
 
 
 def test_two_fit_workflow_reproduces_stage1_outputs(arch, tmp_path):

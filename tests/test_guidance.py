@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import LossRecorder, loader, make_batch, make_policy, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import APTConfig, APTStageScheduler, FusionConfig, StagePlan
+from helpers import LossRecorder, loader, make_batch, make_policy, trainer
 
 SWITCH = 4
 

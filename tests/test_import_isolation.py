@@ -28,7 +28,11 @@ def _core_modules() -> list[str]:
 def _bench_modules_after_importing(*modules: str) -> dict[str, list[str]]:
     """Import ``modules`` in order in a fresh interpreter; per module, the benchmark modules loaded so far."""
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, *modules], check=False, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", _PROBE, *modules],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]

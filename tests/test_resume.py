@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers import LossRecorder, loader, make_policy, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import APTStageScheduler
+from helpers import LossRecorder, loader, make_policy, trainer
 
 SWITCH, TOTAL = 6, 12
 
@@ -29,7 +28,11 @@ def test_resumed_loss_trajectory_equals_uninterrupted(uninterrupted, step):
     assert sorted(reference) == list(range(TOTAL))
     recorder = LossRecorder()
     t = trainer(TOTAL, [APTStageScheduler(switch_at_step=SWITCH), recorder])
-    t.fit(make_policy(arch, vlm_mode="lora", warmup_steps=2), loader(size=16, batch_size=4), ckpt_path=str(ckpt_dir / f"step={step}.ckpt"))
+    t.fit(
+        make_policy(arch, vlm_mode="lora", warmup_steps=2),
+        loader(size=16, batch_size=4),
+        ckpt_path=str(ckpt_dir / f"step={step}.ckpt"),
+    )
     assert sorted(recorder.losses) == list(range(step, TOTAL))
     diffs = [abs(recorder.losses[s] - reference[s]) for s in range(step, TOTAL)]
     assert max(diffs) <= 1e-6, diffs

@@ -8,7 +8,6 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import LanguageDecidesDataset, collate, loader, make_batch, make_policy, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -26,6 +25,7 @@ from apt_lightning import (
     language_blind_masks,
 )
 from apt_lightning.models import load_policy
+from helpers import LanguageDecidesDataset, collate, loader, make_batch, make_policy, trainer
 
 
 class StageProbe(Callback):
@@ -185,7 +185,9 @@ def test_a_target_that_is_not_the_hidden_state_stream_fails_at_the_first_step_no
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1)
     t = trainer(20, [APTStageScheduler(switch_at_step=10), checkpoint], enable_checkpointing=True)
-    with pytest.raises(ContractError, match=r"`action_head`: .*returns shape \(\d+, 4, 2\).*target the expert's layers"):
+    with pytest.raises(
+        ContractError, match=r"`action_head`: .*returns shape \(\d+, 4, 2\).*target the expert's layers"
+    ):
         t.fit(policy, loader())
     assert t.global_step == 0 and not list(tmp_path.iterdir())
     after = policy.state_dict()
@@ -196,7 +198,7 @@ def test_stage2_only_plan_names_the_bad_site_instead_of_a_raw_runtime_error():
     policy = make_policy("groot")
     policy.apt_fusion = FusionConfig(target_modules=["action_head"], num_heads=2)
     policy.apt_prepare(StagePlan(first_stage=2))
-    with pytest.raises(ContractError, match="cannot take gated fusion.*returns shape"):
+    with pytest.raises(ContractError, match=r"cannot take gated fusion.*returns shape"):
         policy.sample_actions(make_batch("left"))
 
 
@@ -274,6 +276,6 @@ def test_models_pass_features_unconditionally_and_the_library_ignores_them_outsi
         pass  # ignored outside Stage 2
     policy.apt_set_step(5)
     assert policy.apt_needs_language
-    with pytest.raises(FusionContextError, match="Stage 2 needs language features"):
-        with policy.apt_fusion_context(None, None):
-            pass
+    needs = pytest.raises(FusionContextError, match="Stage 2 needs language features")
+    with needs, policy.apt_fusion_context(None, None):
+        pass

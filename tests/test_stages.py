@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from helpers import LossRecorder, loader, make_batch, make_policy, trainer
 
 from apt_lightning import APTStageScheduler, GateMonitor, StagePlan
+from helpers import LossRecorder, loader, make_batch, make_policy, trainer
 
 
 def _noise(policy, batch_size=2, seed=123):
@@ -74,7 +74,10 @@ def test_switch_is_exact_and_stage2_learns_language(arch):
         assert site.apt_fusion.gate_values()["attn"] != 0.0, "gates must open during Stage 2"
     # exact identity at the switch: same weights, Stage 1 vs Stage 2 with gates reset to zero
     stage1 = policy.sample_actions(batch, noise)
-    saved = {n: (s.apt_fusion.apt_gate_attn.detach().clone(), s.apt_fusion.apt_gate_ff.detach().clone()) for n, s in policy.apt_sites().items()}
+    saved = {
+        n: (s.apt_fusion.apt_gate_attn.detach().clone(), s.apt_fusion.apt_gate_ff.detach().clone())
+        for n, s in policy.apt_sites().items()
+    }
     for s in policy.apt_sites().values():
         s.apt_fusion.reset_gates()
     policy.apt_set_step(10)

@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
-from helpers import LossRecorder, loader, make_batch, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from third_shape import ThirdShapePolicy
 
 from apt_lightning import APTConfig, APTStageScheduler, FusionContextError, StagePlan
+from helpers import LossRecorder, loader, make_batch, trainer
+from third_shape import ThirdShapePolicy
 
 SWITCH, TOTAL = 4, 8
 
@@ -95,7 +95,7 @@ def test_switch_is_exact_with_per_site_contexts():
     # each site read its own VLM layer: expert layer i <- hidden_states[context_layers[i]]
     contexts, _ = _contexts(policy, batch)
     assert list(seen) == ["expert.layers.0", "expert.layers.1"]
-    assert all(torch.equal(seen[name], ctx) for name, ctx in zip(seen, contexts))
+    assert all(torch.equal(seen[name], ctx) for name, ctx in zip(seen, contexts, strict=True))
     assert not torch.equal(contexts[0], contexts[1])
 
 

@@ -33,16 +33,31 @@ def tiny_qwen2vl_config(hidden_size: int = 32, num_layers: int = 4, vocab_size: 
     section = [half - 2 * (half // 3), half // 3, half // 3]
     return Qwen2VLConfig(
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
         vision_config=dict(
-            depth=1, embed_dim=hidden_size, hidden_size=hidden_size, num_heads=2, mlp_ratio=2, patch_size=8,
-            spatial_merge_size=2, temporal_patch_size=2,
+            depth=1,
+            embed_dim=hidden_size,
+            hidden_size=hidden_size,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
-        image_token_id=IMAGE, video_token_id=126, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        image_token_id=IMAGE,
+        video_token_id=126,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
     )
 
 
@@ -208,8 +223,13 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
         positions = torch.where(masks.language, full, blind)
         with self.apt_vlm_context():
             out = self.vlm(
-                input_ids=ids, pixel_values=patches, image_grid_thw=grid, attention_mask=masks.vlm_attention,
-                position_ids=positions, output_hidden_states=True, use_cache=False,
+                input_ids=ids,
+                pixel_values=patches,
+                image_grid_thw=grid,
+                attention_mask=masks.vlm_attention,
+                position_ids=positions,
+                output_hidden_states=True,
+                use_cache=False,
             )
         contexts = [out.hidden_states[k] for k in self.context_layers]
         return contexts, masks.expert_attention.bool(), masks.language

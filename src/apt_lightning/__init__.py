@@ -17,6 +17,7 @@ from apt_lightning.errors import (
     NonFiniteGateError,
     NonFiniteLossError,
     NotPreparedError,
+    PolicyCheckpointError,
     StageMismatchError,
     UnverifiedExportWarning,
 )
@@ -32,6 +33,7 @@ from apt_lightning.export import (
     verify_export,
 )
 from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
+from apt_lightning.guidance import PriorGuidance
 from apt_lightning.inject import inject_fusion, resolve_targets, unload_fusion
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
 from apt_lightning.mixin import APTMixin
@@ -59,11 +61,14 @@ __all__ = [
     "NonFiniteGateError",
     "NonFiniteLossError",
     "NotPreparedError",
+    "PolicyCheckpointError",
     "PrefixMasks",
+    "PriorGuidance",
     "StageLRFactor",
     "StageMismatchError",
-    "UnverifiedExportWarning",
     "StagePlan",
+    "UnverifiedExportWarning",
+    "__version__",
     "check_language_mask",
     "export_fusion",
     "export_va_prior",
@@ -79,5 +84,4 @@ __all__ = [
     "unload_fusion",
     "va_prior_state_dict",
     "verify_export",
-    "__version__",
 ]

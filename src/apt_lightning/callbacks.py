@@ -113,13 +113,13 @@ class APTStageScheduler(Callback):
         strategy = trainer.strategy
         if type(strategy).__name__.startswith("DeepSpeed"):
             raise AptError("APTStageScheduler does not support the DeepSpeed strategy. Use DDP or FSDP instead.")
-        if isinstance(strategy, DDPStrategy) and self.plan.switch_step is not None:
-            if not strategy._ddp_kwargs.get("find_unused_parameters", False):
-                raise AptError(
-                    "A one-fit APT plan (`switch_at_step`) under DDP needs `find_unused_parameters=True`: fusion "
-                    "parameters take no gradient before the switch. Use strategy='ddp_find_unused_parameters_true' "
-                    "or DDPStrategy(find_unused_parameters=True), or run the two stages as two fits."
-                )
+        one_fit = self.plan.switch_step is not None
+        if isinstance(strategy, DDPStrategy) and one_fit and not strategy._ddp_kwargs.get("find_unused_parameters"):
+            raise AptError(
+                "A one-fit APT plan (`switch_at_step`) under DDP needs `find_unused_parameters=True`: fusion "
+                "parameters take no gradient before the switch. Use strategy='ddp_find_unused_parameters_true' "
+                "or DDPStrategy(find_unused_parameters=True), or run the two stages as two fits."
+            )
 
     def _check_budget(self, trainer: pl.Trainer) -> None:
         switch, max_steps = self.plan.switch_step, trainer.max_steps
@@ -180,7 +180,9 @@ class APTStageScheduler(Callback):
             )
         module.apt_set_step(trainer.global_step)  # the step is restored by now when resuming
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         module = _as_apt_module(pl_module)
         self._batch = batch
         self._sync(trainer, module, trainer.global_step)
@@ -214,7 +216,9 @@ class APTStageScheduler(Callback):
     def _check_site_outputs(pl_module: pl.LightningModule) -> None:
         """Every fusion site checked its wrapped module's output in this forward (Stage 1 included): report
         all that cannot take fusion now, at the first step, not when the switch comes."""
-        problems = [f"`{site}`: {layer.output_problem}" for site, layer in fusion_sites(pl_module) if layer.output_problem]
+        problems = [
+            f"`{site}`: {layer.output_problem}" for site, layer in fusion_sites(pl_module) if layer.output_problem
+        ]
         if problems:
             raise ContractError(
                 f"{len(problems)} fusion site(s) of {type(pl_module).__name__} cannot take gated fusion (found in "
@@ -229,8 +233,12 @@ class APTStageScheduler(Callback):
             return
         finite = torch.stack([torch.isfinite(g).all() for _, g in named])
         if not bool(finite.all()):
-            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
-            self._stop(trainer, _as_apt_module(pl_module), f"The gradients of {len(bad)} parameters ({bad[:3]} ...) are not finite")
+            bad = [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+            self._stop(
+                trainer,
+                _as_apt_module(pl_module),
+                f"The gradients of {len(bad)} parameters ({bad[:3]} ...) are not finite",
+            )
 
     def _stop(self, trainer: pl.Trainer, module: APTMixin, what: str) -> None:
         stage = module.apt_stage
@@ -241,9 +249,14 @@ class APTStageScheduler(Callback):
                 "non-finite values in your dataset or collate function)."
             )
         else:
-            cause = "The batch is finite, so the model produced the value: lower the learning rate or set `gradient_clip_val`"
+            cause = (
+                "The batch is finite, so the model produced the value: lower the learning rate or set "
+                "`gradient_clip_val`"
+            )
             if stage == 2:
-                cause += f" (in Stage 2 often the gate learning rate, APTConfig.gate_lr={module.apt_cfg.resolved_gate_lr})"
+                cause += (
+                    f" (in Stage 2 often the gate learning rate, APTConfig.gate_lr={module.apt_cfg.resolved_gate_lr})"
+                )
             cause += "."
         raise NonFiniteLossError(
             f"{what} at global step {trainer.global_step} (stage {stage}, plan {self.plan.name}). Training stopped "
@@ -260,9 +273,16 @@ class APTStageScheduler(Callback):
             return
         for site, layer in fusion_sites(pl_module):
             block = layer.apt_fusion
-            bad = [k for k, g in zip(("attn", "ff"), block.gate_parameters()) if not bool(torch.isfinite(g).all())]
+            bad = [
+                k
+                for k, g in zip(("attn", "ff"), block.gate_parameters(), strict=True)
+                if not bool(torch.isfinite(g).all())
+            ]
             if bad:
-                values = {k: float(g.detach().flatten()[0]) for k, g in zip(("attn", "ff"), block.gate_parameters())}
+                values = {
+                    k: float(g.detach().flatten()[0])
+                    for k, g in zip(("attn", "ff"), block.gate_parameters(), strict=True)
+                }
                 raise NonFiniteGateError(
                     f"Gate(s) {bad} of fusion site `{site}` became non-finite ({values}) at global step "
                     f"{trainer.global_step}. Training stopped before any checkpoint of this state. Lower "

@@ -59,7 +59,9 @@ class ResumableDataLoader(DataLoader):
         {'epoch': 0, 'batches': 1}
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int = 1, shuffle: bool = False, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: Dataset, batch_size: int = 1, shuffle: bool = False, seed: int = 0, **kwargs: Any
+    ) -> None:
         if "sampler" in kwargs or "batch_sampler" in kwargs:
             raise ValueError("ResumableDataLoader owns its sampler; remove `sampler`/`batch_sampler`.")
         self._order = _EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]

@@ -49,6 +49,10 @@ class FusionContextError(AptError, RuntimeError):
     """A Stage-2 fusion block ran without language context."""
 
 
+class PolicyCheckpointError(AptError, ValueError):
+    """A file cannot be loaded as a reference policy: not a checkpoint, or it names no registered policy class."""
+
+
 class ExportError(AptError, ValueError):
     """A safetensors export cannot be written or loaded safely: unreadable or corrupt file, content hash
     mismatch, non-finite tensors, wrong export kind, or a model whose fusion geometry differs from the

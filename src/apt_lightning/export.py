@@ -161,8 +161,7 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(
-        k for k, t in tensors.items()
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+        k for k, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
     )
 
 
@@ -176,8 +175,10 @@ def _fusion_config(module: Any) -> str:
 def _save(tensors: dict[str, torch.Tensor], path: str | Path, kind: str, extra: dict[str, str]) -> Path:
     path = Path(path)
     if path.is_dir():
-        raise ExportError(f"Cannot write the {kind} export to {path}: it is a directory. Pass a file path, e.g. "
-                          f"{path / (kind + '.safetensors')}.")
+        raise ExportError(
+            f"Cannot write the {kind} export to {path}: it is a directory. Pass a file path, e.g. "
+            f"{path / (kind + '.safetensors')}."
+        )
     contiguous = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     bad = _non_finite(contiguous)
     if bad:

@@ -55,7 +55,9 @@ class GatedCrossAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         if gate not in GATES or gate_shape not in GATE_SHAPES:
-            raise ValueError(f"`gate` must be one of {GATES} and `gate_shape` one of {GATE_SHAPES}, got {gate!r}, {gate_shape!r}.")
+            raise ValueError(
+                f"`gate` must be one of {GATES} and `gate_shape` one of {GATE_SHAPES}, got {gate!r}, {gate_shape!r}."
+            )
         self.gate, self.gate_shape = gate, gate_shape
         head_dim = head_dim or max(dim // num_heads, 1)
         inner = num_heads * head_dim

@@ -90,20 +90,27 @@ def fusion_geometry_problems(model: nn.Module, sites: list[str], config: FusionC
     """
     problems: list[str] = []
     if config.context_dim is None:
-        problems.append("`FusionConfig.context_dim` is unset and cannot be inferred: give the width of the language features.")
+        problems.append(
+            "`FusionConfig.context_dim` is unset and cannot be inferred: give the width of the language features."
+        )
     elif isinstance(config.context_dim, list) and len(config.context_dim) != len(sites):
         problems.append(
             f"`FusionConfig.context_dim` lists {len(config.context_dim)} widths but there are {len(sites)} fusion "
             f"sites {sites[:6]}: give one width per site, in this order, or one int for all."
         )
     if config.hidden_dim is None:
-        unknown = [s for s in sites if not isinstance(_module_at(model, s)[2], GatedFusionLayer)
-                   and _infer_width(_module_at(model, s)[2]) is None]
+        unknown = [
+            s
+            for s in sites
+            if not isinstance(_module_at(model, s)[2], GatedFusionLayer)
+            and _infer_width(_module_at(model, s)[2]) is None
+        ]
         if unknown:
             kinds = sorted({type(_module_at(model, s)[2]).__name__ for s in unknown})
             problems.append(
                 f"Cannot infer the output width of fusion site(s) {unknown[:6]} ({', '.join(kinds)} has no "
-                "`hidden_size`, `embed_dim`, `dim`, `out_features` or `config.hidden_size`): set `FusionConfig.hidden_dim`."
+                "`hidden_size`, `embed_dim`, `dim`, `out_features` or `config.hidden_size`): set "
+                "`FusionConfig.hidden_dim`."
             )
     return problems
 
@@ -125,13 +132,19 @@ def inject_fusion(model: nn.Module, config: FusionConfig, forbidden_prefix: str 
     if problems:
         raise ValueError(" ".join(problems))
     widths = config.context_dim if isinstance(config.context_dim, list) else [config.context_dim] * len(sites)
-    for site, context_dim in zip(sites, widths):
+    for site, context_dim in zip(sites, widths, strict=True):
         parent, child, module = _module_at(model, site)
         if isinstance(module, GatedFusionLayer):
             continue
         block = GatedCrossAttentionBlock(
-            config.hidden_dim or _infer_width(module), context_dim, config.num_heads, config.head_dim,  # type: ignore[arg-type]
-            config.ff_mult, config.dropout, config.gate, config.gate_shape,
+            config.hidden_dim or _infer_width(module),
+            context_dim,
+            config.num_heads,
+            config.head_dim,  # type: ignore[arg-type]
+            config.ff_mult,
+            config.dropout,
+            config.gate,
+            config.gate_shape,
         )
         param = next(module.parameters(), None)
         if param is not None:

@@ -29,7 +29,9 @@ def inject_vlm_lora(vlm: nn.Module, config: APTConfig) -> None:
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules if isinstance(config.lora_target_modules, str) else list(config.lora_target_modules),
+            target_modules=config.lora_target_modules
+            if isinstance(config.lora_target_modules, str)
+            else list(config.lora_target_modules),
         )
         inject_adapter_in_model(lora_config, vlm)
     vlm.requires_grad_(False)

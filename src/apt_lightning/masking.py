@@ -38,7 +38,11 @@ class PrefixMasks:
 
 def _check_attention_mask(attention_mask: object) -> torch.Tensor:
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
-        what = f"shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        what = (
+            f"shape {tuple(attention_mask.shape)}"
+            if isinstance(attention_mask, torch.Tensor)
+            else type(attention_mask).__name__
+        )
         raise LanguageMaskError(
             f"The attention mask must be a (B, L) torch.Tensor, 1 on valid tokens; got {what}. "
             "Pass the prompt's `attention_mask` (image tokens included), as the VLM receives it."
@@ -73,7 +77,8 @@ def check_language_mask(language_mask: torch.Tensor, attention_mask: torch.Tenso
             hint = " It looks transposed: use `mask.T`."
         raise LanguageMaskError(
             f"The language mask has shape {tuple(language_mask.shape)} but the token sequence has shape "
-            f"{tuple(attention_mask.shape)} (B, L): it must mark each token of `input_ids`, image tokens included.{hint}"
+            f"{tuple(attention_mask.shape)} (B, L): it must mark each token of `input_ids`, image tokens "
+            f"included.{hint}"
         )
     valid = attention_mask.bool()
     language = language_mask.to(attention_mask.device) & valid

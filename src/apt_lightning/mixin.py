@@ -35,7 +35,13 @@ import torch
 from torch import nn
 
 from apt_lightning.config import APTConfig, FusionConfig
-from apt_lightning.errors import ContractError, FusionContextError, NoMatchingTargetError, NotPreparedError, StageMismatchError
+from apt_lightning.errors import (
+    ContractError,
+    FusionContextError,
+    NoMatchingTargetError,
+    NotPreparedError,
+    StageMismatchError,
+)
 from apt_lightning.fusion import GatedFusionLayer
 from apt_lightning.guidance import PriorGuidance
 from apt_lightning.inject import fusion_geometry_problems, inject_fusion, resolve_targets
@@ -102,14 +108,18 @@ class APTMixin:
                 problems += fusion_geometry_problems(self, sites, config)  # type: ignore[arg-type]
         if problems:
             error_cls = NoMatchingTargetError if target_problem else ContractError
-            raise error_cls(f"{type(self).__name__} does not satisfy the APTMixin contract:\n- " + "\n- ".join(problems))
+            raise error_cls(
+                f"{type(self).__name__} does not satisfy the APTMixin contract:\n- " + "\n- ".join(problems)
+            )
 
     def _apt_declaration_problems(self) -> list[str]:
         problems: list[str] = []
         module: nn.Module = self  # type: ignore[assignment]
         vlm_name = getattr(self, "apt_vlm", None)
         if not isinstance(vlm_name, str) or not vlm_name:
-            problems.append("`apt_vlm` is not set: assign the dotted name of the VLM module, e.g. apt_vlm = 'model.vlm'.")
+            problems.append(
+                "`apt_vlm` is not set: assign the dotted name of the VLM module, e.g. apt_vlm = 'model.vlm'."
+            )
         else:
             try:
                 module.get_submodule(vlm_name)
@@ -302,7 +312,7 @@ class APTMixin:
             return
         contexts = _per_site_contexts(features, mask, sites)
         keep = self._apt_language_keep(contexts[0][0].shape[0], contexts[0][0].device) if contexts else None
-        for site, (context, key_mask) in zip(sites.values(), contexts):
+        for site, (context, key_mask) in zip(sites.values(), contexts, strict=True):
             if keep is not None:
                 key_mask = key_mask & keep[:, None]
             site.set_context(guidance.expand(context), guidance.prior_rows_blind(key_mask))
@@ -374,7 +384,9 @@ class APTMixin:
         if self._apt_plan is not None:
             step = int(checkpoint.get("global_step", self._apt_step))
             checkpoint[CHECKPOINT_KEY] = {
-                "plan": self._apt_plan.to_dict(), "step": step, "stage": int(self._apt_plan.stage_at(step)),
+                "plan": self._apt_plan.to_dict(),
+                "step": step,
+                "stage": int(self._apt_plan.stage_at(step)),
                 "version": _CHECKPOINT_VERSION,
             }
         parent = getattr(super(), "on_save_checkpoint", None)
@@ -444,7 +456,7 @@ def _per_site_contexts(
                 f"sites or one per site, in this order: {names}."
             )
     contexts = []
-    for name, context, key_mask in zip(names, per_site, masks):
+    for name, context, key_mask in zip(names, per_site, masks, strict=True):
         width = sites[name].apt_fusion.context_dim
         if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != width:
             shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__

@@ -30,7 +30,12 @@ def param_groups(module: APTMixin) -> list[dict[str, Any]]:
     for param in module.parameters():  # type: ignore[attr-defined]
         if param.requires_grad:
             groups[roles.get(id(param), "expert")].append(param)
-    lrs = {"expert": cfg.lr, "fusion": cfg.resolved_fusion_lr, "gates": cfg.resolved_gate_lr, "vlm": cfg.resolved_vlm_lr}
+    lrs = {
+        "expert": cfg.lr,
+        "fusion": cfg.resolved_fusion_lr,
+        "gates": cfg.resolved_gate_lr,
+        "vlm": cfg.resolved_vlm_lr,
+    }
     decay = {"expert": cfg.weight_decay, "fusion": cfg.weight_decay, "gates": 0.0, "vlm": cfg.weight_decay}
     return [
         {"name": role, "params": params, "lr": lrs[role], "weight_decay": decay[role]}

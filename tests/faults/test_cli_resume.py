@@ -49,8 +49,12 @@ def _config(run_dir: Path, name: str, *, kill_after: int | None = None) -> Path:
 
 def _fit(config: Path, *extra: str) -> subprocess.Popen:
     """``apt-lightning fit`` as a user runs it (``python -m`` so the test needs no installed script)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
     command = [sys.executable, "-m", "apt_lightning.bench.cli", "fit", "--config", str(config), *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_policy
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -33,6 +32,7 @@ from apt_lightning.export import (
 )
 from apt_lightning.models import GR00TStylePolicy, tiny_paligemma_config
 from apt_lightning.schedule import StagePlan
+from helpers import make_policy
 
 
 def stage2_policy(num_heads: int | None = None):
@@ -81,8 +81,11 @@ def test_prior_with_other_expert_heads_but_equal_shapes_is_refused(tmp_path):
         return GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_dim=32, head_depth=2, head_heads=heads)
 
     path = export_va_prior(policy(2), tmp_path / "prior.safetensors")
-    with pytest.raises(ExportError, match=r"action_head\.blocks\.0\.attn`: export \{'num_heads': 2\} vs model "
-                                          r"\{'num_heads': 1\}.*Build the model with the configuration"):
+    with pytest.raises(
+        ExportError,
+        match=r"action_head\.blocks\.0\.attn`: export \{'num_heads': 2\} vs model "
+        r"\{'num_heads': 1\}.*Build the model with the configuration",
+    ):
         load_va_prior(policy(1), path)
 
 
@@ -102,8 +105,11 @@ def flip_byte(path: Path, offset_from_end: int) -> None:
 def test_flipped_bytes_in_tensor_data_fail_the_content_hash(tmp_path):
     path = export_fusion(stage2_policy(), tmp_path / "fusion.safetensors")
     flip_byte(path, 7)  # inside the last tensor's raw data; the header still parses
-    with pytest.raises(ExportError, match=named(path) + r" failed its content check.*modified or corrupted after "
-                                          r"export: copy it again from its source, or re-export it"):
+    with pytest.raises(
+        ExportError,
+        match=named(path) + r" failed its content check.*modified or corrupted after "
+        r"export: copy it again from its source, or re-export it",
+    ):
         load_fusion(stage2_policy(), path)
 
 
@@ -138,8 +144,11 @@ def test_export_of_a_nan_weight_is_refused_and_writes_nothing(tmp_path):
     with torch.no_grad():
         site.apt_fusion.apt_gate_ff.fill_(float("inf"))
     target = tmp_path / "out" / "fusion.safetensors"
-    with pytest.raises(ExportError, match=r"Refusing to export fusion to .*contain NaN or Inf: \[.*apt_gate_ff'\]\. "
-                                          r"Nothing was written\. Export from the last checkpoint"):
+    with pytest.raises(
+        ExportError,
+        match=r"Refusing to export fusion to .*contain NaN or Inf: \[.*apt_gate_ff'\]\. "
+        r"Nothing was written\. Export from the last checkpoint",
+    ):
         export_fusion(policy, target)
     assert not target.exists() and not any(tmp_path.rglob("*"))  # no final file, no temporary left behind
 
@@ -222,8 +231,11 @@ def test_old_format_export_loads_with_a_warning(tmp_path):
     path = tmp_path / "old.safetensors"
     tensors, _ = read(export_fusion(policy, path))
     save_file(tensors, str(path), metadata={"apt_format": "fusion", "sites": "[]"})  # as written before 0.2
-    with pytest.warns(UnverifiedExportWarning, match=named(path) + r" was written before verified exports.*export "
-                                                     r"it again"):
+    with pytest.warns(
+        UnverifiedExportWarning,
+        match=named(path) + r" was written before verified exports.*export "
+        r"it again",
+    ):
         load_fusion(policy, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnverifiedExportWarning)  # the strict opt-in refuses it

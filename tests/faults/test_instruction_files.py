@@ -84,7 +84,8 @@ def test_json_lines_in_a_txt_file_warn_and_name_the_fix(tmp_path):
         ),
         (
             "grab the red cube\n".encode("utf-16"),
-            r"mine.txt is UTF-16 text \(it starts with a UTF-16 byte-order mark\).*Save it as UTF-8, e.g. `iconv -f UTF-16",
+            r"mine.txt is UTF-16 text \(it starts with a UTF-16 byte-order mark\)"
+            r".*Save it as UTF-8, e.g. `iconv -f UTF-16",
         ),
         ("grab the red cube\n".encode("utf-32"), r"mine.txt is UTF-32 text.*Save it as UTF-8"),
         (
@@ -125,12 +126,16 @@ def test_a_directory_is_not_reported_as_missing(tmp_path):
 def test_a_huge_line_is_refused_at_once(tmp_path):
     path = _write(tmp_path, "pick up the blue ball\n" + "grab the red cube " * 5_600 + "\n")
     start = time.perf_counter()
-    message = rf"mine.txt:2: instruction is 100,799 characters long; instructions are capped at {MAX_LINE_CHARS:,}.*Shorten"
+    message = (
+        rf"mine.txt:2: instruction is 100,799 characters long; instructions are capped at {MAX_LINE_CHARS:,}.*Shorten"
+    )
     with pytest.raises(InstructionFileError, match=message):
         load_instruction_file(path)
     assert time.perf_counter() - start < 2  # was 2 minutes and 5.7 GB in evaluation
     longest = "grab the red" + " " * (MAX_LINE_CHARS - 17) + " cube"  # exactly at the cap
-    (ok,) = _load_without_warnings(_write(tmp_path, "# " + "x" * 100_000 + "\n" + longest + "\n"))  # comments: any length
+    (ok,) = _load_without_warnings(
+        _write(tmp_path, "# " + "x" * 100_000 + "\n" + longest + "\n")
+    )  # comments: any length
     assert len(ok.text) == MAX_LINE_CHARS and ok.query.colour == "red"
     metadata = _write(tmp_path, '{"instruction": "grab the red cube", "notes": "%s"}\n' % ("x" * 5_000), name="m.jsonl")
     assert [u.text for u in _load_without_warnings(metadata)] == ["grab the red cube"]  # the cap is on the instruction
@@ -171,7 +176,7 @@ def test_apt_evaluate_prints_input_errors_as_one_line(tmp_path, capsys, monkeypa
 def test_apt_evaluate_prints_warnings_as_lines_before_the_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _write(tmp_path, b"", name="x.ckpt")
-    _write(tmp_path, "grab the rød cube\n{\"instruction\": \"take the red ball\"}\nplease do something\n")
+    _write(tmp_path, 'grab the rød cube\n{"instruction": "take the red ball"}\nplease do something\n')
     with pytest.raises(SystemExit):
         evaluate_entry(["x.ckpt", "--instructions", "mine.txt"])
     lines = capsys.readouterr().err.splitlines()

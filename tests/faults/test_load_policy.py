@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 import transformers
-from helpers import loader, make_batch, make_policy, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import AptError, APTStageScheduler
 from apt_lightning.models import FlowMatchingPolicy, PolicyCheckpointError, load_policy, registered_policies
+from helpers import loader, make_batch, make_policy, trainer
 
 
 def _fake_checkpoint(path, policy_class):
@@ -54,7 +54,7 @@ def test_the_module_a_checkpoint_names_is_never_imported(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     path = _fake_checkpoint(tmp_path / "crafted.ckpt", "planted_policy_module.Policy")
-    with pytest.raises(PolicyCheckpointError, match="planted_policy_module.Policy"):
+    with pytest.raises(PolicyCheckpointError, match=r"planted_policy_module\.Policy"):
         load_policy(path)
     assert not marker.exists() and "planted_policy_module" not in sys.modules
 
@@ -71,7 +71,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_in_one_error(tmp_path, content
 
 
 def test_a_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(PolicyCheckpointError, match="missing.ckpt cannot be read.*No such file"):
+    with pytest.raises(PolicyCheckpointError, match=r"missing\.ckpt cannot be read.*No such file"):
         load_policy(tmp_path / "missing.ckpt")
 
 
@@ -85,12 +85,17 @@ def _refuse_downloads(monkeypatch):
 
 def test_hub_ids_in_a_checkpoint_are_never_fetched(arch, tmp_path, monkeypatch):
     policy = make_policy(arch)
-    trainer(2, [APTStageScheduler(switch_at_step=1), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
-            enable_checkpointing=True).fit(policy, loader(size=8))
+    trainer(
+        2,
+        [APTStageScheduler(switch_at_step=1), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        enable_checkpointing=True,
+    ).fit(policy, loader(size=8))
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     checkpoint["hyper_parameters"].update(
-        pretrained="attacker/pi0-weights", vlm_pretrained="attacker/vlm-weights",
-        _instantiator="builtins.exec", _class_path="os.system",  # not Lightning's trusted instantiator either
+        pretrained="attacker/pi0-weights",
+        vlm_pretrained="attacker/vlm-weights",
+        _instantiator="builtins.exec",
+        _class_path="os.system",  # not Lightning's trusted instantiator either
     )
     torch.save(checkpoint, tmp_path / "crafted.ckpt")
     _refuse_downloads(monkeypatch)

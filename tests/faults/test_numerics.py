@@ -7,7 +7,6 @@ import hashlib
 
 import pytest
 import torch
-from helpers import LanguageDecidesDataset, LossRecorder, collate, loader, make_batch, make_policy, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from apt_lightning import (
@@ -19,6 +18,7 @@ from apt_lightning import (
     StagePlan,
 )
 from apt_lightning.data import ResumableDataLoader
+from helpers import LanguageDecidesDataset, LossRecorder, collate, loader, make_batch, make_policy, trainer
 
 PLANS = {"stage1": dict(switch_at_step=100), "stage2": dict(stage=2), "joint": dict(stage="joint")}
 
@@ -47,7 +47,9 @@ def test_nan_batch_stops_before_any_weight_changes_and_keeps_the_last_good_check
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             weights[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=-1, filename="{step}"
+    )
     t = trainer(10, [APTStageScheduler(**PLANS[plan]), Snapshot(), checkpoint], enable_checkpointing=True)
     with pytest.raises(NonFiniteLossError) as info:
         t.fit(policy, data)
@@ -61,7 +63,10 @@ def test_nan_batch_stops_before_any_weight_changes_and_keeps_the_last_good_check
     last = tmp_path / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == [
-        "last.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt",
+        "last.ckpt",
+        "step=1.ckpt",
+        "step=2.ckpt",
+        "step=3.ckpt",
     ]
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
 
@@ -71,7 +76,9 @@ def test_model_made_nan_in_stage2_names_the_gate_lr_and_nonfinite_gradients_are_
     param = policy.action_head.proj_out.weight
     param.register_hook(lambda grad: grad * float("nan"))  # finite loss, poisoned gradient
     t = trainer(4, [APTStageScheduler(stage=2)])
-    with pytest.raises(NonFiniteLossError, match=r"gradients of 1 parameters \(\['action_head.proj_out.weight'\]") as info:
+    with pytest.raises(
+        NonFiniteLossError, match=r"gradients of 1 parameters \(\['action_head.proj_out.weight'\]"
+    ) as info:
         t.fit(policy, loader())
     assert "The batch is finite" in str(info.value) and "APTConfig.gate_lr=0.03" in str(info.value)
     assert t.global_step == 0
@@ -86,7 +93,9 @@ def test_gate_at_plus_infinity_is_detected():
                 pl_module.apt_sites()["action_head.blocks.0"].apt_fusion.apt_gate_attn.data.fill_(float("inf"))
 
     t = trainer(6, [Poison(), APTStageScheduler(switch_at_step=1)])
-    with pytest.raises(NonFiniteGateError, match=r"\['attn'\] of fusion site `action_head.blocks.0` became non-finite \({'attn': inf"):
+    with pytest.raises(
+        NonFiniteGateError, match=r"\['attn'\] of fusion site `action_head.blocks.0` became non-finite \({'attn': inf"
+    ):
         t.fit(policy, loader())
     assert t.global_step == 2
 
@@ -102,7 +111,9 @@ def test_bf16_autocast_keeps_stage1_invariance_and_the_exact_switch(arch):
     policy.eval()
     noise, batch = _noise(policy), make_batch(["left", "right"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        invariance = policy.sample_actions(make_batch("left"), noise) - policy.sample_actions(make_batch("right", pad=2), noise)
+        invariance = policy.sample_actions(make_batch("left"), noise) - policy.sample_actions(
+            make_batch("right", pad=2), noise
+        )
         stage1 = policy.sample_actions(batch, noise)
         policy.apt_set_step(5)
         stage2 = policy.sample_actions(batch, noise)
@@ -147,8 +158,12 @@ def test_bf16_true_trains_across_the_switch(arch):
 
 # ---------------------------------------------------------------------------- silently wrong configuration
 def test_switch_at_or_after_max_steps_warns_that_stage2_never_runs():
-    with pytest.warns(UserWarning, match=r"`switch_at_step`=5 >= Trainer\(max_steps=5\): this fit never reaches Stage 2"):
-        trainer(5, [APTStageScheduler(switch_at_step=5)], limit_train_batches=1, max_epochs=1).fit(make_policy("groot"), loader())
+    with pytest.warns(
+        UserWarning, match=r"`switch_at_step`=5 >= Trainer\(max_steps=5\): this fit never reaches Stage 2"
+    ):
+        trainer(5, [APTStageScheduler(switch_at_step=5)], limit_train_batches=1, max_epochs=1).fit(
+            make_policy("groot"), loader()
+        )
 
 
 @pytest.mark.parametrize("stage", [False, True])

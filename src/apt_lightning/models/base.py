@@ -21,13 +21,8 @@ import lightning.pytorch as pl
 import torch
 
 from apt_lightning.config import APTConfig
-from apt_lightning.errors import AptError
+from apt_lightning.errors import PolicyCheckpointError
 from apt_lightning.mixin import APTMixin
-
-
-class PolicyCheckpointError(AptError, ValueError):
-    """A file cannot be loaded as a reference policy: not a checkpoint, or it names no registered policy class."""
-
 
 _POLICY_CLASSES: dict[str, type[FlowMatchingPolicy]] = {}
 """Every subclass of :class:`FlowMatchingPolicy`, by ``module.qualname``: the only classes a checkpoint can name."""
@@ -113,25 +108,35 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
     parameters = inspect.signature(cls.__init__).parameters
     offline = {arg: None for arg in cls.pretrained_arguments if arg in parameters}
     # `_instantiator=None` also keeps Lightning from building the class through an instantiator the file names.
-    policy = cls.load_from_checkpoint(
-        path, map_location=map_location, weights_only=True, _instantiator=None, **offline
-    )
+    policy = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, _instantiator=None, **offline)
     return policy.eval()
 
 
 def tiny_gemma(hidden_size: int, num_layers: int, **extra: Any) -> dict[str, Any]:
     """Kwargs of a tiny Gemma text config (random weights; tests and examples)."""
     return dict(
-        model_type="gemma", hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=2 * hidden_size,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2, **extra,
+        model_type="gemma",
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden_size // 2,
+        **extra,
     )
 
 
 def tiny_siglip(hidden_size: int, num_layers: int, image_size: int) -> dict[str, Any]:
     """Kwargs of a tiny SigLIP vision config with 8-pixel patches."""
     return dict(
-        model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=2, image_size=image_size, patch_size=8, vision_use_head=False,
+        model_type="siglip_vision_model",
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+        vision_use_head=False,
     )
 
 
@@ -184,10 +189,14 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         ids = batch["input_ids"]
         if (ids == self.image_token_id).any():
             return {k: batch[k] for k in ("input_ids", "attention_mask", "language_mask")}
-        image = torch.full((ids.shape[0], self.num_image_tokens), self.image_token_id, dtype=ids.dtype, device=ids.device)
+        image = torch.full(
+            (ids.shape[0], self.num_image_tokens), self.image_token_id, dtype=ids.dtype, device=ids.device
+        )
         return {
             "input_ids": torch.cat([image, ids], 1),
-            "attention_mask": torch.cat([torch.ones_like(image, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1),
+            "attention_mask": torch.cat(
+                [torch.ones_like(image, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1
+            ),
             "language_mask": torch.cat([torch.zeros_like(image, dtype=torch.bool), batch["language_mask"]], 1),
         }
 
@@ -201,9 +210,14 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
 
     @abstractmethod
     def sample_actions(
-        self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None, num_steps: int | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        noise: torch.Tensor | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Action chunk (B, T, action_dim) by Euler integration from ``noise``."""
+        """Action chunk (B, T, action_dim) by Euler integration from ``noise``; ``guidance_scale`` > 1 contrasts
+        the conditional velocity with the model's own vision-action prior (:mod:`apt_lightning.guidance`)."""
 
     @property
     def noise_dim(self) -> int:

@@ -81,7 +81,13 @@ class DiTActionHead(nn.Module):
     """
 
     def __init__(
-        self, action_dim: int, state_dim: int, chunk_size: int, context_dim: int, dim: int = 64, depth: int = 4,
+        self,
+        action_dim: int,
+        state_dim: int,
+        chunk_size: int,
+        context_dim: int,
+        dim: int = 64,
+        depth: int = 4,
         num_heads: int = 4,
     ) -> None:
         super().__init__()

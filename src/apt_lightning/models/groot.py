@@ -15,13 +15,15 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PaliGemmaConfig
 
-from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, tiny_gemma, tiny_siglip
 from apt_lightning.attention import masked_attention
 from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, tiny_gemma, tiny_siglip
 from apt_lightning.models.dit import DiTActionHead
 
 
-def tiny_paligemma_config(vocab_size: int = 128, image_size: int = 32, hidden_size: int = 32, num_layers: int = 2) -> PaliGemmaConfig:
+def tiny_paligemma_config(
+    vocab_size: int = 128, image_size: int = 32, hidden_size: int = 32, num_layers: int = 2
+) -> PaliGemmaConfig:
     """A PaliGemma small enough for CPU tests (random weights, no download)."""
     return PaliGemmaConfig(
         text_config=tiny_gemma(hidden_size, num_layers, vocab_size=vocab_size),
@@ -112,9 +114,16 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         width = config.get_text_config().hidden_size
         self.apt_config = as_apt_config(apt_config)
         self.save_policy_hyperparameters(
-            vlm_config=config.to_dict(), select_layer=select_layer, action_dim=action_dim, state_dim=state_dim,
-            chunk_size=chunk_size, head_dim=head_dim, head_depth=head_depth, head_heads=head_heads,
-            vl_self_attention_depth=vl_self_attention_depth, causal_vlm=causal_vlm,
+            vlm_config=config.to_dict(),
+            select_layer=select_layer,
+            action_dim=action_dim,
+            state_dim=state_dim,
+            chunk_size=chunk_size,
+            head_dim=head_dim,
+            head_depth=head_depth,
+            head_heads=head_heads,
+            vl_self_attention_depth=vl_self_attention_depth,
+            causal_vlm=causal_vlm,
             num_inference_steps=num_inference_steps,
         )
         self.apt_fusion = FusionConfig(target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads)

@@ -22,8 +22,14 @@ from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, pad_las
 
 
 def tiny_pi0_config(
-    action_dim: int = 2, state_dim: int = 2, chunk_size: int = 4, vocab_size: int = 128, image_size: int = 32,
-    hidden_size: int = 32, num_layers: int = 2, num_inference_steps: int = 5,
+    action_dim: int = 2,
+    state_dim: int = 2,
+    chunk_size: int = 4,
+    vocab_size: int = 128,
+    image_size: int = 32,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_inference_steps: int = 5,
 ) -> PI0Config:
     """A PI0Config small enough to train on CPU in milliseconds (random weights, no download)."""
     gemma = tiny_gemma(hidden_size, num_layers)
@@ -126,7 +132,9 @@ class PI0Policy(FlowMatchingPolicy):
             )
         return out.cache, out.last_hidden_state, masks
 
-    def _velocity(self, state: torch.Tensor, x: torch.Tensor, time: torch.Tensor, cache: Any, expert_mask: torch.Tensor):
+    def _velocity(
+        self, state: torch.Tensor, x: torch.Tensor, time: torch.Tensor, cache: Any, expert_mask: torch.Tensor
+    ):
         return self.pi0(state=state, noise=x, timestep=time, attention_mask=expert_mask, cache=cache).logits
 
     # ------------------------------------------------------------------ flow matching (openpi convention)
