@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PaliGemmaConfig
+from transformers import AutoConfig, AutoModel, PaliGemmaConfig, PretrainedConfig
 
 from apt_lightning.attention import masked_attention
 from apt_lightning.config import APTConfig, FusionConfig
@@ -31,6 +31,13 @@ def tiny_paligemma_config(
         projection_dim=hidden_size,
         image_token_id=vocab_size - 1,
     )
+
+
+def _vlm_config(config: PretrainedConfig | dict[str, Any] | None) -> PretrainedConfig:
+    """A backbone config from a config, its dict (YAML, checkpoints) or ``None`` (the tiny PaliGemma)."""
+    if config is None:
+        return tiny_paligemma_config()
+    return AutoConfig.for_model(**config) if isinstance(config, dict) else config
 
 
 class VLSelfAttention(nn.Module):
@@ -80,12 +87,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
     @classmethod
     def vlm_text_width(cls, init_args: Any) -> int:
         """Hidden size of the text model of the backbone that ``vlm_config`` (a config or its dict) describes."""
-        config = init_args.get("vlm_config")
-        if config is None:
-            config = tiny_paligemma_config()
-        elif isinstance(config, dict):
-            config = AutoConfig.for_model(**config)
-        return int(config.get_text_config().hidden_size)
+        return int(_vlm_config(init_args.get("vlm_config")).get_text_config().hidden_size)
 
     def __init__(
         self,
@@ -107,9 +109,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         if vlm_pretrained is not None:
             self.backbone = AutoModel.from_pretrained(vlm_pretrained)
         else:
-            if isinstance(vlm_config, dict):
-                vlm_config = AutoConfig.for_model(**vlm_config)
-            self.backbone = AutoModel.from_config(vlm_config or tiny_paligemma_config())
+            self.backbone = AutoModel.from_config(_vlm_config(vlm_config))
         config = self.backbone.config
         width = config.get_text_config().hidden_size
         self.apt_config = as_apt_config(apt_config)

@@ -49,6 +49,13 @@ def tiny_pi0_config(
     )
 
 
+def _pi0_config(config: PI0Config | dict[str, Any] | None) -> PI0Config:
+    """A ``PI0Config`` from a config, its dict (YAML, checkpoints) or ``None`` (the tiny default)."""
+    if config is None:
+        return tiny_pi0_config()
+    return PI0Config.from_dict(config) if isinstance(config, dict) else config
+
+
 class PI0Policy(FlowMatchingPolicy):
     """pi0 (openpi/LeRobot layout, transformers implementation) trained with APT.
 
@@ -73,12 +80,7 @@ class PI0Policy(FlowMatchingPolicy):
     @classmethod
     def vlm_text_width(cls, init_args: Any) -> int:
         """Hidden size of the PaliGemma text model that ``config`` (a ``PI0Config`` or its dict) describes."""
-        config = init_args.get("config")
-        if config is None:
-            config = tiny_pi0_config()
-        elif isinstance(config, dict):
-            config = PI0Config.from_dict(config)
-        return int(config.vlm_config.text_config.hidden_size)
+        return int(_pi0_config(init_args.get("config")).vlm_config.text_config.hidden_size)
 
     def __init__(
         self,
@@ -93,9 +95,7 @@ class PI0Policy(FlowMatchingPolicy):
         if pretrained is not None:
             self.pi0 = PI0ForConditionalGeneration.from_pretrained(pretrained)
         else:
-            if isinstance(config, dict):
-                config = PI0Config.from_dict(config)
-            self.pi0 = PI0ForConditionalGeneration(config or tiny_pi0_config())
+            self.pi0 = PI0ForConditionalGeneration(_pi0_config(config))
         if vlm_pretrained is not None:
             self.pi0.model.vlm.load_state_dict(AutoModel.from_pretrained(vlm_pretrained).state_dict())
         cfg = self.pi0.config
