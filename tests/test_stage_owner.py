@@ -10,7 +10,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader
 
 from apt_lightning import (
     APTConfig,
@@ -25,7 +24,7 @@ from apt_lightning import (
     language_blind_masks,
 )
 from apt_lightning.models import load_policy
-from helpers import LanguageDecidesDataset, collate, loader, make_batch, make_policy, trainer
+from helpers import loader, make_batch, make_policy, trainer
 
 
 class StageProbe(Callback):
@@ -61,7 +60,7 @@ def test_validate_test_predict_after_a_fit_run_in_the_stage_the_fit_ended_in():
     policy.test_step = policy.validation_step
     t.validate(policy, loader(size=4))
     t.test(policy, loader(size=4))
-    t.predict(policy, DataLoader(LanguageDecidesDataset(4), batch_size=4, collate_fn=collate))
+    t.predict(policy, loader(size=4))  # Lightning re-creates the loader around its own sampler for predict
     assert probe.seen["validate"] == probe.seen["test"] == probe.seen["predict"] == [2]
     assert policy.apt_stage == 2 and all(site.active for site in policy.apt_sites().values())
 

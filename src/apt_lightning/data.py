@@ -42,6 +42,13 @@ class _EpochSampler(Sampler[int]):
         return len(self.indices()) - self.skip
 
 
+def _rebuilt_over_own_sampler(kwargs: dict[str, Any]) -> _EpochSampler | None:
+    """The loader's own sampler when ``kwargs`` only wrap it in a batch sampler, as Lightning does for predict."""
+    batch_sampler = kwargs.get("batch_sampler")
+    inner = getattr(batch_sampler, "sampler", None)
+    return inner if kwargs.get("sampler") is None and isinstance(inner, _EpochSampler) else None
+
+
 class ResumableDataLoader(DataLoader):
     """``DataLoader`` with a deterministic per-epoch order that Lightning can checkpoint and resume mid-epoch.
 
@@ -62,10 +69,15 @@ class ResumableDataLoader(DataLoader):
     def __init__(
         self, dataset: Dataset, batch_size: int = 1, shuffle: bool = False, seed: int = 0, **kwargs: Any
     ) -> None:
-        if "sampler" in kwargs or "batch_sampler" in kwargs:
-            raise ValueError("ResumableDataLoader owns its sampler; remove `sampler`/`batch_sampler`.")
-        self._order = _EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
-        super().__init__(dataset, batch_size=batch_size, sampler=self._order, **kwargs)
+        rebuilt = _rebuilt_over_own_sampler(kwargs)
+        if rebuilt is not None:  # Lightning re-creating the loader around our sampler (e.g. predict's index tracking)
+            self._order = rebuilt
+            super().__init__(dataset, batch_size=batch_size, **kwargs)
+        else:
+            if "sampler" in kwargs or "batch_sampler" in kwargs:
+                raise ValueError("ResumableDataLoader owns its sampler; remove `sampler`/`batch_sampler`.")
+            self._order = _EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
+            super().__init__(dataset, batch_size=batch_size, sampler=self._order, **kwargs)
         self._epoch, self._batches = 0, 0
 
     def __iter__(self) -> Iterator[Any]:
