@@ -240,7 +240,8 @@ class APTMixin:
 
     @property
     def apt_vlm_frozen(self) -> bool:
-        """True when the VLM takes no gradient now: in Stage 1, with ``vlm_mode='frozen'``, or unprepared."""
+        """True when the VLM takes no gradient now: in Stage 1, or with ``vlm_mode='frozen'``. False while the
+        module is unprepared (it has no stage yet, and nothing of it is frozen)."""
         if self._apt_plan is None:
             return False
         return self.apt_stage == 1 or self.apt_cfg.vlm_mode == "frozen"
