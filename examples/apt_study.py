@@ -1,17 +1,24 @@
-"""Main job: baseline vs APT on the tabletop benchmark, both reference architectures, every split.
+"""Main job: the baselines against APT on the tabletop benchmark, both reference architectures, every split.
 
 Pretrains (once, then cached) a small PaliGemma on diverse vision-language data from the environment, trains
-the ordinary single-stage baseline and APT at equal steps for each architecture and seed, rolls every policy
-out on every evaluation split, and writes to ``--out``:
+each selected method of the catalogue (``apt_lightning.bench.study.METHODS``) at equal steps for each
+architecture and seed, rolls every policy out on every evaluation split, and writes to ``--out``:
 
 * ``results.json``: settings, VLM pretraining metrics, every run, and the mean ± std summary;
-* ``table.md``: the summary as a Markdown table (also printed);
-* ``success.png``: success rate per split per method; ``gates.png``: APT's gate values over training;
-* ``checkpoints/<arch>-<method>-seed<k>.ckpt``: each final policy (evaluate one with ``examples/evaluate_checkpoint.py``).
+* ``table.md``: the summary as a Markdown table, then where counterfactual episodes ended (both printed);
+* ``success.png``: success rate per split per method; ``outcomes.png``: counterfactual outcomes (success, the
+  layout's habitual object, another object, none); ``gates.png``: APT's gate values over training;
+* ``checkpoints/<arch>-<method>-seed<k>.ckpt``: each trained policy, one per training (methods that train
+  identically share it; evaluate one with ``examples/evaluate_checkpoint.py``).
 
-    python examples/apt_study.py                 # default: 3 seeds, 400 steps, ~7 min on 2 CPU cores
+    python examples/apt_study.py                 # baseline, apt, apt_dropout(+guided), 3 seeds: ~6 min, 2 cores
+    python examples/apt_study.py --methods baseline baseline_frozen apt apt_dropout apt_dropout_guided
     python examples/apt_study.py --full          # the larger study: 5 seeds, 800 steps, 200 rollouts per split
     python examples/apt_study.py --archs groot --seeds 0 --steps 200 --switch 100   # a quick look
+
+``--language-dropout`` and ``--guidance-scale`` default to the values chosen on validation episodes by
+``examples/choose_settings.py``; never choose them on this script's output. On a machine whose cores are
+shared, run with ``OMP_NUM_THREADS=1``.
 """
 
 from __future__ import annotations
@@ -21,8 +28,15 @@ import json
 import sys
 from pathlib import Path
 
-from apt_lightning.bench.report import aggregate, format_table, plot_gates, plot_success
-from apt_lightning.bench.study import StudyConfig, run_study
+from apt_lightning.bench.report import (
+    aggregate,
+    format_outcome_table,
+    format_table,
+    plot_gates,
+    plot_outcomes,
+    plot_success,
+)
+from apt_lightning.bench.study import ARCHS, METHOD_NAMES, StudyConfig, run_study
 
 FULL = dict(seeds=(0, 1, 2, 3, 4), steps=800, switch_step=400, episodes=600, eval_episodes=200)
 
@@ -31,29 +45,55 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, Path]:
     defaults = StudyConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help=f"the larger study: {FULL}")
-    parser.add_argument("--archs", nargs="+", choices=["pi0", "groot"])
-    parser.add_argument("--methods", nargs="+", choices=["baseline", "apt"])
+    parser.add_argument("--archs", nargs="+", choices=ARCHS)
+    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help=f"default {' '.join(defaults.methods)}")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--steps", type=int, help=f"optimiser steps per run (default {defaults.steps})")
-    parser.add_argument("--switch", type=int, dest="switch_step", help=f"APT Stage-1 steps (default {defaults.switch_step})")
+    parser.add_argument(
+        "--switch", type=int, dest="switch_step", help=f"APT Stage-1 steps (default {defaults.switch_step})"
+    )
     parser.add_argument("--episodes", type=int, help=f"training episodes (default {defaults.episodes})")
     parser.add_argument("--eval-episodes", type=int, help=f"rollouts per split (default {defaults.eval_episodes})")
     parser.add_argument("--lr", type=float, help=f"expert learning rate (default {defaults.lr})")
     parser.add_argument("--gate-lr", type=float, help="APT gate learning rate (default 10 x lr)")
     parser.add_argument("--apt-vlm-mode", choices=["frozen", "lora", "full"])
     parser.add_argument(
-        "--baseline-vlm-mode", nargs="+", metavar="ARCH=MODE",
+        "--language-dropout", type=float, help=f"p of the apt_dropout methods (default {defaults.language_dropout})"
+    )
+    parser.add_argument(
+        "--guidance-scale", type=float, help=f"w of apt_dropout_guided (default {defaults.guidance_scale})"
+    )
+    parser.add_argument(
+        "--baseline-vlm-mode",
+        nargs="+",
+        metavar="ARCH=MODE",
         help=f"how the baseline adapts the VLM, per arch (default {defaults.baseline_vlm_mode})",
     )
-    parser.add_argument("--no-pretrain", action="store_true", help="random VLM instead of the pretrained one (ablation)")
+    parser.add_argument(
+        "--no-pretrain", action="store_true", help="random VLM instead of the pretrained one (ablation)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     args = parser.parse_args(argv)
     values = dict(FULL) if args.full else {}
-    for name in ("archs", "methods", "seeds", "steps", "switch_step", "episodes", "eval_episodes", "lr", "gate_lr", "apt_vlm_mode"):
+    for name in (
+        "archs",
+        "methods",
+        "seeds",
+        "steps",
+        "switch_step",
+        "episodes",
+        "eval_episodes",
+        "lr",
+        "gate_lr",
+        "apt_vlm_mode",
+    ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.baseline_vlm_mode:
-        values["baseline_vlm_mode"] = {**defaults.baseline_vlm_mode, **dict(s.split("=", 1) for s in args.baseline_vlm_mode)}
+        values["baseline_vlm_mode"] = {
+            **defaults.baseline_vlm_mode,
+            **dict(s.split("=", 1) for s in args.baseline_vlm_mode),
+        }
     if args.no_pretrain:
         values["pretrain_vlm"] = False
     return StudyConfig(**values), args.out
@@ -68,17 +108,28 @@ def main(argv: list[str] | None = None) -> dict:
     study["command"] = " ".join(["python", *sys.argv])
     (out / "results.json").write_text(json.dumps(study, indent=1))
     table = format_table(summary, fmt="markdown")
-    (out / "table.md").write_text(table + "\n")
+    outcomes = format_outcome_table(summary, fmt="markdown")
+    (out / "table.md").write_text(f"{table}\n\nCounterfactual episodes, where they ended:\n\n{outcomes}\n")
     plot_success(summary, out / "success.png")
+    plot_outcomes(summary, out / "outcomes.png")
     plot_gates(study["runs"], out / "gates.png")
-    print(f"\nSuccess rate per split, mean ± std over seeds {list(config.seeds)} ({config.steps} steps; APT switches at "
-          f"{config.switch_step}):\n")
+    print(
+        f"\nSuccess rate per split, mean ± std over seeds {list(config.seeds)} ({config.steps} steps; APT switches at "
+        f"{config.switch_step}):\n"
+    )
     print(format_table(summary, fmt="text"))
+    print(
+        f"\nCounterfactual episodes, where they ended (language dropout p={config.language_dropout}, guidance "
+        f"w={config.guidance_scale}):\n"
+    )
+    print(format_outcome_table(summary, fmt="text"))
     if study["pretraining"]:
         metrics = study["pretraining"].get("metrics", study["pretraining"])
         shown = {k.split("/", 1)[1]: round(v, 3) for k, v in metrics.items() if k.startswith("eval/") and "_acc" in k}
         print(f"\nPretrained VLM, held-out accuracy of the referred object's attributes: {shown}")
-    print(f"\nWall time {study['wall_s']:.0f} s. Wrote {out}/results.json, table.md, success.png, gates.png, checkpoints/")
+    print(
+        f"\nWall time {study['wall_s']:.0f} s. Wrote {out}/results.json, table.md, success.png, gates.png, checkpoints/"
+    )
     return study
 
 

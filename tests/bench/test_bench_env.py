@@ -38,7 +38,7 @@ def test_episodes_are_deterministic_per_seed(split: str) -> None:
     )
     assert first == again
     assert first != other
-    for a, b in zip(first[:5], again[:5]):
+    for a, b in zip(first[:5], again[:5], strict=False):
         np.testing.assert_array_equal(render(a.scene, a.ee_start), render(b.scene, b.ee_start))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,7 @@ def test_planned_path_keeps_clear_of_distractors() -> None:
     for episode in make_episodes("unseen_composition", 100, seed=1):
         scene = episode.scene
         path = plan_path(scene, episode.ee_start)
-        samples = np.concatenate([np.linspace(a, b, 50) for a, b in zip(path[:-1], path[1:])])
+        samples = np.concatenate([np.linspace(a, b, 50) for a, b in itertools.pairwise(path)])
         for i, obj in enumerate(scene.objects):
             if i != scene.target:
                 gap = np.linalg.norm(samples - np.array([obj.x, obj.y]), axis=1).min() - obj.radius

@@ -64,7 +64,7 @@ def _language_reading_policy(episodes, chunk: int, gain: float = 1.0):
     def policy(batch):
         out = []
         for ids, mask, index, state in zip(
-            batch["input_ids"], batch["language_mask"], batch["episode_index"], batch["state"]
+            batch["input_ids"], batch["language_mask"], batch["episode_index"], batch["state"], strict=False
         ):
             scene = episodes[int(index)].scene
             target = resolve_instruction(tok.decode(ids[mask]), scene)

@@ -106,5 +106,5 @@ def test_user_file_errors_name_the_line(tmp_path: Path, content: str, message: s
 def test_user_jsonl_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": 3}\n', encoding="utf-8")
-    with pytest.raises(InstructionResolutionError, match="bad.jsonl:1"):
+    with pytest.raises(InstructionResolutionError, match=r"bad\.jsonl:1"):
         load_instruction_file(path)

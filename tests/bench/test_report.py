@@ -110,7 +110,7 @@ def test_mixed_seed_counts() -> None:
 
 
 def test_duplicate_run_raises() -> None:
-    runs = _study() + [_run("groot", "apt", 1, 0.3)]
+    runs = [*_study(), _run("groot", "apt", 1, 0.3)]
     with pytest.raises(ValueError, match=r"duplicate run: arch='groot', method='apt', seed=1"):
         aggregate(runs)
 
@@ -193,3 +193,26 @@ def test_plots_explain_missing_matplotlib(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ImportError, match=r"apt_lightning\[bench\]"):
         plot_gates([], tmp_path / "gates.png")
     assert not (tmp_path / "gates.png").exists()
+
+
+def test_outcomes_are_aggregated_tabled_and_plotted(tmp_path):
+    from apt_lightning.bench.report import format_outcome_table, plot_outcomes
+
+    def run(method: str, seed: int, habitual: float) -> dict[str, Any]:
+        outcomes = {"success": 0.5, "habitual": habitual, "other": 0.1, "none": 0.4 - habitual}
+        return _run("groot", method, seed, 0.5, outcomes={"counterfactual": outcomes})
+
+    runs = [run("baseline", 0, 0.1), run("baseline", 1, 0.3), run("apt", 0, 0.0), _run("pi0", "apt", 0, 0.5)]
+    summary = aggregate(runs)
+    stats = summary["groot"]["baseline"]["outcomes"]["counterfactual"]
+    assert stats["habitual"]["mean"] == pytest.approx(0.2) and stats["habitual"]["n"] == 2
+    assert "outcomes" not in summary["pi0"]["apt"]  # a run without outcomes reports none
+    table = format_outcome_table(summary)
+    lines = table.splitlines()
+    assert lines[0].split("|")[4].strip() == "success" and len(lines) == 4  # header, rule, two groot rows
+    assert "| groot | baseline |   2 | 0.50 ± 0.00 | 0.20 ± 0.14 |" in table and table.rstrip().endswith("0.00 |")
+    assert lines[2].rstrip(" |").endswith("0.40")  # habitual share of failures: 0.2 / 0.5
+    with pytest.raises(ValueError, match="fmt must be"):
+        format_outcome_table(summary, fmt="html")
+    assert plot_outcomes(summary, tmp_path / "o.png").read_bytes()[:4] == PNG_MAGIC
+    assert plot_outcomes(aggregate([_run("pi0", "apt", 0, 0.5)]), tmp_path / "n.png").is_file()  # a note

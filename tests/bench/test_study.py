@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from apt_lightning.bench.report import aggregate
-from apt_lightning.bench.study import StudyConfig, run_study
+from apt_lightning.bench.study import DEFAULT_METHODS, METHOD_NAMES, METHODS, StudyConfig, run_study
 
 
 def test_study_settings_follow_each_codebase():
@@ -26,6 +26,9 @@ def test_study_settings_follow_each_codebase():
         (dict(archs=("pi05",)), "Unknown arch/method"),
         (dict(steps=10, switch_step=10), "`switch_step` must be in"),
         (dict(baseline_vlm_mode={"pi0": "full"}), "no entry for \\['groot'\\]"),
+        (dict(methods=("apt_guided",)), "Unknown arch/method \\['apt_guided'\\]"),
+        (dict(language_dropout=1.0), "`language_dropout` must be in \\(0, 1\\)"),
+        (dict(guidance_scale=0.0), "`guidance_scale` must be > 0"),
     ],
 )
 def test_study_config_rejects_bad_settings(kwargs, match):
@@ -33,17 +36,53 @@ def test_study_config_rejects_bad_settings(kwargs, match):
         StudyConfig(**kwargs)
 
 
+def test_method_catalogue_derives_each_run():
+    assert METHOD_NAMES == ("baseline", "baseline_frozen", "apt", "apt_dropout", "apt_dropout_guided")
+    assert set(DEFAULT_METHODS) <= set(METHOD_NAMES) and all(type(m).__dataclass_params__.frozen for m in METHODS)
+    config = StudyConfig(methods=METHOD_NAMES, language_dropout=0.25, guidance_scale=1.5)
+    frozen = config.apt_config("pi0", "baseline_frozen", 0)
+    assert (frozen.vlm_mode, frozen.language_dropout) == ("frozen", 0.0)
+    assert config.apt_config("pi0", "apt", 0).language_dropout == 0.0
+    assert config.apt_config("pi0", "apt_dropout", 0).language_dropout == 0.25
+    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.5]
+    # one training per distinct (plan, APTConfig): guided reuses apt_dropout; GR00T's default baseline is frozen
+    assert config.trained_as("pi0", "apt_dropout_guided") == "apt_dropout"
+    assert config.trained_as("pi0", "baseline_frozen") == "baseline_frozen"
+    assert config.trained_as("groot", "baseline_frozen") == "baseline"
+    assert StudyConfig(methods=("apt_dropout_guided",)).trained_as("pi0", "apt_dropout_guided") == "apt_dropout_guided"
+
+
 def test_run_study_trains_both_methods_for_the_same_steps(tmp_path):
-    config = StudyConfig(archs=("groot",), seeds=(0,), steps=4, switch_step=2, episodes=4, eval_episodes=3, pretrain_vlm=False)
+    config = StudyConfig(
+        archs=("groot",),
+        seeds=(0,),
+        steps=4,
+        switch_step=2,
+        episodes=4,
+        eval_episodes=3,
+        pretrain_vlm=False,
+        methods=("baseline", "apt", "apt_dropout", "apt_dropout_guided"),
+    )
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     study = run_study(config, out=tmp_path, progress=False)
     assert lightning_log.level == level  # quieted during the study only, not for the rest of the process
     runs = {r["method"]: r for r in study["runs"]}
-    assert set(runs) == {"baseline", "apt"}
+    assert set(runs) == {"baseline", "apt", "apt_dropout", "apt_dropout_guided"}
     assert runs["baseline"]["steps"] == runs["apt"]["steps"] == 4
+    guided, plain = runs["apt_dropout_guided"], runs["apt_dropout"]
+    assert guided["trained_as"] == "apt_dropout" and guided["train_s"] == plain["train_s"]  # trained once
+    assert (guided["guidance_scale"], plain["guidance_scale"]) == (config.guidance_scale, 1.0)
+    assert plain["language_dropout"] == config.language_dropout and runs["apt"]["language_dropout"] == 0.0
+    assert sum(v for k, v in runs["apt"]["outcomes"]["counterfactual"].items()) == pytest.approx(1.0)
     assert set(runs["apt"]["success"]) == {"seen", "paraphrase", "counterfactual", "unseen_composition", "novel_layout"}
     assert runs["apt"]["gates"] and not runs["baseline"]["gates"]
     assert runs["apt"]["gates"][-1]["stage"] == 2
-    assert (tmp_path / "checkpoints" / "groot-apt-seed0.ckpt").is_file()
-    assert set(aggregate(study["runs"])["groot"]) == {"baseline", "apt"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "groot-apt-seed0.ckpt",
+        "groot-apt_dropout-seed0.ckpt",
+        "groot-baseline-seed0.ckpt",
+    ]
+    summary = aggregate(study["runs"])
+    assert list(summary["groot"]) == ["baseline", "apt", "apt_dropout", "apt_dropout_guided"]
+    assert set(summary["groot"]["apt"]["outcomes"]["counterfactual"]) == {"success", "habitual", "other", "none"}

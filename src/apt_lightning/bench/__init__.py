@@ -25,7 +25,7 @@ from apt_lightning.bench.data import (
 )
 from apt_lightning.bench.datamodule import TabletopDataModule, policy_batch
 from apt_lightning.bench.env import MAX_EPISODE_STEPS, TabletopEnv
-from apt_lightning.bench.evaluation import evaluate_policy, policy_fn
+from apt_lightning.bench.evaluation import evaluate_policy, evaluate_validation, policy_fn
 from apt_lightning.bench.expert import plan_path, scripted_actions
 from apt_lightning.bench.language import (
     AttributeQuery,
@@ -44,11 +44,19 @@ from apt_lightning.bench.language import (
 )
 from apt_lightning.bench.layouts import HELD_OUT_PAIRS, TRAIN_LAYOUTS, TrainingLayout, canonical_pairs, training_pairs
 from apt_lightning.bench.metrics import ActionError, InstructionSensitivity, SuccessRate
+from apt_lightning.bench.outcomes import OUTCOMES, classify_outcomes, outcome_rates
 from apt_lightning.bench.physics import ACTION_DIM, MAX_STEP, STATE_DIM
 from apt_lightning.bench.policies import expert_policy, shortcut_policy
 from apt_lightning.bench.probes import SensitivityProbe, measure_instruction_sensitivity, sensitivity_probe
 from apt_lightning.bench.render import render
-from apt_lightning.bench.report import aggregate, format_table, plot_gates, plot_success
+from apt_lightning.bench.report import (
+    aggregate,
+    format_outcome_table,
+    format_table,
+    plot_gates,
+    plot_outcomes,
+    plot_success,
+)
 from apt_lightning.bench.rollout import RolloutResult, rollout
 from apt_lightning.bench.scene import COLOURS, SHAPES, SIZES, Episode, Scene, SceneObject
 from apt_lightning.bench.splits import (
@@ -74,6 +82,7 @@ __all__ = [
     "HELD_OUT_PAIRS",
     "MAX_EPISODE_STEPS",
     "MAX_STEP",
+    "OUTCOMES",
     "SHAPES",
     "SIZES",
     "STATE_DIM",
@@ -103,14 +112,17 @@ __all__ = [
     "build_prompt",
     "canonical_pairs",
     "caption",
+    "classify_outcomes",
     "collate",
     "collect_demonstrations",
     "default_tokenizer",
     "describe_object",
     "diverse_instruction",
     "evaluate_policy",
+    "evaluate_validation",
     "expert_policy",
     "expert_trajectory",
+    "format_outcome_table",
     "format_table",
     "held_out_violations",
     "images_to_tensor",
@@ -118,10 +130,12 @@ __all__ = [
     "make_episodes",
     "matches_training_wording",
     "measure_instruction_sensitivity",
+    "outcome_rates",
     "paraphrase_instruction",
     "parse_referring_expression",
     "plan_path",
     "plot_gates",
+    "plot_outcomes",
     "plot_success",
     "policy_batch",
     "policy_fn",

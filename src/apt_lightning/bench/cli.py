@@ -54,7 +54,9 @@ class APTLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
-            "--pretrained_vlm", type=bool, default=False,
+            "--pretrained_vlm",
+            type=bool,
+            default=False,
             help="Load the VLM pretrained on the benchmark's diverse language (pretrains and caches it if needed).",
         )
 
@@ -125,7 +127,10 @@ def _check_model_matches_data(model: FlowMatchingPolicy, data: Any) -> None:
 def main(args: list[str] | None = None) -> None:
     """``apt-lightning``: LightningCLI over any reference policy and the tabletop data."""
     APTLightningCLI(
-        FlowMatchingPolicy, TabletopDataModule, subclass_mode_model=True, args=args,
+        FlowMatchingPolicy,
+        TabletopDataModule,
+        subclass_mode_model=True,
+        args=args,
         save_config_kwargs={"overwrite": True},
     )
 
@@ -146,7 +151,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="apt-evaluate", description=evaluate_main.__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by Trainer for a reference policy")
     parser.add_argument(
-        "--instructions", type=Path,
+        "--instructions",
+        type=Path,
         help="text file, one instruction per line (or .jsonl with an 'instruction' field); evaluated as split 'user'",
     )
     parser.add_argument("--per-instruction", type=int, default=5, help="scenes per user instruction")
@@ -166,9 +172,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         instructions = load_instruction_file(args.instructions)  # names file:line of any bad instruction
         extra["user"] = user_episodes(instructions, per_instruction=args.per_instruction, seed=args.seed)
     policy = load_policy(args.checkpoint)
-    results = evaluate_policy(
-        policy, args.splits, args.episodes, seed=args.seed, extra_splits=extra, progress=True
-    )
+    results = evaluate_policy(policy, args.splits, args.episodes, seed=args.seed, extra_splits=extra, progress=True)
     stage = {0: "joint baseline", 1: "APT stage 1", 2: "APT stage 2"}[policy.apt_stage]
     print(f"{type(policy).__name__} ({stage}) from {args.checkpoint}")
     for split, rate in results["success"].items():

@@ -61,7 +61,8 @@ class TabletopDataModule(pl.LightningDataModule):
         super().__init__()
         if episodes <= 0 or batch_size <= 0 or chunk_size <= 0:
             raise ValueError(
-                f"`episodes`, `batch_size` and `chunk_size` must be positive, got {episodes}, {batch_size}, {chunk_size}."
+                f"`episodes`, `batch_size` and `chunk_size` must be positive, "
+                f"got {episodes}, {batch_size}, {chunk_size}."
             )
         self.save_hyperparameters()
         self.tokenizer = default_tokenizer()
@@ -81,14 +82,20 @@ class TabletopDataModule(pl.LightningDataModule):
             )
         if hp.val_split is not None and self.val_set is None:
             self.val_set = collect_demonstrations(
-                hp.val_split, n_episodes=hp.val_episodes, seed=hp.seed + 10_000, chunk_size=hp.chunk_size,
+                hp.val_split,
+                n_episodes=hp.val_episodes,
+                seed=hp.seed + 10_000,
+                chunk_size=hp.chunk_size,
                 tokenizer=self.tokenizer,
             )
 
     def train_dataloader(self) -> ResumableDataLoader:
         assert self.train_set is not None, "call setup('fit') first"
         return ResumableDataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, seed=self.hparams.seed,
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            seed=self.hparams.seed,
             collate_fn=policy_batch,
         )
 

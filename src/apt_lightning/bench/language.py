@@ -38,7 +38,7 @@ def _word(rng: np.random.Generator, attribute: str, value: str, register: str) -
         return value
     if register == "paraphrase":
         return _choice(rng, synonyms)
-    return _choice(rng, (value,) + synonyms)
+    return _choice(rng, (value, *synonyms))
 
 
 def _expression(rng: np.random.Generator, obj: SceneObject, attributes: Sequence[str], register: str) -> str:

@@ -11,7 +11,11 @@ A *run* is one training run, written as a plain dict so it can round-trip throug
 * :func:`aggregate` reduces runs to mean, sample std and n over seeds per (arch, method), including the
   headline ``held_out`` number (per-run average over every split but ``seen``).
 * :func:`format_table` renders that summary as a GitHub markdown or fixed-width console table.
-* :func:`plot_success` and :func:`plot_gates` draw PNGs with matplotlib (optional ``examples`` extra).
+* :func:`format_outcome_table` renders where counterfactual episodes ended (success / the layout's habitual
+  object / another object / nothing), from each run's optional ``"outcomes"`` (see
+  :mod:`apt_lightning.bench.outcomes`).
+* :func:`plot_success`, :func:`plot_outcomes` and :func:`plot_gates` draw PNGs with matplotlib (optional
+  ``examples`` extra).
 
 Split names are read from the runs, not from :data:`~apt_lightning.bench.splits.EVAL_SPLITS`, so studies
 with extra splits (e.g. ``user``) work unchanged.
@@ -39,13 +43,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IN_DISTRIBUTION_SPLITS", "SCALAR_METRICS", "aggregate", "format_table", "plot_gates", "plot_success"]
+__all__ = [
+    "IN_DISTRIBUTION_SPLITS",
+    "SCALAR_METRICS",
+    "aggregate",
+    "format_outcome_table",
+    "format_table",
+    "plot_gates",
+    "plot_outcomes",
+    "plot_success",
+]
 
 #: Splits excluded from the ``held_out`` headline average: they reuse the training layouts and wording.
 IN_DISTRIBUTION_SPLITS: tuple[str, ...] = ("seen",)
 
 #: Optional per-run scalars that :func:`aggregate` summarises whenever a run reports them.
-SCALAR_METRICS: tuple[str, ...] = ("instruction_sensitivity", "action_error", "train_s")
+SCALAR_METRICS: tuple[str, ...] = ("instruction_sensitivity", "action_error", "train_s", "eval_s")
 
 _MISSING = "n/a"
 _INSTALL_HINT = 'the plots of apt_lightning.bench.report need matplotlib: pip install "apt_lightning[bench]"'
@@ -170,9 +183,23 @@ def aggregate(
                 ]
                 if values:
                     entry[metric] = _stats(values)
+            outcomes = _outcome_stats(group, where)
+            if outcomes:
+                entry["outcomes"] = outcomes
             entry["seeds"] = _seed_list([_plain(run["seed"]) for run in group])
             summary[arch][method] = entry
     return summary
+
+
+def _outcome_stats(group: Sequence[Mapping[str, Any]], where: str) -> dict[str, dict[str, Any]]:
+    """``{split: {outcome: stats}}`` over the runs of a group that report ``outcomes`` for that split."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in group:
+        for split, rates in (run.get("outcomes") or {}).items():
+            for outcome, rate in rates.items():
+                number = _number(rate, f"{where}, seed={run['seed']!r}) outcomes[{split!r}][{outcome!r}]")
+                values.setdefault(split, {}).setdefault(outcome, []).append(number)
+    return {split: {o: _stats(v) for o, v in by_outcome.items()} for split, by_outcome in values.items()}
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -231,12 +258,59 @@ def format_table(summary: Mapping[str, Any], fmt: str = "markdown", *, digits: i
     widths = [max(minimum, *(len(row[i]) for row in [header, *rows])) for i in range(len(header))]
 
     def pad(cells: Sequence[str]) -> list[str]:
-        return [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
+        return [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric, strict=False)]
 
     if fmt == "text":
         lines = [pad(header), ["-" * w for w in widths], *(pad(row) for row in rows)]
         return "\n".join("  ".join(cells).rstrip() for cells in lines)
-    rule = ["-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, numeric)]
+    rule = ["-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, numeric, strict=False)]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [pad(header), rule, *(pad(row) for row in rows)])
+
+
+def format_outcome_table(
+    summary: Mapping[str, Any], split: str = "counterfactual", fmt: str = "markdown", *, digits: int = 2
+) -> str:
+    """Where the episodes of ``split`` ended, one row per (arch, method): fractions of all episodes, mean ± std.
+
+    Columns: success, ``habitual`` (the layout's habitual object), ``other`` (another object), ``none``
+    (reached nothing), and ``habitual share of failures`` (habitual / (1 - success), from the means). Rows
+    without outcomes for ``split`` are left out.
+
+    Raises:
+        ValueError: ``fmt`` is neither ``"markdown"`` nor ``"text"``.
+    """
+    if fmt not in ("markdown", "text"):
+        raise ValueError(f"fmt must be 'markdown' or 'text', got {fmt!r}.")
+    classes = ["success", "habitual", "other", "none"]
+    header = ["arch", "method", "n", *classes, "habitual share of failures"]
+    numeric = [False, False] + [True] * (len(header) - 2)
+    rows = []
+    for arch, by_method in summary.items():
+        for method, entry in by_method.items():
+            stats = entry.get("outcomes", {}).get(split)
+            if not stats:
+                continue
+            failed = 1.0 - stats.get("success", {}).get("mean", math.nan)
+            share = stats.get("habitual", {}).get("mean", math.nan) / failed if failed > 0 else math.nan
+            rows.append(
+                [
+                    str(arch),
+                    str(method),
+                    str(stats["success"]["n"] if "success" in stats else 0),
+                    *(_cell(stats.get(c), digits) for c in classes),
+                    _MISSING if math.isnan(share) else f"{share:.{digits}f}",
+                ]
+            )
+    minimum = 3 if fmt == "markdown" else 1
+    widths = [max(minimum, *(len(row[i]) for row in [header, *rows])) for i in range(len(header))]
+
+    def pad(cells: Sequence[str]) -> list[str]:
+        return [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric, strict=False)]
+
+    if fmt == "text":
+        lines = [pad(header), ["-" * w for w in widths], *(pad(row) for row in rows)]
+        return "\n".join("  ".join(cells).rstrip() for cells in lines)
+    rule = ["-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, numeric, strict=False)]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [pad(header), rule, *(pad(row) for row in rows)])
 
 
@@ -306,7 +380,7 @@ def plot_success(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     fig = figure_cls(figsize=(max(5.0, 1.3 * len(splits) + 1.5) * len(archs), 4.2), layout="constrained")
     axes = fig.subplots(1, len(archs), squeeze=False, sharey=True)[0]
     width = 0.8 / max(len(methods), 1)
-    for ax, arch in zip(axes, archs):
+    for ax, arch in zip(axes, archs, strict=False):
         by_method = summary[arch]
         present = [m for m in methods if m in by_method]
         for i, method in enumerate(present):
@@ -371,7 +445,7 @@ def plot_gates(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) 
         return _save(_note_figure(figure_cls, "no gate history in these runs (baseline only?)"), canvas_cls, path)
     fig = figure_cls(figsize=(5.5 * len(by_arch), 4.0), layout="constrained")
     axes = fig.subplots(1, len(by_arch), squeeze=False, sharey=True)[0]
-    for ax, (arch, arch_runs) in zip(axes, by_arch.items()):
+    for ax, (arch, arch_runs) in zip(axes, by_arch.items(), strict=False):
         switches: set[float] = set()
         for i, run in enumerate(arch_runs):
             steps, means, maxes = _gate_curves(run["gates"])
@@ -391,4 +465,47 @@ def plot_gates(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) 
         ax.set_title(f"{arch} ({_seed_label([len(arch_runs)])})")
         ax.legend(loc="upper left", fontsize="x-small")
     axes[0].set_ylim(bottom=0.0)  # after all subplots drew: the shared top must fit every arch's max
+    return _save(fig, canvas_cls, path)
+
+
+_OUTCOME_COLOURS = {"success": "#2ca02c", "habitual": "#d62728", "other": "#ff7f0e", "none": "#7f7f7f"}
+
+
+def plot_outcomes(summary: Mapping[str, Any], path: str | os.PathLike[str], split: str = "counterfactual") -> Path:
+    """Stacked bars of where the episodes of ``split`` ended, one bar per method, one subplot per arch.
+
+    Each bar stacks the mean fractions of success, habitual object, other object and none (they sum to 1).
+
+    Args:
+        summary: output of :func:`aggregate` over runs that report ``outcomes``.
+        path: PNG file to write (parent folders are created).
+        split: which split's outcomes to draw.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`; a note instead when no run reports outcomes for ``split``.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    figure_cls, canvas_cls = _matplotlib()
+    archs = [a for a in summary if any(split in e.get("outcomes", {}) for e in summary[a].values())]
+    if not archs:
+        return _save(_note_figure(figure_cls, f"no run reports outcomes for {split!r}"), canvas_cls, path)
+    methods = list(dict.fromkeys(m for a in archs for m, e in summary[a].items() if split in e.get("outcomes", {})))
+    fig = figure_cls(figsize=(max(4.5, 1.1 * len(methods) + 1.5) * len(archs), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(archs), squeeze=False, sharey=True)[0]
+    for ax, arch in zip(axes, archs, strict=False):
+        present = [m for m in methods if split in summary[arch].get(m, {}).get("outcomes", {})]
+        bottom = [0.0] * len(present)
+        for outcome, colour in _OUTCOME_COLOURS.items():
+            heights = [summary[arch][m]["outcomes"][split].get(outcome, {}).get("mean", 0.0) for m in present]
+            ax.bar(range(len(present)), heights, 0.7, bottom=bottom, color=colour, label=outcome)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=False)]
+        ax.set_xticks(range(len(present)))
+        ax.set_xticklabels([m.replace("_", "\n") for m in present], fontsize="small")
+        ax.set_ylim(0.0, 1.0)
+        ax.set_ylabel(f"fraction of {split} episodes")
+        ax.set_title(f"{arch} ({_seed_label(len(summary[arch][m].get('seeds', [])) for m in present)})")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=len(labels), frameon=False)
     return _save(fig, canvas_cls, path)

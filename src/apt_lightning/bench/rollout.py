@@ -36,12 +36,14 @@ class RolloutResult:
         contact: ``(N,)`` int, touched object index or -1 (time-out).
         steps: ``(N,)`` int, steps used.
         splits: Split name of each episode.
+        final_state: ``(N, 2)`` gripper position when the episode ended (``None`` from older callers).
     """
 
     success: np.ndarray
     contact: np.ndarray
     steps: np.ndarray
     splits: tuple[str, ...]
+    final_state: np.ndarray | None = None
 
     def summary(self) -> dict[str, float]:
         """``success_rate``, ``success_rate/<split>`` per split present, ``timeout_rate``, ``mean_steps``."""
@@ -111,7 +113,7 @@ def rollout(
     n = len(episodes)
     execute = min(execute_steps or chunk_size, chunk_size)
     if n == 0:
-        return RolloutResult(np.zeros(0, bool), np.zeros(0, int), np.zeros(0, int), ())
+        return RolloutResult(np.zeros(0, bool), np.zeros(0, int), np.zeros(0, int), (), np.zeros((0, ACTION_DIM)))
     prompts = build_prompt(tokenizer or WordTokenizer(), [e.instruction for e in episodes], num_image_tokens, max_len)
     centres, radii, valid = _scene_arrays(episodes)
     targets = np.array([e.scene.target for e in episodes])
@@ -145,5 +147,9 @@ def rollout(
             contact[ids] = hit
             done[ids] = (hit >= 0) | (steps[ids] >= max_steps)
     return RolloutResult(
-        success=contact == targets, contact=contact, steps=steps, splits=tuple(e.split for e in episodes)
+        success=contact == targets,
+        contact=contact,
+        steps=steps,
+        splits=tuple(e.split for e in episodes),
+        final_state=ee,
     )

@@ -10,6 +10,12 @@ The settings below were fixed from the paper's setting before any APT result was
   ``vlm_lr = lr``); GR00T keeps its LLM frozen (``tune_llm=False``).
 * **APT**: Stage 1 for ``switch_step`` steps, then Stage 2 with the VLM frozen (the paper's code), gates at
   ``10 * lr``.
+
+The methods are a catalogue (:data:`METHODS`, one frozen :class:`Method` per name): which stage plan, VLM
+mode, language dropout and guidance scale a run uses is derived from its entry. Methods whose training is
+identical share one trained policy per (arch, seed): ``apt_dropout_guided`` evaluates the ``apt_dropout``
+checkpoint with guidance, and GR00T's ``baseline_frozen`` is its ``baseline`` (GR00T keeps its LLM frozen by
+default).
 * **Same pretrained VLM** for every run: a PaliGemma pretrained once on diverse vision-language data from
   the environment (:mod:`apt_lightning.bench.vlm_pretraining`), cached on disk.
 """
@@ -38,10 +44,71 @@ from apt_lightning.config import APTConfig
 from apt_lightning.models import GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
 from apt_lightning.models.base import FlowMatchingPolicy
 
-__all__ = ["ARCHS", "METHODS", "StudyConfig", "build_policy", "run_study"]
+__all__ = [
+    "ARCHS",
+    "DEFAULT_METHODS",
+    "METHODS",
+    "METHOD_NAMES",
+    "Method",
+    "StudyConfig",
+    "build_policy",
+    "prepare_vlm",
+    "run_study",
+    "study_data",
+    "train_method",
+]
 
 ARCHS = ("pi0", "groot")
-METHODS = ("baseline", "apt")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the study: how it trains and how it is evaluated.
+
+    Args:
+        name: the name in tables, ``--methods`` and checkpoint file names.
+        summary: one line for the README and ``--help``.
+        two_stage: APT's Stage 1 then Stage 2 (``False``: single-stage joint training, the baseline).
+        vlm_mode: ``"default"`` (the codebase default: ``StudyConfig.baseline_vlm_mode[arch]`` for the
+            baseline, ``StudyConfig.apt_vlm_mode`` for APT) or an explicit ``"frozen"``/``"lora"``/``"full"``.
+        language_dropout: use ``StudyConfig.language_dropout`` in Stage 2.
+        guided: evaluate with ``StudyConfig.guidance_scale`` (training is unchanged).
+    """
+
+    name: str
+    summary: str
+    two_stage: bool
+    vlm_mode: str = "default"
+    language_dropout: bool = False
+    guided: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vlm_mode not in ("default", "frozen", "lora", "full"):
+            raise ValueError(f"`vlm_mode` must be 'default', 'frozen', 'lora' or 'full', got {self.vlm_mode!r}.")
+        if (self.language_dropout or self.guided) and not self.two_stage:
+            raise ValueError(f"Method {self.name!r}: language dropout and guidance need the two-stage (APT) plan.")
+
+
+METHODS: tuple[Method, ...] = (
+    Method("baseline", "single-stage joint training, VLM as each codebase does (pi0: full, GR00T: frozen)", False),
+    Method("baseline_frozen", "single-stage joint training with the VLM frozen (both archs)", False, "frozen"),
+    Method("apt", "APT: Stage 1 language-blind, Stage 2 gated cross-attention, VLM frozen", True),
+    Method(
+        "apt_dropout", "APT with language dropout p in Stage 2 (trains the prior path)", True, language_dropout=True
+    ),
+    Method(
+        "apt_dropout_guided",
+        "the apt_dropout checkpoint sampled with prior-contrast guidance w",
+        True,
+        language_dropout=True,
+        guided=True,
+    ),
+)
+"""The study's methods, in table order."""
+METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
+DEFAULT_METHODS: tuple[str, ...] = ("baseline", "apt", "apt_dropout", "apt_dropout_guided")
+"""What ``python examples/apt_study.py`` runs (``--methods`` selects any of :data:`METHOD_NAMES`)."""
+_BY_NAME = {m.name: m for m in METHODS}
 
 
 @dataclass
@@ -50,7 +117,7 @@ class StudyConfig:
 
     Args:
         archs: reference architectures (``"pi0"``, ``"groot"``).
-        methods: ``"baseline"`` (joint single-stage training) and/or ``"apt"``.
+        methods: names from :data:`METHOD_NAMES` (see :data:`METHODS`).
         seeds: one run per (arch, method, seed); the seed picks data, initialisation and evaluation episodes.
         steps: optimiser steps per run, equal for both methods.
         switch_step: APT's Stage-1 length.
@@ -59,6 +126,9 @@ class StudyConfig:
         batch_size, lr, warmup_steps: shared optimisation settings (``lr`` is the expert's).
         gate_lr: APT gate learning rate (``10 * lr`` when ``None``).
         apt_vlm_mode: VLM mode of APT's Stage 2.
+        language_dropout: ``p`` of the ``apt_dropout`` methods, chosen on validation episodes
+            (``examples/choose_settings.py``), never on the reported splits.
+        guidance_scale: ``w`` of ``apt_dropout_guided``, chosen the same way.
         baseline_vlm_mode: per arch, how the baseline adapts the VLM (each codebase's default).
         baseline_vlm_lr: VLM learning rate of a trained baseline VLM (``lr`` when ``None``: one optimiser).
         hidden_size, chunk_size: model width and action chunk.
@@ -68,7 +138,7 @@ class StudyConfig:
     """
 
     archs: tuple[str, ...] = ARCHS
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 400
     switch_step: int = 200
@@ -79,6 +149,8 @@ class StudyConfig:
     warmup_steps: int = 20
     gate_lr: float | None = None
     apt_vlm_mode: str = "frozen"
+    language_dropout: float = 0.1  # chosen on validation episodes (examples/choose_settings.py, CHANGELOG.md)
+    guidance_scale: float = 1.25  # likewise
     baseline_vlm_mode: dict[str, str] = field(default_factory=lambda: {"pi0": "full", "groot": "frozen"})
     baseline_vlm_lr: float | None = None
     hidden_size: int = 64
@@ -89,9 +161,15 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         self.archs, self.methods, self.seeds = tuple(self.archs), tuple(self.methods), tuple(self.seeds)
-        unknown = [a for a in self.archs if a not in ARCHS] + [m for m in self.methods if m not in METHODS]
+        unknown = [a for a in self.archs if a not in ARCHS] + [m for m in self.methods if m not in METHOD_NAMES]
         if unknown:
-            raise ValueError(f"Unknown arch/method {unknown}: choose archs from {ARCHS} and methods from {METHODS}.")
+            raise ValueError(
+                f"Unknown arch/method {unknown}: choose archs from {ARCHS} and methods from {METHOD_NAMES}."
+            )
+        if not 0.0 < self.language_dropout < 1.0:
+            raise ValueError(f"`language_dropout` must be in (0, 1), got {self.language_dropout!r}.")
+        if not self.guidance_scale > 0:
+            raise ValueError(f"`guidance_scale` must be > 0, got {self.guidance_scale!r}.")
         if not 0 < self.switch_step < self.steps:
             raise ValueError(f"`switch_step` must be in (0, steps={self.steps}), got {self.switch_step!r}.")
         missing = [a for a in self.archs if a not in self.baseline_vlm_mode]
@@ -99,20 +177,47 @@ class StudyConfig:
             raise ValueError(f"`baseline_vlm_mode` has no entry for {missing}; give 'frozen', 'lora' or 'full'.")
 
     def apt_config(self, arch: str, method: str, seed: int) -> APTConfig:
-        """The :class:`APTConfig` of one run (the expert settings are shared by both methods)."""
+        """The :class:`APTConfig` of one run (the expert settings are shared by every method)."""
+        entry = _BY_NAME[method]
         common = dict(lr=self.lr, warmup_steps=self.warmup_steps, seed=seed)
-        if method == "apt":
-            return APTConfig(vlm_mode=self.apt_vlm_mode, gate_lr=self.gate_lr, **common)  # type: ignore[arg-type]
-        mode = self.baseline_vlm_mode[arch]
+        if entry.two_stage:
+            mode = self.apt_vlm_mode if entry.vlm_mode == "default" else entry.vlm_mode
+            dropout = self.language_dropout if entry.language_dropout else 0.0
+            return APTConfig(vlm_mode=mode, gate_lr=self.gate_lr, language_dropout=dropout, **common)  # type: ignore[arg-type]
+        mode = self.baseline_vlm_mode[arch] if entry.vlm_mode == "default" else entry.vlm_mode
         vlm_lr = None if mode == "frozen" else (self.baseline_vlm_lr or self.lr)
         return APTConfig(vlm_mode=mode, vlm_lr=vlm_lr, **common)  # type: ignore[arg-type]
 
     def scheduler(self, method: str) -> APTStageScheduler:
-        return APTStageScheduler(switch_at_step=self.switch_step) if method == "apt" else APTStageScheduler(stage="joint")
+        if _BY_NAME[method].two_stage:
+            return APTStageScheduler(switch_at_step=self.switch_step)
+        return APTStageScheduler(stage="joint")
+
+    def eval_guidance(self, method: str) -> float:
+        """Guidance scale ``method`` is evaluated with (1: the plain model)."""
+        return self.guidance_scale if _BY_NAME[method].guided else 1.0
+
+    def trained_as(self, arch: str, method: str) -> str:
+        """The first selected method (catalogue order) whose training is identical to ``method``'s on ``arch``.
+
+        Training depends on the stage plan and the :class:`APTConfig` only, so ``apt_dropout_guided`` trains as
+        ``apt_dropout`` and GR00T's ``baseline_frozen`` as its ``baseline``; each such group trains once.
+        """
+        key = self._training_key(arch, method)
+        selected = [m.name for m in METHODS if m.name in self.methods or m.name == method]
+        return next(m for m in selected if self._training_key(arch, m) == key)
+
+    def _training_key(self, arch: str, method: str) -> tuple[Any, ...]:
+        config = self.apt_config(arch, method, 0)
+        return (_BY_NAME[method].two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout)
 
 
 def build_policy(
-    arch: str, vocab_size: int, apt_config: APTConfig, vlm_dir: str | Path | None = None, hidden_size: int = 64,
+    arch: str,
+    vocab_size: int,
+    apt_config: APTConfig,
+    vlm_dir: str | Path | None = None,
+    hidden_size: int = 64,
     chunk_size: int = 8,
 ) -> FlowMatchingPolicy:
     """A reference policy sized for the benchmark, its VLM loaded from ``vlm_dir`` when given."""
@@ -122,8 +227,12 @@ def build_policy(
         return PI0Policy(config, apt_config=apt_config, vlm_pretrained=vlm)
     if arch == "groot":
         return GR00TStylePolicy(
-            tiny_paligemma_config(vocab_size=vocab_size, hidden_size=hidden_size), vlm_pretrained=vlm,
-            chunk_size=chunk_size, head_dim=hidden_size, head_depth=4, apt_config=apt_config,
+            tiny_paligemma_config(vocab_size=vocab_size, hidden_size=hidden_size),
+            vlm_pretrained=vlm,
+            chunk_size=chunk_size,
+            head_dim=hidden_size,
+            head_depth=4,
+            apt_config=apt_config,
         )
     raise ValueError(f"Unknown arch {arch!r}; expected one of {ARCHS}.")
 
@@ -139,11 +248,16 @@ class _StepProgress(Callback):
         self.bar.set_postfix_str(f"{self.label} loss {float(outputs['loss']):.3f}", refresh=False)
 
 
-def _runs(config: StudyConfig) -> Iterator[tuple[str, int, str]]:
+def _runs(config: StudyConfig) -> Iterator[tuple[str, int, str, list[str]]]:
+    """``(arch, seed, trained_as, methods evaluated on that training)``, methods in catalogue order."""
+    ordered = [m.name for m in METHODS if m.name in config.methods]
     for arch in config.archs:
         for seed in config.seeds:
-            for method in config.methods:
-                yield arch, seed, method
+            groups: dict[str, list[str]] = {}
+            for method in ordered:
+                groups.setdefault(config.trained_as(arch, method), []).append(method)
+            for trained_as, methods in groups.items():
+                yield arch, seed, trained_as, methods
 
 
 def run_study(
@@ -153,7 +267,9 @@ def run_study(
 
     Returns:
         ``{"config", "pretraining", "runs", "wall_s"}``; each run as :func:`apt_lightning.bench.report.aggregate`
-        expects (``success`` per split, ``instruction_sensitivity``, ``action_error``, ``gates``, ``train_s``).
+        expects (``success`` per split, ``outcomes`` of counterfactual episodes, ``instruction_sensitivity``,
+        ``action_error``, ``gates``, ``train_s``, ``eval_s``), plus ``trained_as`` (the method whose training it
+        shares) and ``guidance_scale``.
     """
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
@@ -164,48 +280,100 @@ def run_study(
         lightning_log.setLevel(level)
 
 
+def prepare_vlm(
+    config: StudyConfig, progress: bool = True, cache_dir: str | Path | None = None
+) -> tuple[int, Path | None, dict[str, Any] | None]:
+    """``(vocab_size, vlm_dir, pretraining record)``: the pretrained VLM every run starts from (cached on disk)."""
+    prompts = TabletopDataModule()
+    if not config.pretrain_vlm:
+        return prompts.vocab_size, None, None
+    vlm_config = tiny_paligemma_config(vocab_size=prompts.vocab_size, hidden_size=config.hidden_size)
+    vlm_dir, pretraining = pretrained_vlm(
+        vlm_config, prompts.tokenizer, config.pretraining, cache_dir=cache_dir, progress=progress
+    )
+    return prompts.vocab_size, vlm_dir, pretraining
+
+
+def train_method(
+    config: StudyConfig,
+    arch: str,
+    method: str,
+    seed: int,
+    vocab_size: int,
+    vlm_dir: str | Path | None,
+    data: TabletopDataModule,
+    callbacks: list[Callback] | None = None,
+) -> tuple[FlowMatchingPolicy, pl.Trainer, GateMonitor, float]:
+    """Train one (arch, method, seed) of ``config``: ``(policy, trainer, gate monitor, train seconds)``."""
+    apt_config = config.apt_config(arch, method, seed)
+    pl.seed_everything(seed, verbose=False)  # same expert initialisation for every method
+    policy = build_policy(arch, vocab_size, apt_config, vlm_dir, config.hidden_size, config.chunk_size)
+    monitor = GateMonitor(every_n_steps=10)
+    trainer = pl.Trainer(
+        max_steps=config.steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[config.scheduler(method), monitor, *(callbacks or [])],
+    )
+    tic = time.perf_counter()
+    trainer.fit(policy, data.train_dataloader())
+    return policy, trainer, monitor, time.perf_counter() - tic
+
+
+def study_data(config: StudyConfig, seed: int) -> TabletopDataModule:
+    """The demonstrations of ``seed`` (shared by every arch and method)."""
+    data = TabletopDataModule(config.episodes, seed, config.chunk_size, config.batch_size)
+    data.setup("fit")
+    return data
+
+
 def _run_study(
     config: StudyConfig, out: str | Path | None, progress: bool, cache_dir: str | Path | None
 ) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(out) if out is not None else None
-    prompts = TabletopDataModule()
-    vocab = prompts.vocab_size
-    vlm_dir, pretraining = None, None
-    if config.pretrain_vlm:
-        vlm_config = tiny_paligemma_config(vocab_size=vocab, hidden_size=config.hidden_size)
-        vlm_dir, pretraining = pretrained_vlm(
-            vlm_config, prompts.tokenizer, config.pretraining, cache_dir=cache_dir, progress=progress
-        )
+    vocab, vlm_dir, pretraining = prepare_vlm(config, progress, cache_dir)
     plan = list(_runs(config))
     bar = tqdm(total=len(plan) * config.steps, desc="training", unit="step", disable=not progress)
     runs: list[dict[str, Any]] = []
     data: dict[int, TabletopDataModule] = {}  # demonstrations of a seed are collected once, shared by every arch
-    for index, (arch, seed, method) in enumerate(plan):
+    for index, (arch, seed, trained_as, methods) in enumerate(plan):
         if seed not in data:
-            data[seed] = TabletopDataModule(config.episodes, seed, config.chunk_size, config.batch_size)
-            data[seed].setup("fit")
-        apt_config = config.apt_config(arch, method, seed)
-        pl.seed_everything(seed, verbose=False)  # same expert initialisation for both methods
-        policy = build_policy(arch, vocab, apt_config, vlm_dir, config.hidden_size, config.chunk_size)
-        monitor = GateMonitor(every_n_steps=10)
-        label = f"[{index + 1}/{len(plan)}] {arch} {method} seed {seed}"
-        trainer = pl.Trainer(
-            max_steps=config.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            callbacks=[config.scheduler(method), monitor, _StepProgress(bar, label)],
+            data[seed] = study_data(config, seed)
+        label = f"[{index + 1}/{len(plan)}] {arch} {trained_as} seed {seed}"
+        policy, trainer, monitor, train_s = train_method(
+            config, arch, trained_as, seed, vocab, vlm_dir, data[seed], [_StepProgress(bar, label)]
         )
-        tic = time.perf_counter()
-        trainer.fit(policy, data[seed].train_dataloader())
-        train_s = time.perf_counter() - tic
         if out is not None and config.save_checkpoints:
-            trainer.save_checkpoint(out / "checkpoints" / f"{arch}-{method}-seed{seed}.ckpt")
-        bar.set_postfix_str(f"{label} evaluating", refresh=True)
-        metrics = evaluate_policy(policy, EVAL_SPLITS, config.eval_episodes, seed=seed)
-        runs.append({
-            "arch": arch, "method": method, "seed": seed, **metrics, "train_s": train_s, "steps": trainer.global_step,
-            "switch_step": config.switch_step if method == "apt" else None, "gates": monitor.history,
-        })
+            trainer.save_checkpoint(out / "checkpoints" / f"{arch}-{trained_as}-seed{seed}.ckpt")
+        two_stage = _BY_NAME[trained_as].two_stage
+        dropout = config.apt_config(arch, trained_as, seed).language_dropout
+        for method in methods:
+            bar.set_postfix_str(f"{label} evaluating {method}", refresh=True)
+            guidance = config.eval_guidance(method)
+            tic = time.perf_counter()
+            metrics = evaluate_policy(policy, EVAL_SPLITS, config.eval_episodes, seed=seed, guidance_scale=guidance)
+            runs.append(
+                {
+                    "arch": arch,
+                    "method": method,
+                    "seed": seed,
+                    **metrics,
+                    "train_s": train_s,
+                    "eval_s": time.perf_counter() - tic,
+                    "steps": trainer.global_step,
+                    "trained_as": trained_as,
+                    "guidance_scale": guidance,
+                    "language_dropout": dropout,
+                    "switch_step": config.switch_step if two_stage else None,
+                    "gates": monitor.history,
+                }
+            )
     bar.close()
     return {
         "config": dataclasses.asdict(config),
@@ -214,4 +382,3 @@ def _run_study(
         "wall_s": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
     }
-

@@ -46,8 +46,10 @@ MAX_LINE_CHARS = 1000
 """Longest instruction accepted: the prompt, and the policy's attention over it, grow with every word."""
 
 _UTF16_32_BOMS = {
-    codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32",
-    codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16",
+    codecs.BOM_UTF32_LE: "UTF-32",
+    codecs.BOM_UTF32_BE: "UTF-32",
+    codecs.BOM_UTF16_LE: "UTF-16",
+    codecs.BOM_UTF16_BE: "UTF-16",
 }  # UTF-32 first: its little-endian mark starts with UTF-16's
 
 

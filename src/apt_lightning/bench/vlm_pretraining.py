@@ -324,9 +324,7 @@ def _patch_labels(scenes: list[Scene], grid: int) -> torch.Tensor:
     return labels
 
 
-def _corpus(
-    scenes: list[Scene], images: np.ndarray, texts: list[str], tokenizer: WordTokenizer, grid: int
-) -> _Corpus:
+def _corpus(scenes: list[Scene], images: np.ndarray, texts: list[str], tokenizer: WordTokenizer, grid: int) -> _Corpus:
     prompt = build_prompt(tokenizer, texts)
     targets = [s.target_object for s in scenes]
     return _Corpus(
@@ -408,8 +406,9 @@ def _losses(
         losses["distill"] = 1.0 - F.cosine_similarity(heads.distill(pooled), distill_target[index], dim=-1).mean()
     if patch:
         labels = corpus.patch_labels[index]
-        attributes = [F.cross_entropy(head(image).flatten(0, 1), labels[..., a].flatten()) for a, head in
-                      enumerate(heads.patch)]
+        attributes = [
+            F.cross_entropy(head(image).flatten(0, 1), labels[..., a].flatten()) for a, head in enumerate(heads.patch)
+        ]
         location = F.mse_loss(heads.patch_location(image), _patch_centres(image.shape[1]).expand(len(index), -1, -1))
         losses["patch"] = sum(attributes) / len(attributes) + location
     return losses
@@ -434,7 +433,12 @@ def _lr_factor(step: int, config: VLMPretrainingConfig) -> float:
 
 @torch.no_grad()
 def _evaluate(
-    vlm: PaliGemmaModel, heads: _Heads, tokenizer: WordTokenizer, seed: int, image_size: int, image_token_id: int,
+    vlm: PaliGemmaModel,
+    heads: _Heads,
+    tokenizer: WordTokenizer,
+    seed: int,
+    image_size: int,
+    image_token_id: int,
     num_image_tokens: int,
 ) -> dict[str, float]:
     """Held-out evaluation under the language-blind mask.

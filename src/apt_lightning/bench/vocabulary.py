@@ -55,7 +55,8 @@ PARAPHRASE_FRAMES: tuple[str, ...] = (
 """Paraphrase frames; ``{obj}`` is ``"<colour synonym> <shape synonym>"``."""
 
 # --- diverse register (pretraining) ---------------------------------------------------------------------
-DIVERSE_VERBS: tuple[str, ...] = PARAPHRASE_VERBS + (
+DIVERSE_VERBS: tuple[str, ...] = (
+    *PARAPHRASE_VERBS,
     "pick up",
     "pick",
     "touch",
@@ -68,7 +69,8 @@ DIVERSE_VERBS: tuple[str, ...] = PARAPHRASE_VERBS + (
     "retrieve",
     "point at",
 )
-DIVERSE_FRAMES: tuple[str, ...] = PARAPHRASE_FRAMES + (
+DIVERSE_FRAMES: tuple[str, ...] = (
+    *PARAPHRASE_FRAMES,
     "{verb} the {obj}",
     "{verb} the {obj} now",
     "can you {verb} the {obj}",
