@@ -154,7 +154,7 @@ class APTStageScheduler(Callback):
             )
 
     # ------------------------------------------------------------------ the stage at every entry point
-    def _sync(self, trainer: pl.Trainer, module: APTMixin, step: int) -> None:
+    def _sync(self, module: APTMixin, step: int) -> None:
         before = module.apt_stage
         module.apt_set_step(step)
         if before == 1 and module.apt_stage == 2 and step == self.plan.switch_step:
@@ -185,7 +185,7 @@ class APTStageScheduler(Callback):
     ) -> None:
         module = _as_apt_module(pl_module)
         self._batch = batch
-        self._sync(trainer, module, trainer.global_step)
+        self._sync(module, trainer.global_step)
         pl_module.log("apt/stage", float(module.apt_stage), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
