@@ -106,7 +106,7 @@ def test_cli_fit_keeps_param_groups_then_evaluates_a_user_file(tmp_path):
     names = [g["name"] for g in saved["optimizer_states"][0]["param_groups"]]
     assert names == ["expert", "fusion", "gates"]  # the mixin's groups, not one CLI optimiser group
     instructions = tmp_path / "mine.txt"
-    instructions.write_text("# two of mine\npick up the red circle\nfetch the tiny blue square\n")
+    instructions.write_text("# two of mine\npick up the red square\nfetch the tiny blue circle\n")
     out = tmp_path / "eval.json"
     results = evaluate_main(
         [

@@ -83,10 +83,10 @@ def test_user_file_formats(tmp_path: Path) -> None:
     loaded = load_instruction_file(text)
     assert [(u.text, u.line) for u in loaded] == [("could you grab the crimson ball", 2), ("the big one, go to it", 4)]
     assert [u.text for u in load_instruction_file(jsonl)] == ["fetch the violet cube", "reach for the yellow triangle"]
-    episodes = user_episodes(loaded + load_instruction_file(jsonl), per_instruction=5, seed=0)
+    episodes = user_episodes(loaded + load_instruction_file(jsonl), per_instruction=5, seed=0, layouts="novel")
     assert len(episodes) == 20 and all(e.split == "user" for e in episodes)
     assert all(resolve_instruction(e.instruction, e.scene) == e.scene.target for e in episodes)
-    assert episodes == user_episodes(loaded + load_instruction_file(jsonl), per_instruction=5, seed=0)
+    assert episodes == user_episodes(loaded + load_instruction_file(jsonl), per_instruction=5, seed=0, layouts="novel")
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ def test_accented_and_full_width_words_are_folded_not_deleted(tmp_path, text, co
     assert (instruction.query.colour, instruction.query.shape) == (colour, shape)
     tokenizer = WordTokenizer()
     assert tokenizer.unk_id not in tokenizer.tokenize(text)  # the policy's prompt holds the same words
-    episodes = user_episodes([instruction], per_instruction=3)
+    episodes = user_episodes([instruction], per_instruction=3, layouts="novel")
     assert all((e.scene.target_object.colour, e.scene.target_object.shape) == (colour, shape) for e in episodes)
 
 

@@ -71,7 +71,12 @@ from apt_lightning.bench.splits import (
     wording_violations,
 )
 from apt_lightning.bench.tokenizer import PromptTokens, WordTokenizer, build_prompt
-from apt_lightning.bench.user_file import InstructionFileError, InstructionFormatWarning, UnknownWordWarning
+from apt_lightning.bench.user_file import (
+    InstructionFileError,
+    InstructionFormatWarning,
+    InstructionLayoutWarning,
+    UnknownWordWarning,
+)
 from apt_lightning.bench.vlm_pretraining import VLMPretrainingConfig, pretrain_vlm, pretrained_vlm
 from apt_lightning.bench.vocabulary import vocabulary_words
 
@@ -94,6 +99,7 @@ __all__ = [
     "Episode",
     "InstructionFileError",
     "InstructionFormatWarning",
+    "InstructionLayoutWarning",
     "InstructionResolutionError",
     "InstructionSensitivity",
     "PromptTokens",

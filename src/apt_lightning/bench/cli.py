@@ -157,6 +157,13 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--per-instruction", type=int, default=5, help="scenes per user instruction")
     parser.add_argument(
+        "--layouts",
+        choices=["train", "novel"],
+        default="train",
+        help="scenes for user instructions: training layouts in which the instruction names exactly one object "
+        "(default; measures language on familiar scenes), or fresh random scenes ('novel')",
+    )
+    parser.add_argument(
         "--splits", nargs="*", default=list(EVAL_SPLITS), help=f"benchmark splits (default: all of {list(EVAL_SPLITS)})"
     )
     parser.add_argument("--episodes", type=int, default=100, help="rollouts per benchmark split")
@@ -170,7 +177,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = {}
     if args.instructions is not None:
         instructions = load_instruction_file(args.instructions)  # names file:line of any bad instruction
-        extra["user"] = user_episodes(instructions, per_instruction=args.per_instruction, seed=args.seed)
+        extra["user"] = user_episodes(
+            instructions, per_instruction=args.per_instruction, seed=args.seed, layouts=args.layouts
+        )
     policy = load_policy(args.checkpoint)
     results = evaluate_policy(policy, args.splits, args.episodes, seed=args.seed, extra_splits=extra, progress=True)
     stage = {0: "joint baseline", 1: "APT stage 1", 2: "APT stage 2"}[policy.apt_stage]

@@ -37,6 +37,7 @@ from apt_lightning.bench.language import (
     parse_referring_expression,
     resolve_instruction,
 )
+from apt_lightning.bench.layouts import LAYOUT_JITTER, TRAIN_LAYOUTS
 from apt_lightning.bench.scene import COLOURS, SHAPES, SIZES, Attributes, Episode, place_objects, sample_ee_start
 from apt_lightning.bench.tokenizer import fold, normalise
 from apt_lightning.bench.vocabulary import vocabulary_words
@@ -63,6 +64,10 @@ class UnknownWordWarning(UserWarning):
 
 class InstructionFormatWarning(UserWarning):
     """A file is read in a format its content does not look like (JSON lines in a plain-text file)."""
+
+
+class InstructionLayoutWarning(UserWarning):
+    """An instruction names exactly one object in no training layout, so ``layouts="train"`` skips it."""
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,12 @@ def load_instruction_file(path: str | Path) -> list[UserInstruction]:
     return result
 
 
+def _names(query: AttributeQuery, attributes: Attributes) -> bool:
+    """Whether ``query`` names an object of these ``(colour, shape, size)``."""
+    wanted = (query.colour, query.shape, query.size)
+    return all(v is None or v == a for v, a in zip(wanted, attributes, strict=True))
+
+
 def _matching_attributes(rng: np.random.Generator, query: AttributeQuery) -> Attributes:
     pick = lambda fixed, options: fixed if fixed is not None else options[int(rng.integers(len(options)))]  # noqa: E731
     return (pick(query.colour, tuple(COLOURS)), pick(query.shape, SHAPES), pick(query.size, SIZES))
@@ -246,42 +257,103 @@ def _matching_attributes(rng: np.random.Generator, query: AttributeQuery) -> Att
 def _distractor(rng: np.random.Generator, query: AttributeQuery, taken: list[Attributes]) -> Attributes:
     while True:
         candidate = _matching_attributes(rng, AttributeQuery())
-        fits_query = all(
-            v is None or v == c for v, c in zip((query.colour, query.shape, query.size), candidate, strict=True)
-        )
-        if not fits_query and all(candidate[:2] != t[:2] for t in taken):
+        if not _names(query, candidate) and all(candidate[:2] != t[:2] for t in taken):
             return candidate
 
 
+LAYOUTS = ("train", "novel")
+
+
+def fitting_layouts(query: AttributeQuery) -> list[int]:
+    """Indices of the training layouts in which ``query`` names exactly one object."""
+    fits = []
+    for index, layout in enumerate(TRAIN_LAYOUTS):
+        if sum(_names(query, o) for o in layout.objects) == 1:
+            fits.append(index)
+    return fits
+
+
 def user_episodes(
-    instructions: Sequence[UserInstruction | str], per_instruction: int = 1, seed: int = 0
+    instructions: Sequence[UserInstruction | str], per_instruction: int = 1, seed: int = 0, layouts: str = "train"
 ) -> list[Episode]:
-    """Pair each instruction with ``per_instruction`` fresh scenes in which it names exactly one object.
+    """Pair each instruction with ``per_instruction`` scenes in which it names exactly one object.
 
     Args:
         instructions: Output of :func:`load_instruction_file`, or raw strings.
         per_instruction: Scenes per instruction.
         seed: Makes the scenes deterministic.
+        layouts: ``"train"`` (default): the training layouts (jittered, as in training) in which the instruction
+            names exactly one present object, so a new wording is measured on familiar scenes and the result says
+            something about language, not about layouts no policy has seen (novel-layout success is low for
+            every trained policy). Instructions that fit no training layout are reported with an
+            :class:`InstructionLayoutWarning` and skipped. ``"novel"``: fresh random scenes built around the
+            instruction.
 
     Raises:
         InstructionResolutionError: If a raw string names no attribute.
+        InstructionFileError: If ``layouts="train"`` and no instruction fits any training layout.
     """
+    if layouts not in LAYOUTS:
+        raise ValueError(f"`layouts` must be one of {LAYOUTS}, got {layouts!r}.")
     rng = np.random.default_rng([seed, 7])
-    episodes = []
+    episodes, unfit = [], []
     for item in instructions:
         text = item.text if isinstance(item, UserInstruction) else item
         query = item.query if isinstance(item, UserInstruction) else parse_referring_expression(text)
         if query.is_empty:
             raise InstructionResolutionError(f"cannot resolve {text!r} to an object: it names no colour, shape or size")
-        for _ in range(per_instruction):
-            attributes = [_matching_attributes(rng, query)]
-            for _ in range(int(rng.integers(2, 4))):
-                attributes.append(_distractor(rng, query, attributes))
-            order = rng.permutation(len(attributes))
-            scene = place_objects(rng, [attributes[i] for i in order], target=int(np.argmin(order)))
-            if resolve_instruction(text, scene) != scene.target:  # construction guarantees this; keep it honest
-                raise RuntimeError(f"internal error: {text!r} does not resolve to the planted target")
-            episodes.append(
-                Episode(scene=scene, instruction=text, ee_start=sample_ee_start(rng, scene), split=USER_SPLIT)
-            )
+        if layouts == "novel":
+            episodes += [_novel_episode(rng, text, query) for _ in range(per_instruction)]
+            continue
+        fits = fitting_layouts(query)
+        if not fits:
+            unfit.append(f"line {item.line}: {text!r}" if isinstance(item, UserInstruction) else repr(text))
+            continue
+        episodes += [_layout_episode(rng, text, query, fits) for _ in range(per_instruction)]
+    if unfit:
+        warnings.warn(
+            f"{len(unfit)} instruction(s) name exactly one object in no training layout and are skipped: "
+            f"{unfit[:5]}{' ...' if len(unfit) > 5 else ''}. Evaluate them on fresh scenes with `--layouts novel`.",
+            InstructionLayoutWarning,
+            stacklevel=2,
+        )
+    if not episodes:
+        raise InstructionFileError(
+            "No instruction names exactly one object of any training layout; use `--layouts novel` (fresh scenes "
+            "built around each instruction) to evaluate them."
+        )
     return episodes
+
+
+def _layout_episode(rng: np.random.Generator, text: str, query: AttributeQuery, fits: list[int]) -> Episode:
+    """A jittered training layout in which ``text`` names exactly one object (its target)."""
+    index = fits[int(rng.integers(len(fits)))]
+    layout = TRAIN_LAYOUTS[index]
+    target = next(i for i, o in enumerate(layout.objects) if _names(query, o))
+    scene = place_objects(rng, layout.objects, target, anchors=layout.anchors, jitter=LAYOUT_JITTER)
+    return _checked(
+        Episode(
+            scene=scene,
+            instruction=text,
+            ee_start=sample_ee_start(rng, scene),
+            split=USER_SPLIT,
+            layout=index,
+            canonical_target=layout.canonical,
+        )
+    )
+
+
+def _novel_episode(rng: np.random.Generator, text: str, query: AttributeQuery) -> Episode:
+    """A fresh scene of 3-4 objects in which ``text`` names exactly one object (its target)."""
+    attributes = [_matching_attributes(rng, query)]
+    for _ in range(int(rng.integers(2, 4))):
+        attributes.append(_distractor(rng, query, attributes))
+    order = rng.permutation(len(attributes))
+    scene = place_objects(rng, [attributes[i] for i in order], target=int(np.argmin(order)))
+    return _checked(Episode(scene=scene, instruction=text, ee_start=sample_ee_start(rng, scene), split=USER_SPLIT))
+
+
+def _checked(episode: Episode) -> Episode:
+    if resolve_instruction(episode.instruction, episode.scene) != episode.scene.target:  # construction guarantees it
+        raise RuntimeError(f"internal error: {episode.instruction!r} does not resolve to the planted target")
+    return episode
