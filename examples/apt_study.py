@@ -8,6 +8,7 @@ architecture and seed, rolls every policy out on every evaluation split, and wri
 * ``table.md``: the summary as a Markdown table, then where counterfactual episodes ended (both printed);
 * ``success.png``: success rate per split per method; ``outcomes.png``: counterfactual outcomes (success, the
   layout's habitual object, another object, none); ``gates.png``: APT's gate values over training;
+* with ``--curve-every N``: ``curves.png`` and ``curves.json``, seen and counterfactual success every N steps;
 * ``checkpoints/<arch>-<method>-seed<k>.ckpt``: each trained policy, one per training (methods that train
   identically share it; evaluate one with ``examples/evaluate_checkpoint.py``).
 
@@ -15,6 +16,7 @@ architecture and seed, rolls every policy out on every evaluation split, and wri
     python examples/apt_study.py --methods baseline baseline_frozen apt apt_dropout apt_dropout_guided
     python examples/apt_study.py --full          # the larger study: 5 seeds, 800 steps, 200 rollouts per split
     python examples/apt_study.py --archs groot --seeds 0 --steps 200 --switch 100   # a quick look
+    python examples/apt_study.py --curve-every 100 --curve-episodes 50   # + learning curves (curves.png/.json)
 
 ``--language-dropout`` and ``--guidance-scale`` default to the values chosen on validation episodes by
 ``examples/choose_settings.py``; never choose them on this script's output. On a machine whose cores are
@@ -30,8 +32,11 @@ from pathlib import Path
 
 from apt_lightning.bench.report import (
     aggregate,
+    curve_records,
+    format_curve_table,
     format_outcome_table,
     format_table,
+    plot_curves,
     plot_gates,
     plot_outcomes,
     plot_success,
@@ -72,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, Path]:
     parser.add_argument(
         "--no-pretrain", action="store_true", help="random VLM instead of the pretrained one (ablation)"
     )
+    parser.add_argument(
+        "--curve-every",
+        type=int,
+        help="record learning curves: seen and counterfactual success every N optimiser steps (default off)",
+    )
+    parser.add_argument(
+        "--curve-episodes", type=int, help=f"rollouts per split per curve point (default {defaults.curve_episodes})"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     args = parser.parse_args(argv)
     values = dict(FULL) if args.full else {}
@@ -86,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, Path]:
         "lr",
         "gate_lr",
         "apt_vlm_mode",
+        "curve_every",
+        "curve_episodes",
     ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -113,6 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     plot_success(summary, out / "success.png")
     plot_outcomes(summary, out / "outcomes.png")
     plot_gates(study["runs"], out / "gates.png")
+    if config.curve_every is not None:
+        plot_curves(study["runs"], out / "curves.png")
+        curves = curve_records(study["runs"])
+        (out / "curves.json").write_text(json.dumps(curves, indent=1))
+        print(f"\nLearning curves (success on {config.curve_episodes} rollouts per split and point):\n")
+        print(format_curve_table(curves))
     print(
         f"\nSuccess rate per split, mean ± std over seeds {list(config.seeds)} ({config.steps} steps; APT switches at "
         f"{config.switch_step}):\n"

@@ -14,8 +14,10 @@ A *run* is one training run, written as a plain dict so it can round-trip throug
 * :func:`format_outcome_table` renders where counterfactual episodes ended (success / the layout's habitual
   object / another object / nothing), from each run's optional ``"outcomes"`` (see
   :mod:`apt_lightning.bench.outcomes`).
-* :func:`plot_success`, :func:`plot_outcomes` and :func:`plot_gates` draw PNGs with matplotlib (optional
-  ``examples`` extra).
+* :func:`curve_records`, :func:`mean_curves` and :func:`format_curve_table` reduce the optional learning curves
+  (``"curve": [{"step": 400, "seen": 0.7, "counterfactual": 0.3}, ...]``) to a mean over seeds per step.
+* :func:`plot_success`, :func:`plot_outcomes`, :func:`plot_gates` and :func:`plot_curves` draw PNGs with
+  matplotlib (optional ``examples`` extra).
 
 Split names are read from the runs, not from :data:`~apt_lightning.bench.splits.EVAL_SPLITS`, so studies
 with extra splits (e.g. ``user``) work unchanged.
@@ -44,11 +46,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CURVE_KEYS",
     "IN_DISTRIBUTION_SPLITS",
     "SCALAR_METRICS",
     "aggregate",
+    "curve_records",
+    "format_curve_table",
     "format_outcome_table",
     "format_table",
+    "mean_curves",
+    "plot_curves",
     "plot_gates",
     "plot_outcomes",
     "plot_success",
@@ -508,4 +515,121 @@ def plot_outcomes(summary: Mapping[str, Any], path: str | os.PathLike[str], spli
         ax.set_title(f"{arch} ({_seed_label(len(summary[arch][m].get('seeds', [])) for m in present)})")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", ncols=len(labels), frameon=False)
+    return _save(fig, canvas_cls, path)
+
+
+# --------------------------------------------------------------------------------------------- learning curves
+
+#: Splits of a learning curve, in plot order.
+CURVE_KEYS: tuple[str, ...] = ("seen", "counterfactual")
+
+
+def curve_records(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The learning curves of ``runs`` alone (small enough to keep): one record per run that has a ``curve``."""
+    keys = ("arch", "method", "seed", "trained_as", "guidance_scale", "switch_step", "steps")
+    return [
+        {**{k: _plain(run[k]) for k in keys if k in run}, "curve": [dict(p) for p in run["curve"]]}
+        for run in runs
+        if run.get("curve")
+    ]
+
+
+def mean_curves(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, Any], dict[str, Any]]:
+    """``{(arch, method): {"steps": [...], "n": [...], split: [mean over seeds at each step]}}`` for each curve split.
+
+    Runs without a ``curve`` are skipped; a step that only some seeds reached is averaged over those.
+    """
+    grouped: dict[tuple[Any, Any], dict[int, list[Mapping[str, Any]]]] = {}
+    for run in runs:
+        for point in run.get("curve") or []:
+            key = (run.get("arch", "?"), run.get("method", "?"))
+            grouped.setdefault(key, {}).setdefault(int(point["step"]), []).append(point)
+    out: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for key, by_step in grouped.items():
+        steps = sorted(by_step)
+        entry: dict[str, Any] = {"steps": steps, "n": [len(by_step[s]) for s in steps]}
+        for split in CURVE_KEYS:
+            entry[split] = [
+                math.fsum(_number(p[split], split) for p in by_step[s]) / len(by_step[s]) if by_step[s] else math.nan
+                for s in steps
+            ]
+        out[key] = entry
+    return out
+
+
+def format_curve_table(runs: Sequence[Mapping[str, Any]], *, digits: int = 2) -> str:
+    """Markdown table, one row per step, one ``seen / counterfactual`` column per (arch, method), seed means."""
+    curves = mean_curves(runs)
+    if not curves:
+        return "(no learning curves)"
+    steps = sorted({s for entry in curves.values() for s in entry["steps"]})
+    header = ["step", *(f"{arch} {method}" for arch, method in curves)]
+    rows = []
+    for step in steps:
+        cells = [str(step)]
+        for entry in curves.values():
+            if step in entry["steps"]:
+                i = entry["steps"].index(step)
+                cells.append(" / ".join(f"{entry[s][i]:.{digits}f}" for s in CURVE_KEYS))
+            else:
+                cells.append(_MISSING)
+        rows.append(cells)
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)) + " |"]
+    lines.append("| " + " | ".join("-" * (w - 1) + ":" for w in widths) + " |")
+    lines += ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return "seen / counterfactual success, mean over seeds\n\n" + "\n".join(lines)
+
+
+def plot_curves(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Learning curves: seen (left) and counterfactual (right) success against the optimiser step.
+
+    One line per (arch, method), the mean over seeds (:func:`mean_curves`); colour is the method, line style the
+    arch. A dashed grey line marks APT's ``switch_step`` when the runs have one.
+
+    Args:
+        runs: run dicts; those without a ``curve`` are skipped.
+        path: PNG file to write (parent folders are created).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`; a note instead when no run has a curve.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    figure_cls, canvas_cls = _matplotlib()
+    curves = mean_curves(runs)
+    if not curves:
+        return _save(
+            _note_figure(figure_cls, "no learning curves in these runs (curve_every not set?)"), canvas_cls, path
+        )
+    methods = list(dict.fromkeys(method for _, method in curves))
+    archs = list(dict.fromkeys(arch for arch, _ in curves))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    styles = {a: ("-", "--", ":", "-.")[i % 4] for i, a in enumerate(archs)}
+    markers = {a: ("o", "s", "^", "D")[i % 4] for i, a in enumerate(archs)}
+    switches = {float(r["switch_step"]) for r in runs if r.get("curve") and r.get("switch_step") is not None}
+    seeds = {key: max(entry["n"]) for key, entry in curves.items()}
+    fig = figure_cls(figsize=(11.0, 4.4), layout="constrained")
+    axes = fig.subplots(1, len(CURVE_KEYS), squeeze=False, sharey=True)[0]
+    for ax, split in zip(axes, CURVE_KEYS, strict=True):
+        for (arch, method), entry in curves.items():
+            ax.plot(
+                entry["steps"],
+                entry[split],
+                color=colours[method],
+                linestyle=styles[arch],
+                marker=markers[arch],
+                markersize=3.5,
+                label=f"{arch} {method}",
+            )
+        for j, step in enumerate(sorted(switches)):
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.9, label="APT switch" if j == 0 else None)
+        ax.set_xlabel("optimiser step")
+        ax.set_title(f"{split} ({_seed_label(seeds.values())})")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success rate")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize="small", frameon=False)
     return _save(fig, canvas_cls, path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
@@ -46,9 +48,11 @@ from apt_lightning.models.base import FlowMatchingPolicy
 
 __all__ = [
     "ARCHS",
+    "CURVE_SPLITS",
     "DEFAULT_METHODS",
     "METHODS",
     "METHOD_NAMES",
+    "LearningCurve",
     "Method",
     "StudyConfig",
     "build_policy",
@@ -59,6 +63,8 @@ __all__ = [
 ]
 
 ARCHS = ("pi0", "groot")
+CURVE_SPLITS: tuple[str, ...] = ("seen", "counterfactual")
+"""Splits of the learning curves (:attr:`StudyConfig.curve_every`)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,11 @@ class StudyConfig:
         pretrain_vlm: start every run from the cached pretrained VLM (``False``: random VLM, an ablation).
         pretraining: settings of that VLM pretraining.
         save_checkpoints: write each run's final checkpoint under ``<out>/checkpoints``.
+        curve_every: record a learning curve (opt-in): every ``curve_every`` optimiser steps (and at the last
+            step), success on :data:`CURVE_SPLITS` with ``curve_episodes`` rollouts each, on the run's evaluation
+            episodes (:func:`~apt_lightning.bench.evaluation.evaluate_policy`, seed = the run's seed). Recording
+            does not change training (the RNG state and module modes are restored). ``None``: no curve.
+        curve_episodes: rollouts per split and curve point.
     """
 
     archs: tuple[str, ...] = ARCHS
@@ -158,6 +169,8 @@ class StudyConfig:
     pretrain_vlm: bool = True
     pretraining: VLMPretrainingConfig = field(default_factory=VLMPretrainingConfig)
     save_checkpoints: bool = True
+    curve_every: int | None = None
+    curve_episodes: int = 50
 
     def __post_init__(self) -> None:
         self.archs, self.methods, self.seeds = tuple(self.archs), tuple(self.methods), tuple(self.seeds)
@@ -172,6 +185,10 @@ class StudyConfig:
             raise ValueError(f"`guidance_scale` must be > 0, got {self.guidance_scale!r}.")
         if not 0 < self.switch_step < self.steps:
             raise ValueError(f"`switch_step` must be in (0, steps={self.steps}), got {self.switch_step!r}.")
+        if self.curve_every is not None and (isinstance(self.curve_every, bool) or self.curve_every < 1):
+            raise ValueError(f"`curve_every` must be None or an int >= 1, got {self.curve_every!r}.")
+        if self.curve_episodes < 1:
+            raise ValueError(f"`curve_episodes` must be >= 1, got {self.curve_episodes!r}.")
         missing = [a for a in self.archs if a not in self.baseline_vlm_mode]
         if missing:
             raise ValueError(f"`baseline_vlm_mode` has no entry for {missing}; give 'frozen', 'lora' or 'full'.")
@@ -248,6 +265,61 @@ class _StepProgress(Callback):
         self.bar.set_postfix_str(f"{self.label} loss {float(outputs['loss']):.3f}", refresh=False)
 
 
+class LearningCurve(Callback):
+    """Evaluates the policy every ``every`` optimiser steps (and at the last step) on :data:`CURVE_SPLITS`.
+
+    One curve per guidance scale, so methods that share a training (``apt_dropout`` and ``apt_dropout_guided``)
+    share the recording and each gets the curve of the scale it is evaluated with. Evaluation leaves training
+    untouched: :func:`evaluate_policy` forks torch's global generator, numpy's and Python's global generators
+    are saved and restored here, and every module's train/eval mode is put back.
+
+    Attributes:
+        curves: ``{guidance_scale: [{"step": s, "seen": x, "counterfactual": y}, ...]}``.
+        eval_s: seconds spent evaluating.
+    """
+
+    def __init__(
+        self, every: int, episodes: int, seed: int, guidance_scales: tuple[float, ...] = (1.0,), max_steps: int = -1
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"`every` must be >= 1, got {every!r}.")
+        self.every, self.episodes, self.seed, self.max_steps = every, episodes, seed, max_steps
+        self.curves: dict[float, list[dict[str, Any]]] = {float(w): [] for w in dict.fromkeys(guidance_scales)}
+        self.eval_s = 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        last = self.max_steps > 0 and step >= self.max_steps
+        recorded = next(iter(self.curves.values()), [])
+        if (step % self.every == 0 or last) and not (recorded and recorded[-1]["step"] == step):
+            self.record(pl_module, step)
+
+    def record(self, policy: Any, step: int) -> None:
+        tic = time.perf_counter()
+        modes = {module: module.training for module in policy.modules()}
+        numpy_state, python_state = np.random.get_state(), random.getstate()
+        try:
+            with torch.no_grad():
+                for w, curve in self.curves.items():
+                    metrics = evaluate_policy(
+                        policy,
+                        CURVE_SPLITS,
+                        self.episodes,
+                        seed=self.seed,
+                        sensitivity_episodes=0,
+                        action_error_split=None,
+                        outcome_splits=(),
+                        guidance_scale=w,
+                    )
+                    curve.append({"step": int(step), **{s: metrics["success"][s] for s in CURVE_SPLITS}})
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+            for module, training in modes.items():
+                module.training = training
+        self.eval_s += time.perf_counter() - tic
+
+
 def _runs(config: StudyConfig) -> Iterator[tuple[str, int, str, list[str]]]:
     """``(arch, seed, trained_as, methods evaluated on that training)``, methods in catalogue order."""
     ordered = [m.name for m in METHODS if m.name in config.methods]
@@ -269,7 +341,9 @@ def run_study(
         ``{"config", "pretraining", "runs", "wall_s"}``; each run as :func:`apt_lightning.bench.report.aggregate`
         expects (``success`` per split, ``outcomes`` of counterfactual episodes, ``instruction_sensitivity``,
         ``action_error``, ``gates``, ``train_s``, ``eval_s``), plus ``trained_as`` (the method whose training it
-        shares) and ``guidance_scale``.
+        shares) and ``guidance_scale``; with :attr:`StudyConfig.curve_every`, ``curve`` (``[{"step", "seen",
+        "counterfactual"}, ...]``, shared by methods trained together, at each method's guidance scale) and
+        ``curve_s`` (seconds spent recording it, not counted in ``train_s``).
     """
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
@@ -346,9 +420,17 @@ def _run_study(
         if seed not in data:
             data[seed] = study_data(config, seed)
         label = f"[{index + 1}/{len(plan)}] {arch} {trained_as} seed {seed}"
+        callbacks: list[Callback] = [_StepProgress(bar, label)]
+        recorder = None
+        if config.curve_every is not None:
+            scales = tuple(config.eval_guidance(m) for m in methods)
+            recorder = LearningCurve(config.curve_every, config.curve_episodes, seed, scales, config.steps)
+            callbacks.append(recorder)
         policy, trainer, monitor, train_s = train_method(
-            config, arch, trained_as, seed, vocab, vlm_dir, data[seed], [_StepProgress(bar, label)]
+            config, arch, trained_as, seed, vocab, vlm_dir, data[seed], callbacks
         )
+        curve_s = recorder.eval_s if recorder is not None else 0.0
+        train_s -= curve_s  # the training's own time, comparable with runs without curves
         if out is not None and config.save_checkpoints:
             trainer.save_checkpoint(out / "checkpoints" / f"{arch}-{trained_as}-seed{seed}.ckpt")
         two_stage = _BY_NAME[trained_as].two_stage
@@ -372,6 +454,7 @@ def _run_study(
                     "language_dropout": dropout,
                     "switch_step": config.switch_step if two_stage else None,
                     "gates": monitor.history,
+                    **({"curve": recorder.curves[guidance], "curve_s": curve_s} if recorder is not None else {}),
                 }
             )
     bar.close()
