@@ -222,6 +222,22 @@ def _summary_splits(summary: Mapping[str, Any]) -> list[str]:
     return _split_order(entry.get("success", {}) for by_method in summary.values() for entry in by_method.values())
 
 
+def _render(header: list[str], rows: list[list[str]], numeric: list[bool], fmt: str) -> str:
+    """Aligned Markdown or plain-text table; ``numeric`` columns are right-aligned."""
+    # GitHub needs at least "---" in a delimiter cell; the console table can be tighter.
+    minimum = 3 if fmt == "markdown" else 1
+    widths = [max(minimum, *(len(row[i]) for row in [header, *rows])) for i in range(len(header))]
+
+    def pad(cells: Sequence[str]) -> list[str]:
+        return [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric, strict=False)]
+
+    if fmt == "text":
+        lines = [pad(header), ["-" * w for w in widths], *(pad(row) for row in rows)]
+        return "\n".join("  ".join(cells).rstrip() for cells in lines)
+    rule = ["-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, numeric, strict=False)]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [pad(header), rule, *(pad(row) for row in rows)])
+
+
 def format_table(summary: Mapping[str, Any], fmt: str = "markdown", *, digits: int = 2) -> str:
     """Render an :func:`aggregate` summary as a table, one row per (arch, method).
 
@@ -260,18 +276,7 @@ def format_table(summary: Mapping[str, Any], fmt: str = "markdown", *, digits: i
                     _cell(entry.get("instruction_sensitivity"), digits),
                 ]
             )
-    # GitHub needs at least "---" in a delimiter cell; the console table can be tighter.
-    minimum = 3 if fmt == "markdown" else 1
-    widths = [max(minimum, *(len(row[i]) for row in [header, *rows])) for i in range(len(header))]
-
-    def pad(cells: Sequence[str]) -> list[str]:
-        return [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric, strict=False)]
-
-    if fmt == "text":
-        lines = [pad(header), ["-" * w for w in widths], *(pad(row) for row in rows)]
-        return "\n".join("  ".join(cells).rstrip() for cells in lines)
-    rule = ["-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, numeric, strict=False)]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [pad(header), rule, *(pad(row) for row in rows)])
+    return _render(header, rows, numeric, fmt)
 
 
 def format_outcome_table(
@@ -308,17 +313,7 @@ def format_outcome_table(
                     _MISSING if math.isnan(share) else f"{share:.{digits}f}",
                 ]
             )
-    minimum = 3 if fmt == "markdown" else 1
-    widths = [max(minimum, *(len(row[i]) for row in [header, *rows])) for i in range(len(header))]
-
-    def pad(cells: Sequence[str]) -> list[str]:
-        return [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric, strict=False)]
-
-    if fmt == "text":
-        lines = [pad(header), ["-" * w for w in widths], *(pad(row) for row in rows)]
-        return "\n".join("  ".join(cells).rstrip() for cells in lines)
-    rule = ["-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, numeric, strict=False)]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [pad(header), rule, *(pad(row) for row in rows)])
+    return _render(header, rows, numeric, fmt)
 
 
 # ---------------------------------------------------------------------------------------------- the plots
