@@ -49,6 +49,11 @@ class FusionContextError(AptError, RuntimeError):
     """A Stage-2 fusion block ran without language context."""
 
 
+class FeatureCacheError(AptError, RuntimeError):
+    """The Stage-1 feature cache cannot serve this run safely: no Stage 1, no sample identity, inputs that change
+    between visits (random augmentation), or a dataset whose features exceed the memory budget."""
+
+
 class PolicyCheckpointError(AptError, ValueError):
     """A file cannot be loaded as a reference policy: not a checkpoint, or it names no registered policy class."""
 

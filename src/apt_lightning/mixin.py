@@ -28,8 +28,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -50,6 +50,11 @@ from apt_lightning.masking import PrefixMasks, check_language_mask, language_bli
 from apt_lightning.optim import configure_apt_optimizers, param_groups
 from apt_lightning.schedule import JOINT, Stage, StagePlan, parse_stage
 from apt_lightning.structure import fusion_sites, is_fusion_key
+
+if TYPE_CHECKING:
+    from apt_lightning.feature_cache import Stage1FeatureCache
+
+T = TypeVar("T")
 
 CHECKPOINT_KEY = "apt"
 _CHECKPOINT_VERSION = 2
@@ -82,6 +87,7 @@ class APTMixin:
 
     _apt_plan: StagePlan | None = None
     _apt_step: int = 0
+    _apt_feature_cache: Stage1FeatureCache | None = None
 
     # ------------------------------------------------------------------ contract
     def apt_language_mask(self, batch: Any) -> torch.Tensor:
@@ -273,6 +279,21 @@ class APTMixin:
         """``torch.no_grad()`` while the VLM is frozen, so it builds no graph and can receive no gradient."""
         self.apt_plan  # noqa: B018 -- an unprepared module has no stage to decide this: NotPreparedError
         return torch.no_grad() if self.apt_vlm_frozen else contextlib.nullcontext()
+
+    def apt_cached_vlm(self, batch: Any, compute: Callable[[], T]) -> T:
+        """``compute()``, or its stored result for ``batch``'s samples when a :class:`Stage1FeatureCache` serves
+        this Stage-1 training step.
+
+        Wrap the VLM pass whose outputs the expert reads in Stage 1 (return only those: tensors with the batch
+        first, in any tuple/list/dict; no language features, which Stage 1 hides). Store them in an order that
+        does not depend on the instruction (:func:`~apt_lightning.feature_cache.visible_first`). Outside Stage-1
+        training, or without a cache, this is just ``compute()``.
+        """
+        cache = self._apt_feature_cache
+        if cache is None or self.apt_stage != 1 or not self.training:  # type: ignore[attr-defined]
+            return compute()
+        device = getattr(self, "device", torch.device("cpu"))
+        return cache.get_or_compute(batch, compute, stage=1, device=device)
 
     @contextlib.contextmanager
     def apt_fusion_context(

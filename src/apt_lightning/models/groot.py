@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, PaliGemmaConfig, PretrainedConfi
 
 from apt_lightning.attention import masked_attention
 from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.feature_cache import gather_tokens, visible_first
 from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, tiny_gemma, tiny_siglip
 from apt_lightning.models.dit import DiTActionHead
 
@@ -137,21 +138,37 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         self.vl_self_attention = VLSelfAttention(width, vl_self_attention_depth, num_heads=2)
         self.action_head = DiTActionHead(action_dim, state_dim, chunk_size, width, head_dim, head_depth, head_heads)
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """VL tokens and their key mask for the head (language dropped), plus language features and mask."""
+    def encode(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """VL tokens and their key mask for the head (language dropped), plus language features and mask.
+
+        The head's tokens are the selected layer's visible (non-language) tokens first, so they do not depend on
+        where the instruction sat. In Stage-1 training under a :class:`~apt_lightning.Stage1FeatureCache` the
+        selected-layer features come from the cache (language features are then ``None``).
+        """
         prompt = self.prompt(batch)
         masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"], causal=self.causal_vlm)
-        with self.apt_vlm_context():
-            out = self.backbone(
-                input_ids=prompt["input_ids"],
-                pixel_values=batch["pixel_values"],
-                attention_mask=masks.vlm_attention,
-                position_ids=masks.position_ids,
-                output_hidden_states=True,
-            )
-        features = out.hidden_states[self.select_layer]
-        visible = masks.expert_attention
-        vl_tokens = self.vl_self_attention(self.vl_norm(features), visible)
+        order = visible_first(masks.expert_attention)
+
+        def vlm_pass() -> tuple[torch.Tensor, torch.Tensor]:
+            with self.apt_vlm_context():
+                out = self.backbone(
+                    input_ids=prompt["input_ids"],
+                    pixel_values=batch["pixel_values"],
+                    attention_mask=masks.vlm_attention,
+                    position_ids=masks.position_ids,
+                    output_hidden_states=True,
+                )
+            features = out.hidden_states[self.select_layer]
+            return gather_tokens(features, order, 1), features
+
+        if self.apt_needs_language:
+            selected, features = vlm_pass()
+        else:  # Stage 1 and joint: the head reads only the selected layer (served by the feature cache when enabled)
+            selected, features = self.apt_cached_vlm(batch, lambda: vlm_pass()[0]), None
+        visible = gather_tokens(masks.expert_attention, order, 1)
+        vl_tokens = self.vl_self_attention(self.vl_norm(selected), visible)
         return vl_tokens, visible, features, masks.language
 
     # ------------------------------------------------------------------ flow matching (GR00T convention)
@@ -179,7 +196,9 @@ class GR00TStylePolicy(FlowMatchingPolicy):
     ) -> torch.Tensor:
         num_steps = num_steps or self.num_inference_steps
         b = batch["state"].shape[0]
-        x = noise if noise is not None else torch.randn(b, self.chunk_size, self.action_dim, device=self.device)
+        if noise is None:
+            noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device)
+        x = noise.to(self.dtype)  # the weights' dtype (bf16-true models sample in bf16)
         vl_tokens, visible, language, language_mask = self.encode(batch)  # once per chunk
         with self.apt_fusion_context(language, language_mask, guidance_scale) as guide:
             state, vl_tokens, visible = guide.expand(batch["state"]), guide.expand(vl_tokens), guide.expand(visible)

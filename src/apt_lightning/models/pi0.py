@@ -12,12 +12,14 @@ layer. APT hooks in at three places, all through the mixin's public helpers:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
-from transformers import AutoModel, PI0Config, PI0ForConditionalGeneration
+from transformers import AutoModel, DynamicCache, PI0Config, PI0ForConditionalGeneration
 
 from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.feature_cache import gather_tokens, visible_first
 from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, pad_last_dim, tiny_gemma, tiny_siglip
 
 
@@ -47,6 +49,18 @@ def tiny_pi0_config(
         max_action_dim=action_dim,
         num_inference_steps=num_inference_steps,
     )
+
+
+_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(PI0ForConditionalGeneration.forward).parameters else "past_key_values"
+)
+"""transformers >= 5.2x names pi0's prefix cache ``cache``; earlier 5.x releases ``past_key_values``."""
+
+
+def _output_cache(out: Any) -> Any:
+    """The prefix KV cache of a VLM output, whichever name this transformers release gives it."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _pi0_config(config: PI0Config | dict[str, Any] | None) -> PI0Config:
@@ -113,29 +127,49 @@ class PI0Policy(FlowMatchingPolicy):
         return self.pi0.config.max_action_dim
 
     # ------------------------------------------------------------------ conditioning
-    def encode_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor, Any]:
-        """One VLM pass: KV cache for the expert, language features for Stage 2, and the masks."""
+    def encode_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor | None, Any]:
+        """One VLM pass: KV cache for the expert, language features for Stage 2, and the masks.
+
+        The cache holds the prefix's visible (non-language) tokens first, so it does not depend on where the
+        instruction sat; ``masks.expert_attention`` is reordered to match. In Stage-1 training under a
+        :class:`~apt_lightning.Stage1FeatureCache` the keys/values come from the cache (no language features).
+        """
         prompt = self.prompt(batch)
         masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"])
-        pixels = batch["pixel_values"]
-        if pixels.ndim == 4:
-            pixels = pixels[:, None]
-        cameras = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
-        model = self.pi0.model
-        with self.apt_vlm_context():
-            embeds = model.embed_prefix(prompt["input_ids"], pixels, cameras)
-            out = model.vlm(
-                inputs_embeds=embeds,
-                attention_mask=masks.vlm_attention,
-                position_ids=masks.position_ids,
-                use_cache=True,
-            )
-        return out.cache, out.last_hidden_state, masks
+        order = visible_first(masks.expert_attention)
+        expert_mask = gather_tokens(masks.expert_attention, order, 1)
+
+        def vlm_pass() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
+            pixels = batch["pixel_values"]
+            if pixels.ndim == 4:
+                pixels = pixels[:, None]
+            cameras = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
+            model = self.pi0.model
+            with self.apt_vlm_context():
+                embeds = model.embed_prefix(prompt["input_ids"], pixels, cameras)
+                out = model.vlm(
+                    inputs_embeds=embeds,
+                    attention_mask=masks.vlm_attention,
+                    position_ids=masks.position_ids,
+                    use_cache=True,
+                )
+            layers = _output_cache(out).layers
+            keys = tuple(gather_tokens(layer.keys, order, 2) for layer in layers)
+            values = tuple(gather_tokens(layer.values, order, 2) for layer in layers)
+            return keys, values, out.last_hidden_state
+
+        if self.apt_needs_language:
+            keys, values, features = vlm_pass()
+        else:  # Stage 1 and joint: the expert reads only the cache (served by the feature cache when enabled)
+            keys, values = self.apt_cached_vlm(batch, lambda: vlm_pass()[:2])
+            features = None
+        masks.expert_attention = expert_mask
+        return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True))), features, masks
 
     def _velocity(
         self, state: torch.Tensor, x: torch.Tensor, time: torch.Tensor, cache: Any, expert_mask: torch.Tensor
     ):
-        return self.pi0(state=state, noise=x, timestep=time, attention_mask=expert_mask, cache=cache).logits
+        return self.pi0(state=state, noise=x, timestep=time, attention_mask=expert_mask, **{_CACHE_ARG: cache}).logits
 
     # ------------------------------------------------------------------ flow matching (openpi convention)
     def sample_time(self, batch_size: int) -> torch.Tensor:
@@ -166,7 +200,9 @@ class PI0Policy(FlowMatchingPolicy):
     ) -> torch.Tensor:
         num_steps = num_steps or self.pi0.config.num_inference_steps
         b = batch["state"].shape[0]
-        x = noise if noise is not None else torch.randn(b, self.chunk_size, self.noise_dim, device=self.device)
+        if noise is None:
+            noise = torch.randn(b, self.chunk_size, self.noise_dim, device=self.device)
+        x = noise.to(self.dtype)  # the weights' dtype (bf16-true models sample in bf16)
         x = pad_last_dim(x, self.noise_dim)
         cache, features, masks = self.encode_prefix(batch)
         dt = -1.0 / num_steps

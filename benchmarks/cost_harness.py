@@ -1,0 +1,347 @@
+"""What the cost benchmarks share: model geometry at real proportions, synthetic batches and timed modes.
+
+Geometry follows the released models, with widths divided by ``scale`` (depths, token counts and the
+VLM:expert parameter ratio kept):
+
+* pi0: PaliGemma 3B (SigLIP so400m at 224 px = 256 image tokens, Gemma 2B: width 2048, 18 layers) beside a
+  Gemma-300M expert (width 1024, 18 layers), action chunk 50, 32-d padded actions (``transformers.PI0Config``).
+* GR00T N1.5: Eagle 2.5 (SigLIP at 224 px, Qwen3-1.7B truncated to the 12 layers below ``select_layer``;
+  width 2048, 16 query / 8 key-value heads, MLP 6144) and a DiT head of 16 blocks, 32 heads x 48 = width 1536,
+  4 VL self-attention layers, chunk 16. The backbone here is a PaliGemma with Qwen3's text geometry (its
+  projector gives 256 image tokens; Eagle's pixel shuffle gives 64).
+
+Modes (each one training step of the same batch, median of ``steps`` after warm-up):
+``joint`` everything trainable, language visible (ordinary fine-tuning); ``stage1`` APT Stage 1;
+``stage1_cached`` Stage 1 served by :class:`~apt_lightning.Stage1FeatureCache` (filled during warm-up);
+``expert_only`` Stage 1 on VLM outputs computed once and held (no VLM, no lookup: the physical limit);
+``stage2`` APT Stage 2; ``stage2_bypassed`` the same with every fusion site switched off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from apt_lightning import JOINT, APTConfig, StagePlan
+from apt_lightning.feature_cache import Stage1FeatureCache
+from apt_lightning.models import GR00TStylePolicy, PI0Policy
+from apt_lightning.models.base import FlowMatchingPolicy
+
+MODES = ("joint", "stage1", "stage1_cached", "expert_only", "stage2", "stage2_bypassed")
+TEXT_TOKENS = 48
+
+
+def _div(value: int, scale: int, minimum: int = 1) -> int:
+    return max(minimum, value // scale)
+
+
+def siglip(scale: int) -> dict[str, Any]:
+    """SigLIP so400m/14 at 224 px, width divided by ``scale``."""
+    heads = _div(16, max(1, scale // 4))
+    return dict(
+        model_type="siglip_vision_model",
+        hidden_size=_div(1152, scale, heads) // heads * heads,
+        intermediate_size=_div(4304, scale),
+        num_hidden_layers=27,
+        num_attention_heads=heads,
+        image_size=224,
+        patch_size=14,
+        vision_use_head=False,
+    )
+
+
+def pi0_config(scale: int = 1, vocab_size: int | None = None):
+    """``transformers.PI0Config`` of pi0's geometry, widths divided by ``scale`` (1 = the real model); the
+    vocabulary shrinks with the width so the embedding keeps its share of the parameters."""
+    from transformers import PI0Config
+
+    vocab_size = vocab_size or 257_152 // scale
+
+    text = dict(
+        model_type="gemma",
+        hidden_size=_div(2048, scale),
+        intermediate_size=_div(16384, scale),
+        num_hidden_layers=18,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=_div(256, scale),
+        vocab_size=vocab_size,
+    )
+    expert = dict(
+        model_type="gemma",
+        hidden_size=_div(1024, scale),
+        intermediate_size=_div(4096, scale),
+        num_hidden_layers=18,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=_div(256, scale),
+    )
+    return PI0Config(
+        vlm_config=dict(
+            model_type="paligemma",
+            text_config=text,
+            vision_config=siglip(scale),
+            projection_dim=text["hidden_size"],
+            image_token_id=vocab_size - 1,
+        ),
+        dit_config=expert,
+        chunk_size=50,
+        max_state_dim=32,
+        max_action_dim=32,
+        num_inference_steps=10,
+    )
+
+
+def groot_vlm_config(scale: int = 1, vocab_size: int | None = None):
+    """Backbone of GR00T N1.5's geometry (12 Qwen3-1.7B-shaped layers), widths divided by ``scale``."""
+    from transformers import PaliGemmaConfig
+
+    vocab_size = vocab_size or 151_936 // scale
+
+    width = _div(2048, scale)
+    return PaliGemmaConfig(
+        text_config=dict(
+            model_type="gemma",
+            hidden_size=width,
+            intermediate_size=_div(6144, scale),
+            num_hidden_layers=12,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=_div(128, scale),
+            vocab_size=vocab_size,
+        ),
+        vision_config=siglip(scale),
+        projection_dim=width,
+        image_token_id=vocab_size - 1,
+    )
+
+
+def build(arch: str, mode: str, scale: int, vocab_size: int | None = None) -> FlowMatchingPolicy:
+    """A reference policy of ``arch``'s geometry, prepared for ``mode`` (random weights)."""
+    joint = mode == "joint"
+    apt_config = APTConfig(vlm_mode="full" if joint else "frozen")
+    if arch == "pi0":
+        policy: FlowMatchingPolicy = PI0Policy(
+            pi0_config(scale, **({"vocab_size": vocab_size} if vocab_size else {})),
+            apt_config=apt_config,
+            fusion_heads=8,
+        )
+    else:
+        policy = GR00TStylePolicy(
+            groot_vlm_config(scale, vocab_size),
+            select_layer=-1,
+            action_dim=32,
+            state_dim=64,
+            chunk_size=16,
+            head_dim=_div(1536, scale),
+            head_depth=16,
+            head_heads=_div(32, max(1, scale // 4)),
+            vl_self_attention_depth=4,
+            apt_config=apt_config,
+        )
+    first = JOINT if joint else 2 if mode.startswith("stage2") else 1
+    policy.apt_prepare(StagePlan(first_stage=first))
+    return policy
+
+
+def make_batch(policy: FlowMatchingPolicy, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """A batch of the policy's geometry: one 224 px camera, ``TEXT_TOKENS`` prompt tokens (instruction inside)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = policy.image_token_id  # the image token is the last id
+    ids = torch.randint(3, vocab - 1, (batch_size, TEXT_TOKENS), generator=generator)
+    ids[:, 0] = 2
+    language = torch.zeros_like(ids, dtype=torch.bool)
+    language[:, 1:-1] = True
+    state_dim = policy.pi0.config.max_state_dim if isinstance(policy, PI0Policy) else policy.hparams["state_dim"]
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, 224, 224, generator=generator),
+        "state": torch.randn(batch_size, state_dim, generator=generator),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "language_mask": language,
+        "actions": torch.randn(batch_size, policy.chunk_size, policy.action_dim, generator=generator),
+        "sample_id": torch.arange(batch_size),
+    }
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+
+class HeldFeatures:
+    """Stands in for the feature cache with one precomputed value: Stage 1 with no VLM and no lookup."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def get_or_compute(self, batch: Any, compute: Callable[[], Any], stage: int, device: torch.device) -> Any:
+        if self.value is None:
+            self.value = compute()
+        return self.value
+
+
+def train_step(policy: FlowMatchingPolicy, batch: dict, optimizer: torch.optim.Optimizer, autocast) -> Callable:
+    generator = torch.Generator(device=batch["state"].device).manual_seed(0)
+    b = batch["state"].shape[0]
+
+    def run() -> None:
+        noise = torch.randn(
+            b, policy.chunk_size, policy.noise_dim, generator=generator, device=batch["state"].device
+        ).to(batch["state"].dtype)
+        t = policy.sample_time(b).to(batch["state"].device)
+        with autocast():
+            loss = policy.flow_loss(batch, noise, t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return run
+
+
+class PeakMemory:
+    """Peak memory of a block: the accelerator's allocator peak, or on CPU the sampled peak RSS above the
+    RSS at entry (``/proc/self/statm`` every millisecond; Linux)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = 0
+        else:
+            self._base = _rss()
+            self._stop = threading.Event()
+            self._high = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._high = max(self._high, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._high, _rss()) - self._base
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def timed(step: Callable[[], None], steps: int, device: torch.device, warmup: int = 3) -> float:
+    """Median seconds of ``step`` over ``steps`` runs after ``warmup``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(
+    arch: str,
+    scale: int,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    precision: str = "32",
+    modes: tuple[str, ...] = MODES,
+    vocab_size: int | None = None,
+    sampling: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Step time (s) and peak memory (bytes) of every mode for ``arch``; ratios are computed by the caller.
+
+    ``precision``: ``"32"``, ``"bf16-true"`` (weights and optimiser states in bf16) or ``"bf16-mixed"``
+    (fp32 weights, bf16 autocast).
+    """
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if precision == "bf16-mixed"
+        else contextlib.nullcontext
+    )
+    result: dict[str, Any] = {"model": arch, "precision": precision, "batch": batch_size, "scale": scale}
+    for mode in modes:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with PeakMemory(device) as memory:
+            with torch.device(device):
+                policy = build(arch, mode, scale, vocab_size).to(dtype)
+            policy.train()
+            if mode == "stage1_cached":
+                policy._apt_feature_cache = Stage1FeatureCache(
+                    max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu"
+                )
+            elif mode == "expert_only":
+                policy._apt_feature_cache = HeldFeatures()  # type: ignore[assignment]
+            if mode == "stage2_bypassed":
+                for site in policy.apt_sites().values():
+                    site.active = False
+            batch = make_batch(policy, batch_size, device, dtype)
+            params = [p for p in policy.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-5)
+            seconds = timed(train_step(policy, batch, optimizer, autocast), steps, device)
+        result[f"{mode}_s"] = seconds
+        result[f"{mode}_peak_bytes"] = memory.peak
+        if mode == "joint":
+            result["vlm_params"] = sum(p.numel() for p in policy.apt_vlm_module.parameters())
+            result["expert_params"] = sum(p.numel() for p in policy.parameters()) - result["vlm_params"]
+            prefix = policy.num_image_tokens + TEXT_TOKENS
+            result["tokens_per_step"] = batch_size * (prefix + policy.chunk_size)
+        log(f"{arch} {mode}: {seconds * 1e3:.1f} ms/step, peak {memory.peak / 2**20:.0f} MiB")
+        if sampling and mode in ("stage2", "stage2_bypassed"):
+            policy.eval()
+
+            def sample(policy: FlowMatchingPolicy = policy, batch: dict = batch) -> None:
+                with autocast():
+                    policy.sample_actions(batch)
+
+            result[f"sample_{mode}_s"] = timed(sample, steps, device)
+        del policy, optimizer, params, batch
+    return result
+
+
+def ratios(result: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's headline ratios from :func:`measure`'s times (only those whose modes ran)."""
+    out = dict(result)
+    pairs = {
+        "stage1_over_joint": ("stage1_s", "joint_s"),
+        "stage1_cached_over_joint": ("stage1_cached_s", "joint_s"),
+        "stage1_cached_over_expert_only": ("stage1_cached_s", "expert_only_s"),
+        "stage2_over_joint": ("stage2_s", "joint_s"),
+        "fusion_overhead": ("stage2_s", "stage2_bypassed_s"),
+        "sampling_overhead": ("sample_stage2_s", "sample_stage2_bypassed_s"),
+    }
+    for name, (num, den) in pairs.items():
+        if num in result and den in result:
+            out[name] = round(result[num] / result[den], 3)
+    if "tokens_per_step" in result:
+        for mode in MODES:
+            if f"{mode}_s" in result:
+                out[f"{mode}_tokens_per_s"] = round(result["tokens_per_step"] / result[f"{mode}_s"])
+    return out
