@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
+import resource
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -204,8 +207,9 @@ def train_step(policy: FlowMatchingPolicy, batch: dict, optimizer: torch.optim.O
 
 
 class PeakMemory:
-    """Peak memory of a block: the accelerator's allocator peak, or on CPU the sampled peak RSS above the
-    RSS at entry (``/proc/self/statm`` every millisecond; Linux)."""
+    """Peak memory of a block: the accelerator allocator's peak, or on CPU the process's peak resident set
+    (``ru_maxrss``) above the resident set at entry. The CPU figure is only meaningful in a fresh process
+    (``measure(..., isolate=True)``), since the peak never resets."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -215,35 +219,21 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self._base = 0
         else:
             self._base = _rss()
-            self._stop = threading.Event()
-            self._high = self._base
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._high = max(self._high, _rss())
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
         else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._high, _rss()) - self._base
+            self.peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base)
 
 
 def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def timed(step: Callable[[], None], steps: int, device: torch.device, warmup: int = 3) -> float:
@@ -261,6 +251,60 @@ def timed(step: Callable[[], None], steps: int, device: torch.device, warmup: in
     return statistics.median(times)
 
 
+def measure_mode(
+    arch: str,
+    mode: str,
+    scale: int,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    precision: str = "32",
+    sampling: bool = True,
+) -> dict[str, Any]:
+    """Median step time (s) and peak memory (bytes) of one mode, in this process."""
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if precision == "bf16-mixed"
+        else contextlib.nullcontext
+    )
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    result: dict[str, Any] = {}
+    with PeakMemory(device) as memory:
+        with torch.device(device):
+            policy = build(arch, mode, scale).to(dtype)
+        policy.train()
+        if mode == "stage1_cached":
+            policy._apt_feature_cache = Stage1FeatureCache(
+                max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu"
+            )
+        elif mode == "expert_only":
+            policy._apt_feature_cache = HeldFeatures()  # type: ignore[assignment]
+        if mode == "stage2_bypassed":
+            for site in policy.apt_sites().values():
+                site.active = False
+        batch = make_batch(policy, batch_size, device, dtype)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        result[f"{mode}_s"] = timed(train_step(policy, batch, optimizer, autocast), steps, device)
+    result[f"{mode}_peak_bytes"] = memory.peak
+    if mode == "joint":
+        result["vlm_params"] = sum(p.numel() for p in policy.apt_vlm_module.parameters())
+        result["expert_params"] = sum(p.numel() for p in policy.parameters()) - result["vlm_params"]
+        result["tokens_per_step"] = batch_size * (policy.num_image_tokens + TEXT_TOKENS + policy.chunk_size)
+    if sampling and mode in ("stage2", "stage2_bypassed"):
+        policy.eval()
+
+        def sample() -> None:
+            with autocast():
+                policy.sample_actions(batch)
+
+        result[f"sample_{mode}_s"] = timed(sample, steps, device)
+    return result
+
+
 def measure(
     arch: str,
     scale: int,
@@ -269,60 +313,29 @@ def measure(
     device: torch.device,
     precision: str = "32",
     modes: tuple[str, ...] = MODES,
-    vocab_size: int | None = None,
     sampling: bool = True,
+    isolate: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Step time (s) and peak memory (bytes) of every mode for ``arch``; ratios are computed by the caller.
+    """:func:`measure_mode` for every mode of ``arch``; ratios are computed by :func:`ratios`.
 
     ``precision``: ``"32"``, ``"bf16-true"`` (weights and optimiser states in bf16) or ``"bf16-mixed"``
-    (fp32 weights, bf16 autocast).
+    (fp32 weights, bf16 autocast). ``isolate`` runs each mode in a fresh process (true CPU peak memory).
     """
-    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if precision == "bf16-mixed"
-        else contextlib.nullcontext
-    )
     result: dict[str, Any] = {"model": arch, "precision": precision, "batch": batch_size, "scale": scale}
     for mode in modes:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        with PeakMemory(device) as memory:
-            with torch.device(device):
-                policy = build(arch, mode, scale, vocab_size).to(dtype)
-            policy.train()
-            if mode == "stage1_cached":
-                policy._apt_feature_cache = Stage1FeatureCache(
-                    max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu"
-                )
-            elif mode == "expert_only":
-                policy._apt_feature_cache = HeldFeatures()  # type: ignore[assignment]
-            if mode == "stage2_bypassed":
-                for site in policy.apt_sites().values():
-                    site.active = False
-            batch = make_batch(policy, batch_size, device, dtype)
-            params = [p for p in policy.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-5)
-            seconds = timed(train_step(policy, batch, optimizer, autocast), steps, device)
-        result[f"{mode}_s"] = seconds
-        result[f"{mode}_peak_bytes"] = memory.peak
-        if mode == "joint":
-            result["vlm_params"] = sum(p.numel() for p in policy.apt_vlm_module.parameters())
-            result["expert_params"] = sum(p.numel() for p in policy.parameters()) - result["vlm_params"]
-            prefix = policy.num_image_tokens + TEXT_TOKENS
-            result["tokens_per_step"] = batch_size * (prefix + policy.chunk_size)
-        log(f"{arch} {mode}: {seconds * 1e3:.1f} ms/step, peak {memory.peak / 2**20:.0f} MiB")
-        if sampling and mode in ("stage2", "stage2_bypassed"):
-            policy.eval()
-
-            def sample(policy: FlowMatchingPolicy = policy, batch: dict = batch) -> None:
-                with autocast():
-                    policy.sample_actions(batch)
-
-            result[f"sample_{mode}_s"] = timed(sample, steps, device)
-        del policy, optimizer, params, batch
+        args = (arch, mode, scale, batch_size, steps, str(device), precision, sampling)
+        if isolate:
+            child = subprocess.run(
+                [sys.executable, __file__, json.dumps(args)], capture_output=True, text=True, check=False
+            )
+            if child.returncode != 0:
+                raise RuntimeError(f"{arch} {mode} failed:\n{child.stderr[-2000:]}")
+            part = json.loads(child.stdout.strip().splitlines()[-1])
+        else:
+            part = measure_mode(arch, mode, scale, batch_size, steps, device, precision, sampling)
+        result.update(part)
+        log(f"{arch} {mode}: {part[f'{mode}_s'] * 1e3:.1f} ms/step, peak {part[f'{mode}_peak_bytes'] / 2**20:.0f} MiB")
     return result
 
 
@@ -345,3 +358,9 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
             if f"{mode}_s" in result:
                 out[f"{mode}_tokens_per_s"] = round(result["tokens_per_step"] / result[f"{mode}_s"])
     return out
+
+
+if __name__ == "__main__":  # one mode in a fresh process: measure(..., isolate=True)
+    arch, mode, scale, batch_size, steps, device, precision, sampling = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    print(json.dumps(measure_mode(arch, mode, scale, batch_size, steps, torch.device(device), precision, sampling)))

@@ -57,7 +57,7 @@ class LanguageDecidesDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.items[i]
+        return {**self.items[i], "sample_id": torch.tensor(i)}
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

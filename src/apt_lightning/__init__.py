@@ -10,6 +10,7 @@ from apt_lightning.errors import (
     AptError,
     ContractError,
     ExportError,
+    FeatureCacheError,
     FusionContextError,
     LanguageMaskError,
     NoMatchingTargetError,
@@ -32,6 +33,7 @@ from apt_lightning.export import (
     va_prior_state_dict,
     verify_export,
 )
+from apt_lightning.feature_cache import Stage1FeatureCache
 from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
 from apt_lightning.guidance import PriorGuidance
 from apt_lightning.inject import inject_fusion, resolve_targets, unload_fusion
@@ -50,6 +52,7 @@ __all__ = [
     "AptError",
     "ContractError",
     "ExportError",
+    "FeatureCacheError",
     "FusionConfig",
     "FusionContextError",
     "GateMonitor",
@@ -64,6 +67,7 @@ __all__ = [
     "PolicyCheckpointError",
     "PrefixMasks",
     "PriorGuidance",
+    "Stage1FeatureCache",
     "StageLRFactor",
     "StageMismatchError",
     "StagePlan",

@@ -77,7 +77,9 @@ class APTStageScheduler(Callback):
     Args:
         switch_at_step: global step at which Stage 2 starts; ``None`` to stay in ``stage``.
         stage: the stage the fit starts in: 1, 2, or ``"joint"`` (also ``0``) for the baseline.
-        check_finite: stop on non-finite losses, gradients and gates (one device sync per step).
+        check_finite: stop on non-finite losses, gradients and gates: one host synchronisation per optimizer
+            step (all three flags computed on the device and read together), plus a gate check when a checkpoint
+            is written. ``False`` removes it.
 
     Example::
 
@@ -94,6 +96,8 @@ class APTStageScheduler(Callback):
         self.plan = StagePlan(first_stage=stage, switch_step=switch_at_step)
         self.check_finite = check_finite
         self._batch: Any = None
+        self._loss_finite: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup: structure and early checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -209,8 +213,10 @@ class APTStageScheduler(Callback):
     # ------------------------------------------------------------------ nothing non-finite reaches the weights
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self._check_site_outputs(pl_module)
-        if self.check_finite and not bool(torch.isfinite(loss.detach()).all()):
-            self._stop(trainer, _as_apt_module(pl_module), f"The loss is {loss.detach().float().cpu().tolist()}")
+        if self.check_finite:  # kept on the device; read with the gradients, in one host sync per step
+            finite = torch.isfinite(loss.detach()).all()
+            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+            self._loss = loss.detach()
 
     @staticmethod
     def _check_site_outputs(pl_module: pl.LightningModule) -> None:
@@ -226,19 +232,32 @@ class APTStageScheduler(Callback):
             )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if not self.check_finite or str(trainer.precision) == "16-mixed":  # fp16 loss scaling skips inf steps itself
+        """The step's one host synchronisation: loss, gradients and gates checked together, on the device."""
+        if not self.check_finite:
             return
-        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
-        if not named:
+        loss_finite, self._loss_finite = self._loss_finite, None
+        flags = [loss_finite if loss_finite is not None else torch.ones((), dtype=torch.bool)]
+        named = []
+        if str(trainer.precision) != "16-mixed":  # fp16 loss scaling skips steps with inf gradients itself
+            named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        if named:
+            norms = torch._foreach_norm([g for _, g in named])  # one fused kernel; inf/NaN anywhere -> non-finite
+            flags.append(torch.isfinite(torch.stack(norms)).all())
+        gates = gate_parameters(pl_module)  # as the previous step left them
+        if gates:
+            flags.append(torch.isfinite(torch.cat([g.detach().flatten() for g in gates])).all())
+        devices = {f.device for f in flags}
+        ok = torch.stack([f.to(next(iter(devices))) for f in flags]).tolist()
+        if all(ok):
             return
-        finite = torch.stack([torch.isfinite(g).all() for _, g in named])
-        if not bool(finite.all()):
-            bad = [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
-            self._stop(
-                trainer,
-                _as_apt_module(pl_module),
-                f"The gradients of {len(bad)} parameters ({bad[:3]} ...) are not finite",
-            )
+        module = _as_apt_module(pl_module)
+        if not ok[0]:
+            self._stop(trainer, module, f"The loss is {self._loss.float().cpu().tolist()}")
+        if named and not ok[1]:
+            finite = torch.stack([torch.isfinite(g).all() for _, g in named]).tolist()
+            bad = [n for (n, _), good in zip(named, finite, strict=True) if not good]
+            self._stop(trainer, module, f"The gradients of {len(bad)} parameters ({bad[:3]} ...) are not finite")
+        self._check_gates(trainer, pl_module)
 
     def _stop(self, trainer: pl.Trainer, module: APTMixin, what: str) -> None:
         stage = module.apt_stage
@@ -263,14 +282,8 @@ class APTStageScheduler(Callback):
             f"before the optimizer step: no weight changed and no checkpoint of this step was written. {cause}"
         )
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not self.check_finite:
-            return
-        gates = gate_parameters(pl_module)
-        if not gates or bool(torch.isfinite(torch.cat([g.detach().flatten() for g in gates])).all()):
-            return
+    @staticmethod
+    def _check_gates(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for site, layer in fusion_sites(pl_module):
             block = layer.apt_fusion
             bad = [
@@ -288,6 +301,15 @@ class APTStageScheduler(Callback):
                     f"{trainer.global_step}. Training stopped before any checkpoint of this state. Lower "
                     "`APTConfig.gate_lr`, enable gradient clipping, or check the language features for NaN."
                 )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """No checkpoint holds a non-finite gate: checked when one is written (not every step)."""
+        if self.check_finite:
+            gates = gate_parameters(pl_module)
+            if gates and not bool(torch.isfinite(torch.cat([g.detach().flatten() for g in gates])).all()):
+                self._check_gates(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

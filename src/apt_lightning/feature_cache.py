@@ -60,15 +60,22 @@ def gather_tokens(x: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tenso
 
 
 def input_fingerprint(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3) float64 per-sample fingerprint of ``x``: sum, sum of squares and a position-weighted sum (so a
-    flip or crop that keeps the pixel histogram still changes it)."""
-    flat = x.detach().flatten(1).double()
+    """(B, 2) int64 per-sample fingerprint of ``x``'s bits: their sum and a position-weighted sum (so a flip
+    or crop that keeps the pixel histogram still changes it).
+
+    Integer arithmetic on the raw bits is exact and order-free, so a sample gets the same fingerprint in any
+    row of any batch (float sums would differ in the last bit with the row's position).
+    """
+    flat = x.detach().flatten(1).contiguous()
+    if flat.is_floating_point():
+        flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    flat = flat.long()
     key = (flat.shape[1], str(flat.device))
     weights = _FINGERPRINT_WEIGHTS.get(key)
     if weights is None:
-        weights = torch.linspace(-1.0, 1.0, flat.shape[1], dtype=torch.float64, device=flat.device)
+        weights = torch.arange(flat.shape[1], device=flat.device) % 251 + 1
         _FINGERPRINT_WEIGHTS[key] = weights
-    return torch.stack([flat.sum(1), (flat * flat).sum(1), flat @ weights], 1)
+    return torch.stack([flat.sum(1), (flat * weights).sum(1)], 1)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> tuple[float, ...]:
@@ -246,7 +253,7 @@ class Stage1FeatureCache(Callback):
     def _fingerprints(self, batch: dict[str, Any]) -> torch.Tensor:
         parts = [input_fingerprint(batch[key]) for key in self.check_keys if isinstance(batch.get(key), torch.Tensor)]
         if not parts:
-            return torch.zeros(len(self._sample_ids(batch)), 0, dtype=torch.float64)
+            return torch.zeros(len(self._sample_ids(batch)), 0, dtype=torch.int64)
         return torch.cat(parts, 1).cpu()
 
     def _check_inputs(self, ids: list[int], fingerprints: torch.Tensor) -> None:
@@ -294,10 +301,10 @@ class Stage1FeatureCache(Callback):
     def _budget_message(self, samples: int) -> str:
         per = self._bytes_per_sample or 0
         return (
-            f"The Stage-1 feature cache needs {per:,} bytes per sample ({per / 2**20:.2f} MiB), "
-            f"{per * samples / 2**30:.2f} GiB for {samples:,} samples, but max_memory is "
-            f"{self.max_memory / 2**30:.2f} GiB. Raise `max_memory`, give `spill_dir=` (a local disk with that "
-            "much room), or train Stage 1 without the cache."
+            f"The Stage-1 feature cache needs {per:,} bytes per sample ({human_bytes(per)}), "
+            f"{human_bytes(per * samples)} for {samples:,} samples, but max_memory is {human_bytes(self.max_memory)}. "
+            "Raise `max_memory`, give `spill_dir=` (a local disk with that much room), or train Stage 1 without "
+            "the cache."
         )
 
 
@@ -318,6 +325,16 @@ def parse_bytes(value: int | str) -> int:
             except ValueError:
                 break
     raise ValueError(f"Cannot read {value!r} as a size: use an int (bytes) or a string like '512MiB' or '4GiB'.")
+
+
+def human_bytes(size: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -50,8 +50,13 @@ def _check_attention_mask(attention_mask: object) -> torch.Tensor:
     return attention_mask
 
 
-def check_language_mask(language_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def check_language_mask(
+    language_mask: torch.Tensor, attention_mask: torch.Tensor, check_rows: bool = True
+) -> torch.Tensor:
     """Validate ``language_mask`` against ``attention_mask`` (B, L) and return it restricted to valid tokens.
+
+    Types, dtypes and shapes are always checked; ``check_rows`` also reads the masks' values (the blind-row
+    check below), which on an accelerator costs a host synchronisation.
 
     Raises:
         LanguageMaskError: not a tensor (numpy arrays too), not ``torch.bool``, not (B, L) like
@@ -82,6 +87,8 @@ def check_language_mask(language_mask: torch.Tensor, attention_mask: torch.Tenso
         )
     valid = attention_mask.bool()
     language = language_mask.to(attention_mask.device) & valid
+    if not check_rows:
+        return language
     blind = (valid & ~language).sum(-1) == 0
     if bool(blind.any()):
         rows = blind.nonzero().flatten().tolist()
@@ -93,7 +100,7 @@ def check_language_mask(language_mask: torch.Tensor, attention_mask: torch.Tenso
 
 
 def language_blind_masks(
-    attention_mask: torch.Tensor, language_mask: torch.Tensor, causal: bool = False
+    attention_mask: torch.Tensor, language_mask: torch.Tensor, causal: bool = False, check_rows: bool = True
 ) -> PrefixMasks:
     """Build :class:`PrefixMasks` for a prefix whose ``language_mask`` tokens must stay invisible.
 
@@ -102,8 +109,9 @@ def language_blind_masks(
         language_mask: (B, L) bool, True on instruction tokens (not on images or other prompt tokens such as
             a discretised state, which stay visible).
         causal: also apply a causal mask (decoder VLMs such as Qwen-VL); ``False`` for a bidirectional prefix.
+        check_rows: also check each row's values (:func:`check_language_mask`; a host sync on accelerators).
     """
-    language = check_language_mask(language_mask, attention_mask)
+    language = check_language_mask(language_mask, attention_mask, check_rows=check_rows)
     valid = attention_mask.bool()
     visible = valid & ~language
     # query q may see key k if k is valid and (q is language or k is not language)

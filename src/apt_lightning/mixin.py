@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CHECKPOINT_KEY = "apt"
+_MASK_ROW_CHECKS = 16
+"""Batches whose language masks are checked row by row on an accelerator (every batch on CPU, where it is free)."""
 _CHECKPOINT_VERSION = 2
 
 
@@ -88,6 +90,7 @@ class APTMixin:
     _apt_plan: StagePlan | None = None
     _apt_step: int = 0
     _apt_feature_cache: Stage1FeatureCache | None = None
+    _apt_mask_rows_checked: int = 0
 
     # ------------------------------------------------------------------ contract
     def apt_language_mask(self, batch: Any) -> torch.Tensor:
@@ -268,12 +271,16 @@ class APTMixin:
         joint baseline the masks hide nothing (every valid token sees every valid token, as without APT);
         ``language`` still marks the instruction.
         """
-        language = check_language_mask(language_mask, attention_mask)
+        # Reading the masks' values syncs an accelerator with the host: do it on the first batches only there.
+        check_rows = reading_is_free(attention_mask) or self._apt_mask_rows_checked < _MASK_ROW_CHECKS
+        language = check_language_mask(language_mask, attention_mask, check_rows=check_rows)
+        if check_rows:
+            self._apt_mask_rows_checked += 1
         if self.apt_stage == JOINT:
-            masks = language_blind_masks(attention_mask, torch.zeros_like(language), causal=causal)
+            masks = language_blind_masks(attention_mask, torch.zeros_like(language), causal=causal, check_rows=False)
             masks.language = language
             return masks
-        return language_blind_masks(attention_mask, language, causal=causal)
+        return language_blind_masks(attention_mask, language, causal=causal, check_rows=False)
 
     def apt_vlm_context(self) -> contextlib.AbstractContextManager:
         """``torch.no_grad()`` while the VLM is frozen, so it builds no graph and can receive no gradient."""
@@ -447,6 +454,11 @@ class APTMixin:
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
+
+
+def reading_is_free(tensor: torch.Tensor) -> bool:
+    """Whether reading ``tensor``'s values on the host costs no device synchronisation (it lives on the CPU)."""
+    return tensor.device.type == "cpu"
 
 
 def _saved_plan_and_step(saved: dict[str, Any]) -> tuple[StagePlan | None, int]:

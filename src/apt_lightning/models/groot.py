@@ -151,7 +151,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"], causal=self.causal_vlm)
         order = visible_first(masks.expert_attention)
 
-        def vlm_pass() -> tuple[torch.Tensor, torch.Tensor]:
+        def vlm_pass() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             with self.apt_vlm_context():
                 out = self.backbone(
                     input_ids=prompt["input_ids"],
@@ -161,13 +161,12 @@ class GR00TStylePolicy(FlowMatchingPolicy):
                     output_hidden_states=True,
                 )
             features = out.hidden_states[self.select_layer]
-            return gather_tokens(features, order, 1), features
+            return gather_tokens(features, order, 1), gather_tokens(masks.expert_attention, order, 1), features
 
         if self.apt_needs_language:
-            selected, features = vlm_pass()
+            selected, visible, features = vlm_pass()
         else:  # Stage 1 and joint: the head reads only the selected layer (served by the feature cache when enabled)
-            selected, features = self.apt_cached_vlm(batch, lambda: vlm_pass()[0]), None
-        visible = gather_tokens(masks.expert_attention, order, 1)
+            (selected, visible), features = self.apt_cached_vlm(batch, lambda: vlm_pass()[:2]), None
         vl_tokens = self.vl_self_attention(self.vl_norm(selected), visible)
         return vl_tokens, visible, features, masks.language
 

@@ -137,9 +137,8 @@ class PI0Policy(FlowMatchingPolicy):
         prompt = self.prompt(batch)
         masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"])
         order = visible_first(masks.expert_attention)
-        expert_mask = gather_tokens(masks.expert_attention, order, 1)
 
-        def vlm_pass() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
+        def vlm_pass() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
             pixels = batch["pixel_values"]
             if pixels.ndim == 4:
                 pixels = pixels[:, None]
@@ -156,14 +155,14 @@ class PI0Policy(FlowMatchingPolicy):
             layers = _output_cache(out).layers
             keys = tuple(gather_tokens(layer.keys, order, 2) for layer in layers)
             values = tuple(gather_tokens(layer.values, order, 2) for layer in layers)
-            return keys, values, out.last_hidden_state
+            return keys, values, gather_tokens(masks.expert_attention, order, 1), out.last_hidden_state
 
         if self.apt_needs_language:
-            keys, values, features = vlm_pass()
+            keys, values, expert_mask, features = vlm_pass()
         else:  # Stage 1 and joint: the expert reads only the cache (served by the feature cache when enabled)
-            keys, values = self.apt_cached_vlm(batch, lambda: vlm_pass()[:2])
+            keys, values, expert_mask = self.apt_cached_vlm(batch, lambda: vlm_pass()[:3])
             features = None
-        masks.expert_attention = expert_mask
+        masks.expert_attention = expert_mask  # the cache's token order and length
         return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True))), features, masks
 
     def _velocity(
