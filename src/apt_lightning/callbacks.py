@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -16,6 +16,7 @@ from apt_lightning.errors import AptError, ContractError, NonFiniteGateError, No
 from apt_lightning.mixin import APTMixin
 from apt_lightning.optim import has_apt_groups
 from apt_lightning.schedule import Stage, StagePlan, parse_stage
+from apt_lightning.sharding import prime_optimizer_state, unsharded_parameters
 from apt_lightning.structure import fusion_sites, gate_parameters
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,15 @@ def _as_apt_module(pl_module: pl.LightningModule) -> APTMixin:
             f"{type(pl_module).__name__}(APTMixin, LightningModule)` to use APT callbacks."
         )
     return pl_module
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")  # a DTensor (FSDP2, tensor parallel)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, or the tensor itself."""
+    return tensor.to_local() if _is_sharded(tensor) else tensor
 
 
 def non_finite_entries(batch: Any, prefix: str = "") -> list[str]:
@@ -124,6 +134,13 @@ class APTStageScheduler(Callback):
                 "parameters take no gradient before the switch. Use strategy='ddp_find_unused_parameters_true' "
                 "or DDPStrategy(find_unused_parameters=True), or run the two stages as two fits."
             )
+        if isinstance(strategy, FSDPStrategy) and not strategy.kwargs.get("use_orig_params", True):
+            raise AptError(
+                "FSDPStrategy (FSDP1) flattens each wrapped unit's parameters into one, which cannot mix the frozen "
+                "VLM with the trainable expert and fusion blocks, nor keep APT's per-role param groups. Pass "
+                "FSDPStrategy(use_orig_params=True, ...) (see examples/fsdp_gpu.py), or use ModelParallelStrategy "
+                "(FSDP2) with `self.apt_fully_shard(...)` in `configure_model`."
+            )
 
     def _check_budget(self, trainer: pl.Trainer) -> None:
         switch, max_steps = self.plan.switch_step, trainer.max_steps
@@ -149,6 +166,16 @@ class APTStageScheduler(Callback):
                 )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            unsharded = unsharded_parameters(pl_module)
+            if unsharded:
+                raise ContractError(
+                    f"Under ModelParallelStrategy {len(unsharded)} parameters of {type(pl_module).__name__} are not "
+                    f"sharded ({unsharded[:3]} ...): FSDP2 would never reduce their gradients, and the ranks would "
+                    "drift apart. Shard the whole module in `configure_model`: "
+                    '`self.apt_fully_shard(units=r".*layers\\.\\d+")` (Lightning calls it after the fusion blocks '
+                    "are built)."
+                )
         if not all(has_apt_groups(optimizer) for optimizer in trainer.optimizers):
             rank_zero_warn(
                 f"{type(pl_module).__name__}.configure_optimizers does not build on APT's param groups: the gates get "
@@ -183,6 +210,9 @@ class APTStageScheduler(Callback):
                 "To continue a run, pass `ckpt_path=` to `fit`."
             )
         module.apt_set_step(trainer.global_step)  # the step is restored by now when resuming
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # sharded checkpoints need every state present
+            for optimizer in trainer.optimizers:
+                prime_optimizer_state(optimizer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -240,21 +270,26 @@ class APTStageScheduler(Callback):
         named = []
         if str(trainer.precision) != "16-mixed":  # fp16 loss scaling skips steps with inf gradients itself
             named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
-        if named:
-            norms = torch._foreach_norm([g for _, g in named])  # one fused kernel; inf/NaN anywhere -> non-finite
-            flags.append(torch.isfinite(torch.stack(norms)).all())
+        sharded = any(_is_sharded(g) for _, g in named)
+        if named:  # one fused kernel; an inf/NaN anywhere makes a norm non-finite
+            norms = torch._foreach_norm([_local(g) for _, g in named])
+            flags.append(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
         gates = gate_parameters(pl_module)  # as the previous step left them
         if gates:
-            flags.append(torch.isfinite(torch.cat([g.detach().flatten() for g in gates])).all())
-        devices = {f.device for f in flags}
-        ok = torch.stack([f.to(next(iter(devices))) for f in flags]).tolist()
+            flags.append(torch.isfinite(torch.cat([_local(g.detach()).flatten() for g in gates])).all())
+        device = flags[-1].device
+        flag_tensor = torch.stack([f.to(device) for f in flags]).float()
+        if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each rank holds only its shards: agree on the verdict, so every rank stops together
+            torch.distributed.all_reduce(flag_tensor, op=torch.distributed.ReduceOp.MIN)
+        ok = [bool(v) for v in flag_tensor.tolist()]  # the step's one host synchronisation
         if all(ok):
             return
         module = _as_apt_module(pl_module)
         if not ok[0]:
             self._stop(trainer, module, f"The loss is {self._loss.float().cpu().tolist()}")
         if named and not ok[1]:
-            finite = torch.stack([torch.isfinite(g).all() for _, g in named]).tolist()
+            finite = torch.stack([torch.isfinite(_local(g)).all() for _, g in named]).tolist()
             bad = [n for (n, _), good in zip(named, finite, strict=True) if not good]
             self._stop(trainer, module, f"The gradients of {len(bad)} parameters ({bad[:3]} ...) are not finite")
         self._check_gates(trainer, pl_module)
@@ -289,11 +324,11 @@ class APTStageScheduler(Callback):
             bad = [
                 k
                 for k, g in zip(("attn", "ff"), block.gate_parameters(), strict=True)
-                if not bool(torch.isfinite(g).all())
+                if not bool(torch.isfinite(_local(g)).all())
             ]
             if bad:
                 values = {
-                    k: float(g.detach().flatten()[0])
+                    k: float(_local(g.detach()).flatten()[0]) if _local(g).numel() else float("nan")
                     for k, g in zip(("attn", "ff"), block.gate_parameters(), strict=True)
                 }
                 raise NonFiniteGateError(
@@ -308,7 +343,7 @@ class APTStageScheduler(Callback):
         """No checkpoint holds a non-finite gate: checked when one is written (not every step)."""
         if self.check_finite:
             gates = gate_parameters(pl_module)
-            if gates and not bool(torch.isfinite(torch.cat([g.detach().flatten() for g in gates])).all()):
+            if gates and not bool(torch.isfinite(torch.cat([_local(g.detach()).flatten() for g in gates])).all()):
                 self._check_gates(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpointing

@@ -384,6 +384,28 @@ class APTMixin:
             torch.manual_seed(self._apt_seed(*keys))
             yield
 
+    # ------------------------------------------------------------------ sharding
+    def apt_fully_shard(self, units: str | list[str] | None = None, **fully_shard_kwargs: Any) -> list[str]:
+        """Shard this module with FSDP2 for ``ModelParallelStrategy``: call it from ``configure_model``.
+
+        Every parameter ends in a unit whose forward uses it (see :mod:`apt_lightning.sharding`): the modules
+        ``units`` names (a regex or peft-style names, e.g. your transformer layers), every fusion block, and each
+        other module that owns parameters. The mesh defaults to the strategy's data-parallel mesh. Returns the
+        units' names.
+
+        Example::
+
+            def configure_model(self):
+                self.apt_fully_shard(units=r".*layers\\.\\d+")
+        """
+        from apt_lightning.sharding import fully_shard_apt
+
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None and "mesh" not in fully_shard_kwargs:
+            names = mesh.mesh_dim_names or ()
+            fully_shard_kwargs["mesh"] = mesh["data_parallel"] if "data_parallel" in names else mesh
+        return fully_shard_apt(self, units, **fully_shard_kwargs)  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ optimisation
     def apt_param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters split by role, each group named and with its own lr: expert, fusion, gates, vlm."""
