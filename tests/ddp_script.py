@@ -20,7 +20,7 @@ if __name__ == "__main__":
     callbacks = [APTStageScheduler(switch_at_step=12 if variant else 4), recorder]
     callbacks += [cache] if cache is not None else []
     steps = 16 if variant else 8  # the comparison runs 1.5 epochs of Stage 1, so epoch 1 hits the cache
-    t = trainer(steps, callbacks, devices=2, strategy=strategy, use_distributed_sampler=False)
+    t = trainer(steps, callbacks, devices=2, strategy=strategy)
     t.fit(policy, loader(size=16, batch_size=2))
     torch.save({k: v.detach().clone() for k, v in policy.state_dict().items()}, out / f"rank{t.global_rank}.pt")
     meta = {"stage": policy.apt_stage, "step": t.global_step, "losses": recorder.losses}

@@ -114,3 +114,17 @@ def test_config_validation_and_warnings():
         FusionConfig(target_modules=[])
     with pytest.raises(ValueError, match="`switch_step` only applies"):
         StagePlan(first_stage=2, switch_step=3)
+
+
+def test_resumable_loader_keeps_its_own_order_when_lightning_adds_a_distributed_sampler():
+    from torch.utils.data import DistributedSampler
+
+    from apt_lightning.data import ResumableDataLoader
+
+    data = list(range(8))
+    own = [b.tolist() for b in ResumableDataLoader(data, batch_size=2, shuffle=True, seed=3)]
+    # what Lightning's use_distributed_sampler=True (its DDP/FSDP default) passes when it re-creates the loader
+    wrapped = ResumableDataLoader(
+        data, batch_size=2, shuffle=True, seed=3, sampler=DistributedSampler(data, num_replicas=2, rank=1)
+    )
+    assert [b.tolist() for b in wrapped] == own and own != [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class _EpochSampler(Sampler[int]):
@@ -57,7 +57,9 @@ class ResumableDataLoader(DataLoader):
         batch_size: samples per batch (per rank).
         shuffle: reshuffle every epoch with ``seed + epoch``.
         seed: base seed of the order.
-        **kwargs: passed to ``DataLoader`` (``collate_fn``, ``num_workers``, ``drop_last`` ...); not ``sampler``.
+        **kwargs: passed to ``DataLoader`` (``collate_fn``, ``num_workers``, ``drop_last`` ...); not ``sampler``
+            (a ``DistributedSampler``, which Lightning adds under DDP/FSDP, is replaced by the loader's own
+            rank-sharded order).
 
     Example::
 
@@ -69,6 +71,14 @@ class ResumableDataLoader(DataLoader):
     def __init__(
         self, dataset: Dataset, batch_size: int = 1, shuffle: bool = False, seed: int = 0, **kwargs: Any
     ) -> None:
+        for key in ("sampler", "batch_sampler"):  # Lightning re-creates loaders passing these explicitly as None
+            if key in kwargs and kwargs[key] is None:
+                kwargs.pop(key)
+        if isinstance(kwargs.get("sampler"), DistributedSampler):
+            # Lightning's `use_distributed_sampler=True` (its default under DDP/FSDP) re-creates the loader with a
+            # DistributedSampler; this loader already shards its own order across ranks, so it keeps that one.
+            kwargs.pop("sampler")
+            kwargs.pop("shuffle", None)
         rebuilt = _rebuilt_over_own_sampler(kwargs)
         if rebuilt is not None:  # Lightning re-creating the loader around our sampler (e.g. predict's index tracking)
             self._order = rebuilt
