@@ -20,6 +20,7 @@ Modes (each one training step of the same batch, median of ``steps`` after warm-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -127,8 +128,9 @@ def groot_vlm_config(scale: int = 1, vocab_size: int | None = None):
     )
 
 
-def build(arch: str, mode: str, scale: int, vocab_size: int | None = None) -> FlowMatchingPolicy:
-    """A reference policy of ``arch``'s geometry, prepared for ``mode`` (random weights)."""
+def build(arch: str, mode: str, scale: int, vocab_size: int | None = None, ff_mult: int = 4) -> FlowMatchingPolicy:
+    """A reference policy of ``arch``'s geometry, prepared for ``mode`` (random weights); ``ff_mult`` is the
+    fusion blocks' feed-forward expansion."""
     joint = mode == "joint"
     apt_config = APTConfig(vlm_mode="full" if joint else "frozen")
     if arch == "pi0":
@@ -150,6 +152,7 @@ def build(arch: str, mode: str, scale: int, vocab_size: int | None = None) -> Fl
             vl_self_attention_depth=4,
             apt_config=apt_config,
         )
+    policy.apt_fusion = dataclasses.replace(policy.apt_fusion, ff_mult=ff_mult)
     first = JOINT if joint else 2 if mode.startswith("stage2") else 1
     policy.apt_prepare(StagePlan(first_stage=first))
     return policy
@@ -260,6 +263,7 @@ def measure_mode(
     device: torch.device,
     precision: str = "32",
     sampling: bool = True,
+    ff_mult: int = 4,
 ) -> dict[str, Any]:
     """Median step time (s) and peak memory (bytes) of one mode, in this process."""
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
@@ -274,7 +278,7 @@ def measure_mode(
     result: dict[str, Any] = {}
     with PeakMemory(device) as memory:
         with torch.device(device):
-            policy = build(arch, mode, scale).to(dtype)
+            policy = build(arch, mode, scale, ff_mult=ff_mult).to(dtype)
         policy.train()
         if mode == "stage1_cached":
             policy._apt_feature_cache = Stage1FeatureCache(
@@ -315,6 +319,7 @@ def measure(
     modes: tuple[str, ...] = MODES,
     sampling: bool = True,
     isolate: bool = False,
+    ff_mult: int = 4,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """:func:`measure_mode` for every mode of ``arch``; ratios are computed by :func:`ratios`.
@@ -322,9 +327,15 @@ def measure(
     ``precision``: ``"32"``, ``"bf16-true"`` (weights and optimiser states in bf16) or ``"bf16-mixed"``
     (fp32 weights, bf16 autocast). ``isolate`` runs each mode in a fresh process (true CPU peak memory).
     """
-    result: dict[str, Any] = {"model": arch, "precision": precision, "batch": batch_size, "scale": scale}
+    result: dict[str, Any] = {
+        "model": arch,
+        "precision": precision,
+        "batch": batch_size,
+        "scale": scale,
+        "fusion_ff_mult": ff_mult,
+    }
     for mode in modes:
-        args = (arch, mode, scale, batch_size, steps, str(device), precision, sampling)
+        args = (arch, mode, scale, batch_size, steps, str(device), precision, sampling, ff_mult)
         if isolate:
             child = subprocess.run(
                 [sys.executable, __file__, json.dumps(args)], capture_output=True, text=True, check=False
@@ -333,7 +344,7 @@ def measure(
                 raise RuntimeError(f"{arch} {mode} failed:\n{child.stderr[-2000:]}")
             part = json.loads(child.stdout.strip().splitlines()[-1])
         else:
-            part = measure_mode(arch, mode, scale, batch_size, steps, device, precision, sampling)
+            part = measure_mode(arch, mode, scale, batch_size, steps, device, precision, sampling, ff_mult)
         result.update(part)
         log(f"{arch} {mode}: {part[f'{mode}_s'] * 1e3:.1f} ms/step, peak {part[f'{mode}_peak_bytes'] / 2**20:.0f} MiB")
     return result
@@ -361,6 +372,7 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # one mode in a fresh process: measure(..., isolate=True)
-    arch, mode, scale, batch_size, steps, device, precision, sampling = json.loads(sys.argv[1])
+    arch, mode, scale, batch_size, steps, device, precision, sampling, ff_mult = json.loads(sys.argv[1])
     torch.manual_seed(0)
-    print(json.dumps(measure_mode(arch, mode, scale, batch_size, steps, torch.device(device), precision, sampling)))
+    device = torch.device(device)
+    print(json.dumps(measure_mode(arch, mode, scale, batch_size, steps, device, precision, sampling, ff_mult)))

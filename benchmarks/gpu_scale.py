@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["pi0", "groot"])
     parser.add_argument("--precision", nargs="+", default=["bf16-true"], choices=["bf16-true", "bf16-mixed", "32"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--fusion-ff-mult", type=int, default=4, help="fusion feed-forward expansion (default 4)")
     parser.add_argument("--json", default=None, help="also write every result to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -49,6 +50,7 @@ def main() -> None:
                         precision,
                         tuple(args.modes),
                         log=lambda line: print(line, flush=True),
+                        ff_mult=args.fusion_ff_mult,
                     )
                 )
             except Exception as error:

@@ -5,7 +5,8 @@ expert; GR00T N1.5: a 12-layer Qwen3-1.7B-shaped backbone beside a 16-block DiT;
 divided by ``--scale`` so they fit 2 CPU cores, and every mode runs side by side in one invocation (each in a
 fresh process, so peak memory is the mode's own):
 
-    python benchmarks/stage_cost.py [--scale 32] [--batch 4] [--steps 5] [--precision 32] [--json]
+    python benchmarks/stage_cost.py [--scale 32] [--batch 4] [--steps 5] [--precision 32] [--fusion-ff-mult 4]
+        [--json]
 
 ``--json`` prints one JSON object per model with ``stage1_over_joint``, ``stage1_cached_over_expert_only``,
 ``stage2_over_joint``, ``fusion_overhead``, ``sampling_overhead``, the step times and peak memory per mode.
@@ -31,13 +32,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (median), after 3 warm-up")
     parser.add_argument("--archs", nargs="+", default=["pi0", "groot"], choices=["pi0", "groot"])
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "bf16-true"])
+    parser.add_argument("--fusion-ff-mult", type=int, default=4, help="fusion feed-forward expansion (default 4)")
     parser.add_argument("--json", action="store_true", help="one JSON object per model instead of a table")
     args = parser.parse_args()
     device = torch.device("cpu")
     rows = []
     for arch in args.archs:
         start = time.perf_counter()
-        row = ratios(measure(arch, args.scale, args.batch, args.steps, device, args.precision, MODES, isolate=True))
+        row = ratios(
+            measure(
+                arch,
+                args.scale,
+                args.batch,
+                args.steps,
+                device,
+                args.precision,
+                MODES,
+                isolate=True,
+                ff_mult=args.fusion_ff_mult,
+            )
+        )
         row["wall_s"] = round(time.perf_counter() - start, 1)
         row["threads"] = torch.get_num_threads()
         rows.append(row)

@@ -128,3 +128,23 @@ def test_resumable_loader_keeps_its_own_order_when_lightning_adds_a_distributed_
         data, batch_size=2, shuffle=True, seed=3, sampler=DistributedSampler(data, num_replicas=2, rank=1)
     )
     assert [b.tolist() for b in wrapped] == own and own != [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_context_keys_values_are_computed_once_per_context_when_sampling():
+    from apt_lightning import GatedCrossAttentionBlock
+
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(dim=8, context_dim=6, num_heads=2)
+    with torch.no_grad():
+        block.apt_gate_attn.fill_(0.5)
+        block.apt_gate_ff.fill_(0.5)
+    calls = []
+    block.to_kv.register_forward_hook(lambda *_: calls.append(1))
+    x, context, mask = torch.randn(2, 3, 8), torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        first, second = block(x, context, mask), block(x, context, mask)  # two denoising steps, one context
+        fresh = block(x, context.clone(), mask)  # a new context is recomputed
+    assert len(calls) == 2 and torch.equal(first, second) and torch.equal(first, fresh)
+    block(x, context, mask).sum().backward()  # with autograd nothing is memoised
+    block(x, context, mask)
+    assert len(calls) == 4

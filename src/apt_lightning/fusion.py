@@ -74,6 +74,21 @@ class GatedCrossAttentionBlock(nn.Module):
         size = dim if gate_shape == "channel" else 1
         self.apt_gate_attn = nn.Parameter(torch.zeros(size))
         self.apt_gate_ff = nn.Parameter(torch.zeros(size))
+        self._kv_memo: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def _context_keys_values(self, context: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the language context; without autograd (sampling) they are computed once per
+        context and reused by every denoising step, whose context is the same tensor."""
+        memo = self._kv_memo
+        if memo is not None and memo[0] is context and memo[1] == dtype and not torch.is_grad_enabled():
+            return memo[2], memo[3]
+        k, v = self.to_kv(self.context_norm(context.to(dtype))).chunk(2, dim=-1)
+        self._kv_memo = None if torch.is_grad_enabled() else (context, dtype, k, v)
+        return k, v
+
+    def clear_context_memo(self) -> None:
+        """Forget the memoised context keys/values (called whenever a site's context changes)."""
+        self._kv_memo = None
 
     def reset_gates(self) -> None:
         """Gates back to their initial value: an exact identity again with ``gate="tanh"``."""
@@ -129,7 +144,7 @@ class GatedCrossAttentionBlock(nn.Module):
         context_mask = context_mask.to(device=x.device, dtype=torch.bool)
         b, t, _ = x.shape
         q = self.to_q(self.attn_norm(x)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.to_kv(self.context_norm(context.to(x.dtype))).chunk(2, dim=-1)
+        k, v = self._context_keys_values(context, x.dtype)
         k = k.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
         attn = masked_attention(q, k, v, context_mask)  # exact zeros on rows without language
@@ -167,6 +182,7 @@ class GatedFusionLayer(nn.Module):
 
     def set_context(self, context: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         self._context = None if context is None else (context, mask)
+        self.apt_fusion.clear_context_memo()
 
     def __getattr__(self, name: str) -> Any:
         try:

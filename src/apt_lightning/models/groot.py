@@ -168,7 +168,10 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         else:  # Stage 1 and joint: the head reads only the selected layer (served by the feature cache when enabled)
             (selected, visible), features = self.apt_cached_vlm(batch, lambda: vlm_pass()[:2]), None
         vl_tokens = self.vl_self_attention(self.vl_norm(selected), visible)
-        return vl_tokens, visible, features, masks.language
+        language = masks.language
+        if features is not None:  # the fusion context: the text part of the images-first prompt (language lies there)
+            features, language = features[:, self.num_image_tokens :], language[:, self.num_image_tokens :]
+        return vl_tokens, visible, features, language
 
     # ------------------------------------------------------------------ flow matching (GR00T convention)
     def sample_time(self, batch_size: int) -> torch.Tensor:

@@ -163,6 +163,8 @@ class PI0Policy(FlowMatchingPolicy):
             keys, values, expert_mask = self.apt_cached_vlm(batch, lambda: vlm_pass()[:3])
             features = None
         masks.expert_attention = expert_mask  # the cache's token order and length
+        if features is not None:  # the fusion context: the text part of the images-first prompt (language lies there)
+            features, masks.language = features[:, self.num_image_tokens :], masks.language[:, self.num_image_tokens :]
         return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True))), features, masks
 
     def _velocity(
