@@ -40,6 +40,7 @@ from apt_lightning.inject import inject_fusion, resolve_targets, unload_fusion
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
 from apt_lightning.mixin import APTMixin
 from apt_lightning.schedule import JOINT, StageLRFactor, StagePlan
+from apt_lightning.sharding import fully_shard_apt
 from apt_lightning.structure import fusion_sites
 
 __version__ = "0.1.0"
@@ -77,6 +78,7 @@ __all__ = [
     "export_fusion",
     "export_va_prior",
     "export_vlm",
+    "fully_shard_apt",
     "fusion_sites",
     "fusion_state_dict",
     "inject_fusion",

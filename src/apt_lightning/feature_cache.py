@@ -273,8 +273,9 @@ class Stage1FeatureCache(Callback):
             self._bytes_per_sample = size
             self._check_budget()
         if self._bytes_in_memory + size <= self.max_memory:
-            kept = [t.to("cpu") if self.device == "cpu" else t for t in tensors]
-            self._memory[sample] = ([t.clone() for t in kept], fingerprint)
+            # a copy, never a view: a view would keep the whole batch's tensor alive
+            kept = [t.to("cpu" if self.device == "cpu" else t.device, copy=True) for t in tensors]
+            self._memory[sample] = (kept, fingerprint)
             self._bytes_in_memory += size
             return
         if self._spill_dir is None:
