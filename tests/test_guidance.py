@@ -65,7 +65,7 @@ def test_dropped_rows_take_exactly_the_stage1_path():
     policy = _stage2("groot", language_dropout=0.5)
     policy.train()
     batch = make_batch(["left", "right"] * 4)
-    vl_tokens, visible, language, language_mask = policy.encode(batch)
+    vl_tokens, visible, language, language_mask, _ = policy.encode(batch)
     x, time = torch.randn(8, 4, 2, generator=torch.Generator().manual_seed(0)), torch.full((8,), 0.3)
     keep = policy._apt_language_keep(8, x.device)
     assert 0 < int(keep.sum()) < 8, keep

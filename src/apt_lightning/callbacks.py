@@ -17,7 +17,7 @@ from apt_lightning.mixin import APTMixin
 from apt_lightning.optim import has_apt_groups
 from apt_lightning.schedule import Stage, StagePlan, parse_stage
 from apt_lightning.sharding import prime_optimizer_state, unsharded_parameters
-from apt_lightning.structure import fusion_sites, gate_parameters
+from apt_lightning.structure import fusion_sites, gate_parameters, language_gates
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,8 @@ class APTStageScheduler(Callback):
         if all(ok):
             return
         module = _as_apt_module(pl_module)
+        if gates and not ok[-1]:  # a non-finite gate makes the loss non-finite too: name the cause
+            self._check_gates(trainer, pl_module)
         if not ok[0]:
             self._stop(trainer, module, f"The loss is {self._loss.float().cpu().tolist()}")
         if named and not ok[1]:
@@ -319,6 +321,13 @@ class APTStageScheduler(Callback):
 
     @staticmethod
     def _check_gates(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for name, gate in language_gates(pl_module):
+            if not bool(torch.isfinite(_local(gate.apt_gate.detach())).all()):
+                raise NonFiniteGateError(
+                    f"The language gate `{name}` became non-finite at global step {trainer.global_step}. Training "
+                    "stopped before any checkpoint of this state. Lower `APTConfig.gate_lr` or enable gradient "
+                    "clipping."
+                )
         for site, layer in fusion_sites(pl_module):
             block = layer.apt_fusion
             bad = [

@@ -155,6 +155,34 @@ class GatedCrossAttentionBlock(nn.Module):
         return y + (self.gate_factor(self.apt_gate_ff) * ff).to(y.dtype)
 
 
+class LanguageGate(nn.Module):
+    """A zero-initialised tanh gate on a language path *inside* the expert's own layers (not a fusion block).
+
+    ``forward(prior, conditioned)`` returns ``prior + tanh(g) * (conditioned - prior)``: exactly ``prior`` while
+    ``g = 0``, so an expert that also reads language through its own attention keeps the exact Stage-2 switch.
+    The gate joins APT's ``gates`` param group (trained from the switch on, at ``gate_lr``) and its non-finite
+    checks.
+
+    Example::
+
+        >>> gate = LanguageGate()
+        >>> prior, conditioned = torch.randn(2, 3), torch.randn(2, 3)
+        >>> torch.equal(gate(prior, conditioned), prior)
+        True
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.apt_gate = nn.Parameter(torch.zeros(1))
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(self.apt_gate.detach().eq(0).all())
+
+    def forward(self, prior: torch.Tensor, conditioned: torch.Tensor) -> torch.Tensor:
+        return prior + (self.apt_gate.tanh() * (conditioned - prior)).to(prior.dtype)
+
+
 class GatedFusionLayer(nn.Module):
     """Runs ``base_layer`` unchanged, then the gated block on its output hidden states.
 

@@ -49,7 +49,7 @@ from apt_lightning.lora import has_lora, inject_vlm_lora
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
 from apt_lightning.optim import configure_apt_optimizers, param_groups
 from apt_lightning.schedule import JOINT, Stage, StagePlan, parse_stage
-from apt_lightning.structure import fusion_sites, is_fusion_key
+from apt_lightning.structure import fusion_sites, is_fusion_key, language_gates
 
 if TYPE_CHECKING:
     from apt_lightning.feature_cache import Stage1FeatureCache
@@ -334,7 +334,10 @@ class APTMixin:
                 does not fit a site (named).
         """
         sites = self.apt_sites() if self.apt_needs_language else {}
-        gates_open = any(not site.apt_fusion.is_identity for site in sites.values()) if guidance_scale != 1.0 else False
+        gates_open = guidance_scale != 1.0 and (
+            any(not site.apt_fusion.is_identity for site in sites.values())
+            or any(not gate.is_identity for _, gate in language_gates(self))  # type: ignore[arg-type]
+        )
         guidance = PriorGuidance(float(guidance_scale), active=gates_open)  # closed gates: prior == conditional
         if not self.apt_needs_language:
             yield guidance
@@ -350,6 +353,22 @@ class APTMixin:
         finally:
             for site in sites.values():
                 site.set_context(None)
+
+    def apt_expert_language_mask(self, mask: torch.Tensor, guide: PriorGuidance | None = None) -> torch.Tensor:
+        """Key mask for a language path inside the expert's own layers (behind a :class:`LanguageGate`).
+
+        ``mask`` (B, S) marks the language tokens the expert may read. The result hides them outside Stage 2,
+        from the samples that language dropout hides this step (the same samples as the fusion sites), and
+        from guidance's prior rows (pass the ``guide`` that :meth:`apt_fusion_context` yielded; the result then
+        has the expanded batch). Rows left all False must take the expert's language-free path exactly.
+        """
+        mask = mask.bool()
+        if not self.apt_needs_language:
+            return torch.zeros_like(mask)
+        keep = self._apt_language_keep(mask.shape[0], mask.device)
+        if keep is not None:
+            mask = mask & keep[:, None]
+        return guide.prior_rows_blind(mask) if guide is not None else mask
 
     def _apt_language_keep(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """(B,) bool, False on the samples whose instruction language dropout hides this training step."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
+from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer, LanguageGate
 
 BASE_ATTR = "base_layer"
 """Attribute of :class:`GatedFusionLayer` holding the wrapped module (peft's convention)."""
@@ -45,8 +45,16 @@ def fusion_blocks(model: nn.Module) -> Iterator[GatedCrossAttentionBlock]:
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The tanh gates of every fusion block (the ``gates`` param group)."""
-    return [gate for block in fusion_blocks(model) for gate in block.gate_parameters()]
+    """The tanh gates of every fusion block and every :class:`LanguageGate` (the ``gates`` param group)."""
+    gates = [gate for block in fusion_blocks(model) for gate in block.gate_parameters()]
+    return gates + [gate.apt_gate for _, gate in language_gates(model)]
+
+
+def language_gates(model: nn.Module) -> Iterator[tuple[str, LanguageGate]]:
+    """``(name, gate)`` for every :class:`LanguageGate` (language paths inside the expert's own layers)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LanguageGate):
+            yield name, module
 
 
 def fusion_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -37,19 +37,22 @@ def test_study_config_rejects_bad_settings(kwargs, match):
 
 
 def test_method_catalogue_derives_each_run():
-    assert METHOD_NAMES == ("baseline", "baseline_frozen", "apt", "apt_dropout", "apt_dropout_guided")
+    assert METHOD_NAMES == ("baseline", "baseline_frozen", "apt", "apt_dropout", "apt_dropout_guided", "apt_head")
     assert set(DEFAULT_METHODS) <= set(METHOD_NAMES) and all(type(m).__dataclass_params__.frozen for m in METHODS)
     config = StudyConfig(methods=METHOD_NAMES, language_dropout=0.25, guidance_scale=1.5)
     frozen = config.apt_config("pi0", "baseline_frozen", 0)
     assert (frozen.vlm_mode, frozen.language_dropout) == ("frozen", 0.0)
     assert config.apt_config("pi0", "apt", 0).language_dropout == 0.0
     assert config.apt_config("pi0", "apt_dropout", 0).language_dropout == 0.25
-    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.5]
+    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.5, 1.0]
     # one training per distinct (plan, APTConfig): guided reuses apt_dropout; GR00T's default baseline is frozen
     assert config.trained_as("pi0", "apt_dropout_guided") == "apt_dropout"
     assert config.trained_as("pi0", "baseline_frozen") == "baseline_frozen"
     assert config.trained_as("groot", "baseline_frozen") == "baseline"
     assert StudyConfig(methods=("apt_dropout_guided",)).trained_as("pi0", "apt_dropout_guided") == "apt_dropout_guided"
+    # the head's own language path exists on GR00T only: pi0's apt_head is its apt
+    assert config.trained_as("pi0", "apt_head") == "apt" and config.trained_as("groot", "apt_head") == "apt_head"
+    assert config.head_language("groot", "apt_head") and not config.head_language("pi0", "apt_head")
 
 
 def test_run_study_trains_both_methods_for_the_same_steps(tmp_path):

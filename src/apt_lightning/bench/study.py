@@ -79,6 +79,8 @@ class Method:
             baseline, ``StudyConfig.apt_vlm_mode`` for APT) or an explicit ``"frozen"``/``"lora"``/``"full"``.
         language_dropout: use ``StudyConfig.language_dropout`` in Stage 2.
         guided: evaluate with ``StudyConfig.guidance_scale`` (training is unchanged).
+        head_language: GR00T-style only: the head's own cross-attention also reads the instruction in Stage 2,
+            behind zero-initialised gates (``GR00TStylePolicy(head_reads_language=True)``); pi0 trains as ``apt``.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Method:
     vlm_mode: str = "default"
     language_dropout: bool = False
     guided: bool = False
+    head_language: bool = False
 
     def __post_init__(self) -> None:
         if self.vlm_mode not in ("default", "frozen", "lora", "full"):
@@ -108,6 +111,12 @@ METHODS: tuple[Method, ...] = (
         True,
         language_dropout=True,
         guided=True,
+    ),
+    Method(
+        "apt_head",
+        "APT whose GR00T head also reads language through its own cross-attention, behind zero gates",
+        True,
+        head_language=True,
     ),
 )
 """The study's methods, in table order."""
@@ -226,7 +235,12 @@ class StudyConfig:
 
     def _training_key(self, arch: str, method: str) -> tuple[Any, ...]:
         config = self.apt_config(arch, method, 0)
-        return (_BY_NAME[method].two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout)
+        head = _BY_NAME[method].head_language and arch == "groot"
+        return (_BY_NAME[method].two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head)
+
+    def head_language(self, arch: str, method: str) -> bool:
+        """Whether ``method`` builds ``arch``'s head with its own gated language path."""
+        return _BY_NAME[method].head_language and arch == "groot"
 
 
 def build_policy(
@@ -236,6 +250,7 @@ def build_policy(
     vlm_dir: str | Path | None = None,
     hidden_size: int = 64,
     chunk_size: int = 8,
+    head_reads_language: bool = False,
 ) -> FlowMatchingPolicy:
     """A reference policy sized for the benchmark, its VLM loaded from ``vlm_dir`` when given."""
     vlm = str(vlm_dir) if vlm_dir is not None else None
@@ -250,6 +265,7 @@ def build_policy(
             head_dim=hidden_size,
             head_depth=4,
             apt_config=apt_config,
+            head_reads_language=head_reads_language,
         )
     raise ValueError(f"Unknown arch {arch!r}; expected one of {ARCHS}.")
 
@@ -381,7 +397,8 @@ def train_method(
     """Train one (arch, method, seed) of ``config``: ``(policy, trainer, gate monitor, train seconds)``."""
     apt_config = config.apt_config(arch, method, seed)
     pl.seed_everything(seed, verbose=False)  # same expert initialisation for every method
-    policy = build_policy(arch, vocab_size, apt_config, vlm_dir, config.hidden_size, config.chunk_size)
+    head = config.head_language(arch, method)
+    policy = build_policy(arch, vocab_size, apt_config, vlm_dir, config.hidden_size, config.chunk_size, head)
     monitor = GateMonitor(every_n_steps=10)
     trainer = pl.Trainer(
         max_steps=config.steps,

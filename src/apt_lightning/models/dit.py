@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_lightning.attention import masked_attention
+from apt_lightning.fusion import LanguageGate
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -41,10 +42,12 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """Pre-norm transformer block; the attention norm is AdaLN (scale/shift from the time embedding)."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None) -> None:
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None, language_gate: bool = False) -> None:
         super().__init__()
         self.dim = self.hidden_size = dim
         self.cross = context_dim is not None
+        # a cross-attention block may also read language tokens, behind a zero gate (exact at the switch)
+        self.language_gate = LanguageGate() if language_gate and self.cross else None
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
         self.ada = nn.Linear(dim, 2 * dim)
         self.attn = Attention(dim, context_dim, num_heads)
@@ -52,11 +55,26 @@ class DiTBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        language: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         scale, shift = self.ada(F.silu(temb))[:, None].chunk(2, -1)
         h = self.norm1(x) * (1 + scale) + shift
-        x = x + (self.attn(h, context, context_mask) if self.cross else self.attn(h, h, None))
+        if not self.cross:
+            return self._ff(x + self.attn(h, h, None))
+        attended = self.attn(h, context, context_mask)
+        if self.language_gate is not None and language is not None:
+            tokens, mask = language  # the same attention over the VL tokens and the language tokens
+            with_language = self.attn(h, torch.cat([context, tokens], 1), torch.cat([context_mask, mask], 1))
+            with_language = torch.where(mask.any(-1)[:, None, None], with_language, attended)  # no language: exact
+            attended = self.language_gate(attended, with_language)
+        return self._ff(x + attended)
+
+    def _ff(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ff(self.norm2(x))
 
 
@@ -71,6 +89,8 @@ class DiTActionHead(nn.Module):
         dim: width of the head.
         depth: number of blocks (even: cross-attention, odd: self-attention).
         num_heads: attention heads.
+        language_gates: give each cross-attention block a :class:`~apt_lightning.fusion.LanguageGate`, so it can
+            also attend to language tokens (``forward(..., language=(tokens, mask))``) behind a zero gate.
 
     Example::
 
@@ -89,6 +109,7 @@ class DiTActionHead(nn.Module):
         dim: int = 64,
         depth: int = 4,
         num_heads: int = 4,
+        language_gates: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -98,7 +119,7 @@ class DiTActionHead(nn.Module):
         self.position = nn.Parameter(torch.zeros(1, chunk_size + 1, dim))
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(
-            [DiTBlock(dim, num_heads, context_dim if i % 2 == 0 else None) for i in range(depth)]
+            [DiTBlock(dim, num_heads, context_dim if i % 2 == 0 else None, language_gates) for i in range(depth)]
         )
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False)
         self.ada_out = nn.Linear(dim, 2 * dim)
@@ -106,7 +127,13 @@ class DiTActionHead(nn.Module):
         nn.init.normal_(self.position, std=0.02)
 
     def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        state: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        language: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         t_features = sinusoidal_embedding(t * 1000.0, self.dim).to(x_t.dtype)  # GR00T embeds the discretised time
         temb = self.time_mlp(t_features)
@@ -114,7 +141,7 @@ class DiTActionHead(nn.Module):
         actions = self.action_time(torch.cat([actions, t_features[:, None].expand_as(actions)], -1))
         x = torch.cat([self.state_encoder(state)[:, None], actions], 1) + self.position
         for block in self.blocks:
-            x = block(x, temb, context, context_mask)
+            x = block(x, temb, context, context_mask, language)
         scale, shift = self.ada_out(F.silu(temb))[:, None].chunk(2, -1)
         x = self.norm_out(x) * (1 + scale) + shift
         return self.proj_out(x[:, 1:])

@@ -9,7 +9,7 @@ is unmasked in GR00T), and Stage 2 adds language through gated cross-attention a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, PaliGemmaConfig, PretrainedConfi
 from apt_lightning.attention import masked_attention
 from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.feature_cache import gather_tokens, visible_first
+from apt_lightning.guidance import PriorGuidance
 from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, tiny_gemma, tiny_siglip
 from apt_lightning.models.dit import DiTActionHead
 
@@ -61,6 +62,18 @@ class VLSelfAttention(nn.Module):
         return x
 
 
+class Encoded(NamedTuple):
+    """What the head reads: VL tokens without language and their key mask; the fusion context (text features
+    and language mask, ``None`` outside Stage 2); the text as the head's VL stack sees it with language visible
+    (``head_reads_language`` in Stage 2, else ``None``)."""
+
+    vl_tokens: torch.Tensor
+    visible: torch.Tensor
+    language: torch.Tensor | None
+    language_mask: torch.Tensor
+    head_tokens: torch.Tensor | None
+
+
 class GR00TStylePolicy(FlowMatchingPolicy):
     """VLM backbone (PaliGemma here; any ``AutoModel`` VLM with ``image_token_id``) + DiT flow-matching head.
 
@@ -75,6 +88,9 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         causal_vlm: ``True`` for decoder-only VLMs (Qwen-VL, Eagle); ``False`` for PaliGemma's bidirectional prefix.
         num_inference_steps: Euler steps (GR00T uses 4).
         apt_config: APT optimisation and VLM-mode settings.
+        head_reads_language: in Stage 2 the head's own cross-attention blocks also read the instruction (its text
+            tokens through the VL self-attention stack, as GR00T's baseline head does), each behind a zero-init
+            :class:`~apt_lightning.fusion.LanguageGate`, in addition to the fusion blocks; the switch stays exact.
 
     Example::
 
@@ -105,6 +121,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         causal_vlm: bool = False,
         num_inference_steps: int = 4,
         apt_config: APTConfig | dict[str, Any] | None = None,
+        head_reads_language: bool = False,
     ) -> None:
         super().__init__()
         if vlm_pretrained is not None:
@@ -126,6 +143,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             vl_self_attention_depth=vl_self_attention_depth,
             causal_vlm=causal_vlm,
             num_inference_steps=num_inference_steps,
+            head_reads_language=head_reads_language,
         )
         self.apt_fusion = FusionConfig(target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads)
         self.select_layer = select_layer
@@ -136,11 +154,19 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         self.image_token_id = config.image_token_id
         self.vl_norm = nn.LayerNorm(width)
         self.vl_self_attention = VLSelfAttention(width, vl_self_attention_depth, num_heads=2)
-        self.action_head = DiTActionHead(action_dim, state_dim, chunk_size, width, head_dim, head_depth, head_heads)
+        self.head_reads_language = head_reads_language
+        self.action_head = DiTActionHead(
+            action_dim,
+            state_dim,
+            chunk_size,
+            width,
+            head_dim,
+            head_depth,
+            head_heads,
+            language_gates=head_reads_language,
+        )
 
-    def encode(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def encode(self, batch: dict[str, torch.Tensor]) -> Encoded:
         """VL tokens and their key mask for the head (language dropped), plus language features and mask.
 
         The head's tokens are the selected layer's visible (non-language) tokens first, so they do not depend on
@@ -169,9 +195,23 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             (selected, visible), features = self.apt_cached_vlm(batch, lambda: vlm_pass()[:2]), None
         vl_tokens = self.vl_self_attention(self.vl_norm(selected), visible)
         language = masks.language
+        head_tokens = None
         if features is not None:  # the fusion context: the text part of the images-first prompt (language lies there)
             features, language = features[:, self.num_image_tokens :], language[:, self.num_image_tokens :]
-        return vl_tokens, visible, features, language
+            if self.head_reads_language:  # the text as GR00T's own VL stack sees it with language visible
+                stack = self.vl_norm(torch.cat([selected, features], 1))
+                head_tokens = self.vl_self_attention(stack, torch.cat([visible, language], 1))[:, selected.shape[1] :]
+        return Encoded(vl_tokens, visible, features, language, head_tokens)
+
+    def _head_language(
+        self, encoded: Encoded, guide: PriorGuidance | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The language tokens and key mask the head's own cross-attention reads (behind its language gates)."""
+        if encoded.head_tokens is None:
+            return None
+        mask = self.apt_expert_language_mask(encoded.language_mask, guide)
+        tokens = guide.expand(encoded.head_tokens) if guide is not None else encoded.head_tokens
+        return tokens, mask
 
     # ------------------------------------------------------------------ flow matching (GR00T convention)
     def sample_time(self, batch_size: int) -> torch.Tensor:
@@ -181,11 +221,13 @@ class GR00TStylePolicy(FlowMatchingPolicy):
 
     def flow_loss(self, batch: dict[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         actions = batch["actions"]
-        vl_tokens, visible, language, language_mask = self.encode(batch)
+        encoded = self.encode(batch)
         t = time[:, None, None].to(noise.dtype)  # time is drawn in float32; the mix runs in the data dtype
         x_t = (1 - t) * noise + t * actions
-        with self.apt_fusion_context(language, language_mask):
-            velocity = self.action_head(x_t, time, batch["state"], vl_tokens, visible)
+        with self.apt_fusion_context(encoded.language, encoded.language_mask):
+            velocity = self.action_head(
+                x_t, time, batch["state"], encoded.vl_tokens, encoded.visible, self._head_language(encoded)
+            )
         return torch.nn.functional.mse_loss(velocity, actions - noise)
 
     @torch.no_grad()
@@ -201,10 +243,12 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         if noise is None:
             noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device)
         x = noise.to(self.dtype)  # the weights' dtype (bf16-true models sample in bf16)
-        vl_tokens, visible, language, language_mask = self.encode(batch)  # once per chunk
-        with self.apt_fusion_context(language, language_mask, guidance_scale) as guide:
-            state, vl_tokens, visible = guide.expand(batch["state"]), guide.expand(vl_tokens), guide.expand(visible)
+        encoded = self.encode(batch)  # once per chunk
+        with self.apt_fusion_context(encoded.language, encoded.language_mask, guidance_scale) as guide:
+            state, vl_tokens = guide.expand(batch["state"]), guide.expand(encoded.vl_tokens)
+            visible, language = guide.expand(encoded.visible), self._head_language(encoded, guide)
             for step in range(num_steps):
                 time = torch.full((state.shape[0],), step / num_steps, device=x.device)
-                x = x + guide.combine(self.action_head(guide.expand(x), time, state, vl_tokens, visible)) / num_steps
+                velocity = self.action_head(guide.expand(x), time, state, vl_tokens, visible, language)
+                x = x + guide.combine(velocity) / num_steps
         return x
