@@ -182,3 +182,15 @@ def test_ddp_two_processes_cached_equals_uncached(tmp_path):
         assert cached["cache_hits"] > 0  # each rank served its own samples from its own cache
     ranks = [torch.load(tmp_path / "cache" / f"rank{r}.pt") for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # and the ranks stayed in sync
+
+
+def test_a_model_that_never_asks_the_cache_is_warned_about():
+    class Ignores(type(make_policy("groot"))):
+        def apt_cached_vlm(self, batch, compute):
+            return compute()
+
+    policy = make_policy("groot")
+    policy.__class__ = Ignores
+    loader = ResumableDataLoader(LanguageDecidesDataset(), batch_size=4, shuffle=True, collate_fn=collate)
+    with pytest.warns(UserWarning, match="served no sample.*apt_cached_vlm"):
+        trainer(4, [APTStageScheduler(stage=1), Stage1FeatureCache()]).fit(policy, loader)

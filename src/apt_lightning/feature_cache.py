@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
@@ -80,8 +81,8 @@ def input_fingerprint(x: torch.Tensor) -> torch.Tensor:
 
 def weights_fingerprint(module: torch.nn.Module) -> tuple[float, ...]:
     """Per-parameter sums of ``module`` (one host sync): changes when any weight does."""
-    with torch.no_grad():
-        sums = [p.detach().double().sum() for p in module.parameters()]
+    with torch.no_grad():  # this rank's shard of sharded (FSDP2) parameters: each rank checks its own
+        sums = [_local(p.detach()).double().sum() for p in module.parameters()]
     return tuple(torch.stack(sums).cpu().tolist()) if sums else ()
 
 
@@ -102,9 +103,9 @@ class Stage1FeatureCache(Callback):
         check_keys: batch keys whose per-sample fingerprint must match on every hit (augmentation guard).
 
     Raises:
-        FeatureCacheError: at fit start for a plan without Stage 1, a module that does not call
-            ``apt_cached_vlm``-compatible helpers, or a dataset whose features cannot fit; during Stage 1 for a
-            batch without ``sample_key`` or a sample whose inputs changed between visits.
+        FeatureCacheError: at setup for a module that is not an :class:`~apt_lightning.APTMixin`; at fit start
+            for a plan without Stage 1 or a dataset whose features cannot fit; during Stage 1 for a batch without
+            ``sample_key`` or a sample whose inputs changed between visits.
     """
 
     def __init__(
@@ -188,6 +189,13 @@ class Stage1FeatureCache(Callback):
             if fingerprint != self._vlm_fingerprint:
                 self.clear()  # weights changed under us (a callback loaded new ones): recompute, never serve stale
                 self._vlm_fingerprint = fingerprint
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.hits + self.misses == 0 and pl_module.apt_stage == 1:  # type: ignore[attr-defined]
+            rank_zero_warn(
+                f"Stage1FeatureCache served no sample in a Stage-1 epoch: {type(pl_module).__name__} does not route "
+                "its VLM pass through `self.apt_cached_vlm(batch, compute)`, so the cache does nothing."
+            )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         if len(self) and pl_module.apt_stage != 1:  # type: ignore[attr-defined]
@@ -307,6 +315,10 @@ class Stage1FeatureCache(Callback):
             "Raise `max_memory`, give `spill_dir=` (a local disk with that much room), or train Stage 1 without "
             "the cache."
         )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def parse_bytes(value: int | str) -> int:
