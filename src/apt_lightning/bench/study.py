@@ -81,6 +81,8 @@ class Method:
         guided: evaluate with ``StudyConfig.guidance_scale`` (training is unchanged).
         head_language: GR00T-style only: the head's own cross-attention also reads the instruction in Stage 2,
             behind zero-initialised gates (``GR00TStylePolicy(head_reads_language=True)``); pi0 trains as ``apt``.
+        fusion: :class:`~apt_lightning.FusionConfig` fields that differ from the default, as ``(name, value)`` pairs
+            (the fusion-variant ablations).
     """
 
     name: str
@@ -90,6 +92,7 @@ class Method:
     language_dropout: bool = False
     guided: bool = False
     head_language: bool = False
+    fusion: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.vlm_mode not in ("default", "frozen", "lora", "full"):
@@ -111,6 +114,18 @@ METHODS: tuple[Method, ...] = (
         True,
         language_dropout=True,
         guided=True,
+    ),
+    Method(
+        "apt_sigmoid",
+        "APT with sigmoid gates initialised at 0.5 (APT's released code; the switch is not an identity)",
+        True,
+        fusion=(("gate", "sigmoid"),),
+    ),
+    Method(
+        "apt_channel",
+        "APT with one tanh gate per channel instead of per block",
+        True,
+        fusion=(("gate_shape", "channel"),),
     ),
     Method(
         "apt_head",
@@ -235,8 +250,9 @@ class StudyConfig:
 
     def _training_key(self, arch: str, method: str) -> tuple[Any, ...]:
         config = self.apt_config(arch, method, 0)
-        head = _BY_NAME[method].head_language and arch == "groot"
-        return (_BY_NAME[method].two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head)
+        entry = _BY_NAME[method]
+        head = entry.head_language and arch == "groot"
+        return (entry.two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head, entry.fusion)
 
     def head_language(self, arch: str, method: str) -> bool:
         """Whether ``method`` builds ``arch``'s head with its own gated language path."""
@@ -251,12 +267,13 @@ def build_policy(
     hidden_size: int = 64,
     chunk_size: int = 8,
     head_reads_language: bool = False,
+    fusion_options: dict[str, Any] | None = None,
 ) -> FlowMatchingPolicy:
     """A reference policy sized for the benchmark, its VLM loaded from ``vlm_dir`` when given."""
     vlm = str(vlm_dir) if vlm_dir is not None else None
     if arch == "pi0":
         config = tiny_pi0_config(chunk_size=chunk_size, vocab_size=vocab_size, hidden_size=hidden_size)
-        return PI0Policy(config, apt_config=apt_config, vlm_pretrained=vlm)
+        return PI0Policy(config, apt_config=apt_config, vlm_pretrained=vlm, fusion_options=fusion_options)
     if arch == "groot":
         return GR00TStylePolicy(
             tiny_paligemma_config(vocab_size=vocab_size, hidden_size=hidden_size),
@@ -266,6 +283,7 @@ def build_policy(
             head_depth=4,
             apt_config=apt_config,
             head_reads_language=head_reads_language,
+            fusion_options=fusion_options,
         )
     raise ValueError(f"Unknown arch {arch!r}; expected one of {ARCHS}.")
 
@@ -398,7 +416,8 @@ def train_method(
     apt_config = config.apt_config(arch, method, seed)
     pl.seed_everything(seed, verbose=False)  # same expert initialisation for every method
     head = config.head_language(arch, method)
-    policy = build_policy(arch, vocab_size, apt_config, vlm_dir, config.hidden_size, config.chunk_size, head)
+    fusion = dict(_BY_NAME[method].fusion) or None
+    policy = build_policy(arch, vocab_size, apt_config, vlm_dir, config.hidden_size, config.chunk_size, head, fusion)
     monitor = GateMonitor(every_n_steps=10)
     trainer = pl.Trainer(
         max_steps=config.steps,

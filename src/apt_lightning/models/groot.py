@@ -91,6 +91,8 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         head_reads_language: in Stage 2 the head's own cross-attention blocks also read the instruction (its text
             tokens through the VL self-attention stack, as GR00T's baseline head does), each behind a zero-init
             :class:`~apt_lightning.fusion.LanguageGate`, in addition to the fusion blocks; the switch stays exact.
+        fusion_options: other :class:`FusionConfig` fields for the fusion blocks (``gate``, ``gate_shape``,
+            ``ff_mult`` ...), e.g. ``{"gate": "sigmoid"}`` for the ablations.
 
     Example::
 
@@ -122,6 +124,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         num_inference_steps: int = 4,
         apt_config: APTConfig | dict[str, Any] | None = None,
         head_reads_language: bool = False,
+        fusion_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if vlm_pretrained is not None:
@@ -144,8 +147,11 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             causal_vlm=causal_vlm,
             num_inference_steps=num_inference_steps,
             head_reads_language=head_reads_language,
+            fusion_options=fusion_options,
         )
-        self.apt_fusion = FusionConfig(target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads)
+        self.apt_fusion = FusionConfig(
+            target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads, **(fusion_options or {})
+        )
         self.select_layer = select_layer
         self.causal_vlm = causal_vlm
         self.action_dim, self.chunk_size, self.num_inference_steps = action_dim, chunk_size, num_inference_steps

@@ -79,6 +79,8 @@ class PI0Policy(FlowMatchingPolicy):
         apt_config: APT optimisation and VLM-mode settings.
         action_dim: dimensions of the dataset's actions (padded to ``max_action_dim``).
         fusion_heads: attention heads of each gated cross-attention block.
+        fusion_options: other :class:`FusionConfig` fields for the fusion blocks (``gate``, ``gate_shape``,
+            ``ff_mult`` ...), e.g. ``{"gate": "sigmoid"}`` for the ablations.
         vlm_pretrained: directory of a pretrained PaliGemma (``save_pretrained``) whose weights replace the VLM's,
             e.g. from :func:`apt_lightning.bench.pretrained_vlm`.
 
@@ -103,6 +105,7 @@ class PI0Policy(FlowMatchingPolicy):
         apt_config: APTConfig | dict[str, Any] | None = None,
         action_dim: int | None = None,
         fusion_heads: int = 2,
+        fusion_options: dict[str, Any] | None = None,
         vlm_pretrained: str | None = None,
     ) -> None:
         super().__init__()
@@ -114,8 +117,12 @@ class PI0Policy(FlowMatchingPolicy):
             self.pi0.model.vlm.load_state_dict(AutoModel.from_pretrained(vlm_pretrained).state_dict())
         cfg = self.pi0.config
         self.apt_config = as_apt_config(apt_config)
-        self.save_policy_hyperparameters(config=cfg.to_dict(), action_dim=action_dim, fusion_heads=fusion_heads)
-        self.apt_fusion = FusionConfig(target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads)
+        self.save_policy_hyperparameters(
+            config=cfg.to_dict(), action_dim=action_dim, fusion_heads=fusion_heads, fusion_options=fusion_options
+        )
+        self.apt_fusion = FusionConfig(
+            target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads, **(fusion_options or {})
+        )
         self.chunk_size = cfg.chunk_size
         self.action_dim = action_dim or cfg.max_action_dim
         vision = cfg.vlm_config.vision_config
