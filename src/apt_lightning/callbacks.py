@@ -288,13 +288,18 @@ class APTStageScheduler(Callback):
         module = _as_apt_module(pl_module)
         if gates and not ok[-1]:  # a non-finite gate makes the loss non-finite too: name the cause
             self._check_gates(trainer, pl_module)
+            raise NonFiniteGateError(  # the bad gate is in another rank's shard
+                f"A gate became non-finite on another rank (sharded training) before global step "
+                f"{trainer.global_step}. Training stopped before any checkpoint of this state. Lower "
+                "`APTConfig.gate_lr` or enable gradient clipping."
+            )
         if not ok[0]:
-            self._stop(trainer, module, f"The loss is {self._loss.float().cpu().tolist()}")
+            where = " on some rank" if sharded else ""
+            self._stop(trainer, module, f"The loss is {self._loss.float().cpu().tolist()}{where}")
         if named and not ok[1]:
             finite = torch.stack([torch.isfinite(_local(g)).all() for _, g in named]).tolist()
             bad = [n for (n, _), good in zip(named, finite, strict=True) if not good]
             self._stop(trainer, module, f"The gradients of {len(bad)} parameters ({bad[:3]} ...) are not finite")
-        self._check_gates(trainer, pl_module)
 
     def _stop(self, trainer: pl.Trainer, module: APTMixin, what: str) -> None:
         stage = module.apt_stage
