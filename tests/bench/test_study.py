@@ -45,6 +45,7 @@ def test_method_catalogue_derives_each_run():
         "apt_dropout_guided",
         "apt_sigmoid",
         "apt_channel",
+        "apt_per_site",
         "apt_head",
     )
     assert set(DEFAULT_METHODS) <= set(METHOD_NAMES) and all(type(m).__dataclass_params__.frozen for m in METHODS)
@@ -53,7 +54,7 @@ def test_method_catalogue_derives_each_run():
     assert (frozen.vlm_mode, frozen.language_dropout) == ("frozen", 0.0)
     assert config.apt_config("pi0", "apt", 0).language_dropout == 0.0
     assert config.apt_config("pi0", "apt_dropout", 0).language_dropout == 0.25
-    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.0, 1.0]
+    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0]
     assert config.trained_as("groot", "apt_sigmoid") == "apt_sigmoid" != config.trained_as("groot", "apt_channel")
     # one training per distinct (plan, APTConfig): guided reuses apt_dropout; GR00T's default baseline is frozen
     assert config.trained_as("pi0", "apt_dropout_guided") == "apt_dropout"

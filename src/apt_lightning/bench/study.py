@@ -83,6 +83,7 @@ class Method:
             behind zero-initialised gates (``GR00TStylePolicy(head_reads_language=True)``); pi0 trains as ``apt``.
         fusion: :class:`~apt_lightning.FusionConfig` fields that differ from the default, as ``(name, value)`` pairs
             (the fusion-variant ablations).
+        per_site: each fusion site reads the VLM layer at its own depth (``per_site_language=True``).
     """
 
     name: str
@@ -93,6 +94,7 @@ class Method:
     guided: bool = False
     head_language: bool = False
     fusion: tuple[tuple[str, Any], ...] = ()
+    per_site: bool = False
 
     def __post_init__(self) -> None:
         if self.vlm_mode not in ("default", "frozen", "lora", "full"):
@@ -126,6 +128,12 @@ METHODS: tuple[Method, ...] = (
         "APT with one tanh gate per channel instead of per block",
         True,
         fusion=(("gate_shape", "channel"),),
+    ),
+    Method(
+        "apt_per_site",
+        "APT with per-site contexts: fusion site i reads the VLM layer at its depth",
+        True,
+        per_site=True,
     ),
     Method(
         "apt_head",
@@ -252,7 +260,8 @@ class StudyConfig:
         config = self.apt_config(arch, method, 0)
         entry = _BY_NAME[method]
         head = entry.head_language and arch == "groot"
-        return (entry.two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head, entry.fusion)
+        key = (entry.two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head, entry.fusion)
+        return (*key, entry.per_site)
 
     def head_language(self, arch: str, method: str) -> bool:
         """Whether ``method`` builds ``arch``'s head with its own gated language path."""
@@ -268,12 +277,19 @@ def build_policy(
     chunk_size: int = 8,
     head_reads_language: bool = False,
     fusion_options: dict[str, Any] | None = None,
+    per_site_language: bool = False,
 ) -> FlowMatchingPolicy:
     """A reference policy sized for the benchmark, its VLM loaded from ``vlm_dir`` when given."""
     vlm = str(vlm_dir) if vlm_dir is not None else None
     if arch == "pi0":
         config = tiny_pi0_config(chunk_size=chunk_size, vocab_size=vocab_size, hidden_size=hidden_size)
-        return PI0Policy(config, apt_config=apt_config, vlm_pretrained=vlm, fusion_options=fusion_options)
+        return PI0Policy(
+            config,
+            apt_config=apt_config,
+            vlm_pretrained=vlm,
+            fusion_options=fusion_options,
+            per_site_language=per_site_language,
+        )
     if arch == "groot":
         return GR00TStylePolicy(
             tiny_paligemma_config(vocab_size=vocab_size, hidden_size=hidden_size),
@@ -284,6 +300,7 @@ def build_policy(
             apt_config=apt_config,
             head_reads_language=head_reads_language,
             fusion_options=fusion_options,
+            per_site_language=per_site_language,
         )
     raise ValueError(f"Unknown arch {arch!r}; expected one of {ARCHS}.")
 
@@ -417,7 +434,17 @@ def train_method(
     pl.seed_everything(seed, verbose=False)  # same expert initialisation for every method
     head = config.head_language(arch, method)
     fusion = dict(_BY_NAME[method].fusion) or None
-    policy = build_policy(arch, vocab_size, apt_config, vlm_dir, config.hidden_size, config.chunk_size, head, fusion)
+    policy = build_policy(
+        arch,
+        vocab_size,
+        apt_config,
+        vlm_dir,
+        config.hidden_size,
+        config.chunk_size,
+        head,
+        fusion,
+        _BY_NAME[method].per_site,
+    )
     monitor = GateMonitor(every_n_steps=10)
     trainer = pl.Trainer(
         max_steps=config.steps,

@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import pickle
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -138,6 +138,23 @@ def tiny_siglip(hidden_size: int, num_layers: int, image_size: int) -> dict[str,
         patch_size=8,
         vision_use_head=False,
     )
+
+
+def site_layers(num_sites: int, num_layers: int) -> list[int]:
+    """Hidden-states index (1..num_layers) each of ``num_sites`` fusion sites reads, spread evenly by depth:
+    expert layer i reads VLM layer ceil((i + 1) * num_layers / num_sites).
+
+    Example::
+
+        >>> site_layers(4, 2), site_layers(18, 18)[:3]
+        ([1, 1, 2, 2], [1, 2, 3])
+    """
+    return [-(-(i + 1) * num_layers // num_sites) for i in range(num_sites)]
+
+
+def per_site_text(hidden_states: Sequence[torch.Tensor], num_sites: int, start: int) -> list[torch.Tensor]:
+    """The text part (from token ``start``) of the VLM layer each fusion site reads (:func:`site_layers`)."""
+    return [hidden_states[k][:, start:] for k in site_layers(num_sites, len(hidden_states) - 1)]
 
 
 def pad_last_dim(x: torch.Tensor, size: int) -> torch.Tensor:

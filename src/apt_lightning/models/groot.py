@@ -19,7 +19,7 @@ from apt_lightning.attention import masked_attention
 from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.feature_cache import gather_tokens, visible_first
 from apt_lightning.guidance import PriorGuidance
-from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, tiny_gemma, tiny_siglip
+from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, per_site_text, tiny_gemma, tiny_siglip
 from apt_lightning.models.dit import DiTActionHead
 
 
@@ -69,7 +69,7 @@ class Encoded(NamedTuple):
 
     vl_tokens: torch.Tensor
     visible: torch.Tensor
-    language: torch.Tensor | None
+    language: torch.Tensor | list[torch.Tensor] | None
     language_mask: torch.Tensor
     head_tokens: torch.Tensor | None
 
@@ -93,6 +93,8 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             :class:`~apt_lightning.fusion.LanguageGate`, in addition to the fusion blocks; the switch stays exact.
         fusion_options: other :class:`FusionConfig` fields for the fusion blocks (``gate``, ``gate_shape``,
             ``ff_mult`` ...), e.g. ``{"gate": "sigmoid"}`` for the ablations.
+        per_site_language: each fusion site reads the backbone layer at its own relative depth (DiT block i reads
+            layer ceil((i + 1) L_vlm / n_blocks)) instead of ``select_layer``.
 
     Example::
 
@@ -125,6 +127,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         apt_config: APTConfig | dict[str, Any] | None = None,
         head_reads_language: bool = False,
         fusion_options: dict[str, Any] | None = None,
+        per_site_language: bool = False,
     ) -> None:
         super().__init__()
         if vlm_pretrained is not None:
@@ -148,6 +151,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             num_inference_steps=num_inference_steps,
             head_reads_language=head_reads_language,
             fusion_options=fusion_options,
+            per_site_language=per_site_language,
         )
         self.apt_fusion = FusionConfig(
             target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads, **(fusion_options or {})
@@ -160,7 +164,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         self.image_token_id = config.image_token_id
         self.vl_norm = nn.LayerNorm(width)
         self.vl_self_attention = VLSelfAttention(width, vl_self_attention_depth, num_heads=2)
-        self.head_reads_language = head_reads_language
+        self.head_reads_language, self.per_site_language = head_reads_language, per_site_language
         self.action_head = DiTActionHead(
             action_dim,
             state_dim,
@@ -193,21 +197,28 @@ class GR00TStylePolicy(FlowMatchingPolicy):
                     output_hidden_states=True,
                 )
             features = out.hidden_states[self.select_layer]
-            return gather_tokens(features, order, 1), gather_tokens(masks.expert_attention, order, 1), features
+            selected = gather_tokens(features, order, 1)
+            return selected, gather_tokens(masks.expert_attention, order, 1), out.hidden_states
 
-        if self.apt_needs_language:
-            selected, visible, features = vlm_pass()
-        else:  # Stage 1 and joint: the head reads only the selected layer (served by the feature cache when enabled)
-            (selected, visible), features = self.apt_cached_vlm(batch, lambda: vlm_pass()[:2]), None
-        vl_tokens = self.vl_self_attention(self.vl_norm(selected), visible)
         language = masks.language
+        fusion_context: torch.Tensor | list[torch.Tensor] | None = None
         head_tokens = None
-        if features is not None:  # the fusion context: the text part of the images-first prompt (language lies there)
-            features, language = features[:, self.num_image_tokens :], language[:, self.num_image_tokens :]
+        if self.apt_needs_language:
+            selected, visible, hidden_states = vlm_pass()
+            # the fusion context: the text part of the images-first prompt (language lies there)
+            start = self.num_image_tokens
+            text = hidden_states[self.select_layer][:, start:]
+            language = language[:, start:]
+            fusion_context = (
+                per_site_text(hidden_states, len(self.apt_sites()), start) if self.per_site_language else text
+            )
             if self.head_reads_language:  # the text as GR00T's own VL stack sees it with language visible
-                stack = self.vl_norm(torch.cat([selected, features], 1))
+                stack = self.vl_norm(torch.cat([selected, text], 1))
                 head_tokens = self.vl_self_attention(stack, torch.cat([visible, language], 1))[:, selected.shape[1] :]
-        return Encoded(vl_tokens, visible, features, language, head_tokens)
+        else:  # Stage 1 and joint: the head reads only the selected layer (served by the feature cache when enabled)
+            selected, visible = self.apt_cached_vlm(batch, lambda: vlm_pass()[:2])
+        vl_tokens = self.vl_self_attention(self.vl_norm(selected), visible)
+        return Encoded(vl_tokens, visible, fusion_context, language, head_tokens)
 
     def _head_language(
         self, encoded: Encoded, guide: PriorGuidance | None = None

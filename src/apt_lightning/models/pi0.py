@@ -20,7 +20,14 @@ from transformers import AutoModel, DynamicCache, PI0Config, PI0ForConditionalGe
 
 from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.feature_cache import gather_tokens, visible_first
-from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, pad_last_dim, tiny_gemma, tiny_siglip
+from apt_lightning.models.base import (
+    FlowMatchingPolicy,
+    as_apt_config,
+    pad_last_dim,
+    per_site_text,
+    tiny_gemma,
+    tiny_siglip,
+)
 
 
 def tiny_pi0_config(
@@ -81,6 +88,8 @@ class PI0Policy(FlowMatchingPolicy):
         fusion_heads: attention heads of each gated cross-attention block.
         fusion_options: other :class:`FusionConfig` fields for the fusion blocks (``gate``, ``gate_shape``,
             ``ff_mult`` ...), e.g. ``{"gate": "sigmoid"}`` for the ablations.
+        per_site_language: each fusion site reads the VLM layer at its own relative depth (expert layer i reads
+            VLM layer ceil((i + 1) L_vlm / L_expert)) instead of the last one.
         vlm_pretrained: directory of a pretrained PaliGemma (``save_pretrained``) whose weights replace the VLM's,
             e.g. from :func:`apt_lightning.bench.pretrained_vlm`.
 
@@ -105,8 +114,9 @@ class PI0Policy(FlowMatchingPolicy):
         apt_config: APTConfig | dict[str, Any] | None = None,
         action_dim: int | None = None,
         fusion_heads: int = 2,
-        fusion_options: dict[str, Any] | None = None,
         vlm_pretrained: str | None = None,
+        fusion_options: dict[str, Any] | None = None,
+        per_site_language: bool = False,
     ) -> None:
         super().__init__()
         if pretrained is not None:
@@ -118,8 +128,13 @@ class PI0Policy(FlowMatchingPolicy):
         cfg = self.pi0.config
         self.apt_config = as_apt_config(apt_config)
         self.save_policy_hyperparameters(
-            config=cfg.to_dict(), action_dim=action_dim, fusion_heads=fusion_heads, fusion_options=fusion_options
+            config=cfg.to_dict(),
+            action_dim=action_dim,
+            fusion_heads=fusion_heads,
+            fusion_options=fusion_options,
+            per_site_language=per_site_language,
         )
+        self.per_site_language = per_site_language
         self.apt_fusion = FusionConfig(
             target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads, **(fusion_options or {})
         )
@@ -134,7 +149,9 @@ class PI0Policy(FlowMatchingPolicy):
         return self.pi0.config.max_action_dim
 
     # ------------------------------------------------------------------ conditioning
-    def encode_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor | None, Any]:
+    def encode_prefix(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[Any, torch.Tensor | list[torch.Tensor] | None, Any]:
         """One VLM pass: KV cache for the expert, language features for Stage 2, and the masks.
 
         The cache holds the prefix's visible (non-language) tokens first, so it does not depend on where the
@@ -158,20 +175,26 @@ class PI0Policy(FlowMatchingPolicy):
                     attention_mask=masks.vlm_attention,
                     position_ids=masks.position_ids,
                     use_cache=True,
+                    output_hidden_states=self.per_site_language and self.apt_needs_language,
                 )
             layers = _output_cache(out).layers
             keys = tuple(gather_tokens(layer.keys, order, 2) for layer in layers)
             values = tuple(gather_tokens(layer.values, order, 2) for layer in layers)
-            return keys, values, gather_tokens(masks.expert_attention, order, 1), out.last_hidden_state
+            return keys, values, gather_tokens(masks.expert_attention, order, 1), out
 
+        features: torch.Tensor | list[torch.Tensor] | None = None
         if self.apt_needs_language:
-            keys, values, expert_mask, features = vlm_pass()
+            keys, values, expert_mask, out = vlm_pass()
+            # the fusion context: the text part of the images-first prompt (language lies there)
+            start = self.num_image_tokens
+            if self.per_site_language:
+                features = per_site_text(out.hidden_states, len(self.apt_sites()), start)
+            else:
+                features = out.last_hidden_state[:, start:]
+            masks.language = masks.language[:, start:]
         else:  # Stage 1 and joint: the expert reads only the cache (served by the feature cache when enabled)
             keys, values, expert_mask = self.apt_cached_vlm(batch, lambda: vlm_pass()[:3])
-            features = None
         masks.expert_attention = expert_mask  # the cache's token order and length
-        if features is not None:  # the fusion context: the text part of the images-first prompt (language lies there)
-            features, masks.language = features[:, self.num_image_tokens :], masks.language[:, self.num_image_tokens :]
         return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True))), features, masks
 
     def _velocity(
