@@ -33,8 +33,8 @@ def fully_shard_apt(module: nn.Module, units: str | list[str] | None = None, **f
         fully_shard_kwargs: passed to ``fully_shard`` (``mesh``, ``mp_policy``, ``reshard_after_forward`` ...).
 
     Raises:
-        ContractError: the module has no fusion blocks although its plan has Stage 2 (``configure_model`` ran
-            before the scheduler's ``setup``), or a module is already sharded.
+        ContractError: the module is not prepared (no scheduler, or ``configure_model`` ran before the
+            scheduler's ``setup`` built the fusion blocks), or part of it is already sharded.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
