@@ -62,6 +62,22 @@ def siglip(scale: int) -> dict[str, Any]:
     )
 
 
+def gemma(
+    width: int, mlp: int, layers: int, heads: int, kv_heads: int, head_dim: int, scale: int, **extra: Any
+) -> dict[str, Any]:
+    """A Gemma-style text config: real depth and head counts, widths (model, MLP, head) divided by ``scale``."""
+    return dict(
+        model_type="gemma",
+        hidden_size=_div(width, scale),
+        intermediate_size=_div(mlp, scale),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=_div(head_dim, scale),
+        **extra,
+    )
+
+
 def pi0_config(scale: int = 1, vocab_size: int | None = None):
     """``transformers.PI0Config`` of pi0's geometry, widths divided by ``scale`` (1 = the real model); the
     vocabulary shrinks with the width so the embedding keeps its share of the parameters."""
@@ -69,25 +85,8 @@ def pi0_config(scale: int = 1, vocab_size: int | None = None):
 
     vocab_size = vocab_size or 257_152 // scale
 
-    text = dict(
-        model_type="gemma",
-        hidden_size=_div(2048, scale),
-        intermediate_size=_div(16384, scale),
-        num_hidden_layers=18,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        head_dim=_div(256, scale),
-        vocab_size=vocab_size,
-    )
-    expert = dict(
-        model_type="gemma",
-        hidden_size=_div(1024, scale),
-        intermediate_size=_div(4096, scale),
-        num_hidden_layers=18,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        head_dim=_div(256, scale),
-    )
+    text = gemma(2048, 16384, 18, 8, 1, 256, scale, vocab_size=vocab_size)
+    expert = gemma(1024, 4096, 18, 8, 1, 256, scale)
     return PI0Config(
         vlm_config=dict(
             model_type="paligemma",
@@ -112,16 +111,7 @@ def groot_vlm_config(scale: int = 1, vocab_size: int | None = None):
 
     width = _div(2048, scale)
     return PaliGemmaConfig(
-        text_config=dict(
-            model_type="gemma",
-            hidden_size=width,
-            intermediate_size=_div(6144, scale),
-            num_hidden_layers=12,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=_div(128, scale),
-            vocab_size=vocab_size,
-        ),
+        text_config=gemma(2048, 6144, 12, 16, 8, 128, scale, vocab_size=vocab_size),
         vision_config=siglip(scale),
         projection_dim=width,
         image_token_id=vocab_size - 1,

@@ -16,7 +16,7 @@ from apt_lightning.errors import AptError, ContractError, NonFiniteGateError, No
 from apt_lightning.mixin import APTMixin
 from apt_lightning.optim import has_apt_groups
 from apt_lightning.schedule import Stage, StagePlan, parse_stage
-from apt_lightning.sharding import prime_optimizer_state, unsharded_parameters
+from apt_lightning.sharding import is_sharded, local_shard, prime_optimizer_state, unsharded_parameters
 from apt_lightning.structure import fusion_sites, gate_parameters, language_gates
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,9 @@ def _as_apt_module(pl_module: pl.LightningModule) -> APTMixin:
     return pl_module
 
 
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")  # a DTensor (FSDP2, tensor parallel)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor, or the tensor itself."""
-    return tensor.to_local() if _is_sharded(tensor) else tensor
+def _gates_finite(gates: list[torch.Tensor]) -> torch.Tensor:
+    """On the device: whether every gate (this rank's shards) is finite."""
+    return torch.isfinite(torch.cat([local_shard(g.detach()).flatten() for g in gates])).all()
 
 
 def non_finite_entries(batch: Any, prefix: str = "") -> list[str]:
@@ -270,13 +266,13 @@ class APTStageScheduler(Callback):
         named = []
         if str(trainer.precision) != "16-mixed":  # fp16 loss scaling skips steps with inf gradients itself
             named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
-        sharded = any(_is_sharded(g) for _, g in named)
+        sharded = any(is_sharded(g) for _, g in named)
         if named:  # one fused kernel; an inf/NaN anywhere makes a norm non-finite
-            norms = torch._foreach_norm([_local(g) for _, g in named])
+            norms = torch._foreach_norm([local_shard(g) for _, g in named])
             flags.append(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
         gates = gate_parameters(pl_module)  # as the previous step left them
         if gates:
-            flags.append(torch.isfinite(torch.cat([_local(g.detach()).flatten() for g in gates])).all())
+            flags.append(_gates_finite(gates))
         device = flags[-1].device
         flag_tensor = torch.stack([f.to(device) for f in flags]).float()
         if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -297,7 +293,7 @@ class APTStageScheduler(Callback):
             where = " on some rank" if sharded else ""
             self._stop(trainer, module, f"The loss is {self._loss.float().cpu().tolist()}{where}")
         if named and not ok[1]:
-            finite = torch.stack([torch.isfinite(_local(g)).all() for _, g in named]).tolist()
+            finite = torch.stack([torch.isfinite(local_shard(g)).all() for _, g in named]).tolist()
             bad = [n for (n, _), good in zip(named, finite, strict=True) if not good]
             self._stop(trainer, module, f"The gradients of {len(bad)} parameters ({bad[:3]} ...) are not finite")
 
@@ -327,7 +323,7 @@ class APTStageScheduler(Callback):
     @staticmethod
     def _check_gates(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for name, gate in language_gates(pl_module):
-            if not bool(torch.isfinite(_local(gate.apt_gate.detach())).all()):
+            if not bool(torch.isfinite(local_shard(gate.apt_gate.detach())).all()):
                 raise NonFiniteGateError(
                     f"The language gate `{name}` became non-finite at global step {trainer.global_step}. Training "
                     "stopped before any checkpoint of this state. Lower `APTConfig.gate_lr` or enable gradient "
@@ -338,11 +334,11 @@ class APTStageScheduler(Callback):
             bad = [
                 k
                 for k, g in zip(("attn", "ff"), block.gate_parameters(), strict=True)
-                if not bool(torch.isfinite(_local(g)).all())
+                if not bool(torch.isfinite(local_shard(g)).all())
             ]
             if bad:
                 values = {
-                    k: float(_local(g.detach()).flatten()[0]) if _local(g).numel() else float("nan")
+                    k: float(local_shard(g.detach()).flatten()[0]) if local_shard(g).numel() else float("nan")
                     for k, g in zip(("attn", "ff"), block.gate_parameters(), strict=True)
                 }
                 raise NonFiniteGateError(
@@ -357,7 +353,7 @@ class APTStageScheduler(Callback):
         """No checkpoint holds a non-finite gate: checked when one is written (not every step)."""
         if self.check_finite:
             gates = gate_parameters(pl_module)
-            if gates and not bool(torch.isfinite(torch.cat([_local(g.detach()).flatten() for g in gates])).all()):
+            if gates and not bool(_gates_finite(gates)):
                 self._check_gates(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpointing

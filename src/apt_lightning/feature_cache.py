@@ -24,7 +24,6 @@ Safety rules, each enforced rather than documented:
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
 from apt_lightning.errors import FeatureCacheError
+from apt_lightning.sharding import local_shard
 
 T = TypeVar("T")
 
@@ -82,7 +82,7 @@ def input_fingerprint(x: torch.Tensor) -> torch.Tensor:
 def weights_fingerprint(module: torch.nn.Module) -> tuple[float, ...]:
     """Per-parameter sums of ``module`` (one host sync): changes when any weight does."""
     with torch.no_grad():  # this rank's shard of sharded (FSDP2) parameters: each rank checks its own
-        sums = [_local(p.detach()).double().sum() for p in module.parameters()]
+        sums = [local_shard(p.detach()).double().sum() for p in module.parameters()]
     return tuple(torch.stack(sums).cpu().tolist()) if sums else ()
 
 
@@ -223,7 +223,7 @@ class Stage1FeatureCache(Callback):
                 "instruction-free and frozen in Stage 1. Call `apt_cached_vlm`, which bypasses the cache outside it."
             )
         ids = self._sample_ids(batch)
-        fingerprints = self._fingerprints(batch)
+        fingerprints = self._fingerprints(batch, len(ids))
         if all(i in self._memory or i in self._spilled for i in ids):
             self._check_inputs(ids, fingerprints)
             self.hits += len(ids)
@@ -258,10 +258,10 @@ class Stage1FeatureCache(Callback):
         ids = batch[self.sample_key]
         return [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
 
-    def _fingerprints(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _fingerprints(self, batch: dict[str, Any], size: int) -> torch.Tensor:
         parts = [input_fingerprint(batch[key]) for key in self.check_keys if isinstance(batch.get(key), torch.Tensor)]
         if not parts:
-            return torch.zeros(len(self._sample_ids(batch)), 0, dtype=torch.int64)
+            return torch.zeros(size, 0, dtype=torch.int64)
         return torch.cat(parts, 1).cpu()
 
     def _check_inputs(self, ids: list[int], fingerprints: torch.Tensor) -> None:
@@ -317,10 +317,6 @@ class Stage1FeatureCache(Callback):
         )
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def parse_bytes(value: int | str) -> int:
     """``4096``, ``"512MiB"``, ``"4GiB"``, ``"2GB"`` -> bytes."""
     if isinstance(value, bool):
@@ -368,8 +364,3 @@ def _dataset_size(trainer: pl.Trainer) -> int | None:
         return len(trainer.train_dataloader.dataset)  # type: ignore[union-attr, arg-type]
     except (AttributeError, TypeError):  # iterable datasets, custom loaders: checked at the first overflow instead
         return None
-
-
-def spill_tempdir() -> Path:
-    """A fresh temporary directory for ``Stage1FeatureCache(spill_dir=...)`` (tests, notebooks)."""
-    return Path(tempfile.mkdtemp(prefix="apt-feature-cache-"))

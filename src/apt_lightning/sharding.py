@@ -66,6 +66,16 @@ def fully_shard_apt(module: nn.Module, units: str | list[str] | None = None, **f
     return chosen
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2, tensor parallel), of which this rank holds a shard."""
+    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
 def _has_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward
 

@@ -259,7 +259,7 @@ class StudyConfig:
     def _training_key(self, arch: str, method: str) -> tuple[Any, ...]:
         config = self.apt_config(arch, method, 0)
         entry = _BY_NAME[method]
-        head = entry.head_language and arch == "groot"
+        head = self.head_language(arch, method)
         key = (entry.two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head, entry.fusion)
         return (*key, entry.per_site)
 
