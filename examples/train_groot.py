@@ -30,7 +30,7 @@ data = TabletopDataModule(episodes=300, chunk_size=8, batch_size=32)
 vlm_dir = None
 if not args.random_vlm:  # a PaliGemma pretrained on diverse language from the environment (cached after the first run)
     vlm_dir, _ = pretrained_vlm(
-        tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=64), data.tokenizer, VLMPretrainingConfig()
+        tiny_paligemma_config(**data.tokenizer.vlm_vocabulary, hidden_size=64), data.tokenizer, VLMPretrainingConfig()
     )
 
 if args.baseline:
@@ -41,7 +41,7 @@ else:
     scheduler = APTStageScheduler(switch_at_step=args.switch)
 
 policy = GR00TStylePolicy(
-    tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=64),
+    tiny_paligemma_config(**data.tokenizer.vlm_vocabulary, hidden_size=64),
     vlm_pretrained=str(vlm_dir) if vlm_dir else None,  # GR00T loads its VLM backbone from a pretrained checkpoint
     chunk_size=8,
     head_dim=64,

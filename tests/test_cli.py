@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModel
 
 from apt_lightning.bench import InstructionResolutionError, vlm_pretraining
-from apt_lightning.bench.cli import APTLightningCLI, evaluate_main, main, model_vlm_width
+from apt_lightning.bench.cli import APTLightningCLI, _check_model_matches_data, evaluate_main, main, model_vlm_width
 from apt_lightning.bench.datamodule import TabletopDataModule
 from apt_lightning.models import FlowMatchingPolicy, GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
 
@@ -31,9 +31,10 @@ def _cli(config: Path, *extra: str) -> APTLightningCLI:
 @pytest.mark.parametrize("name", ["pi0_apt", "pi0_baseline", "groot_apt", "groot_baseline"])
 def test_bundled_configs_build_a_model_that_matches_the_benchmark(name):
     cli = _cli(CONFIGS / f"{name}.yaml", "--data.episodes", "1")
-    reference = tiny_paligemma_config(vocab_size=cli.datamodule.vocab_size, hidden_size=64)
+    reference = tiny_paligemma_config(**cli.datamodule.tokenizer.vlm_vocabulary, hidden_size=64)
     vlm = cli.model.apt_vlm_module
     assert vlm.config.get_text_config().vocab_size == cli.datamodule.vocab_size
+    assert vlm.config.image_token_id == cli.datamodule.image_token_id == cli.datamodule.tokenizer.image_id
     assert {k: v.shape for k, v in vlm.state_dict().items()} == {
         k: v.shape for k, v in type(vlm)(reference).state_dict().items()
     }  # the cached pretrained VLM loads into it
@@ -41,6 +42,14 @@ def test_bundled_configs_build_a_model_that_matches_the_benchmark(name):
     scheduler = next(c for c in cli.trainer.callbacks if type(c).__name__ == "APTStageScheduler")
     assert scheduler.plan.is_joint == name.endswith("baseline")
     assert model_vlm_width(cli.config["model"]) == 64  # from the parsed config alone, asking the policy class
+
+
+def test_a_vlm_that_reads_other_image_ids_than_the_tokenizer_is_refused_before_fit():
+    data = TabletopDataModule(episodes=1, chunk_size=4)
+    stale = PI0Policy(tiny_pi0_config(vocab_size=data.vocab_size + 1))  # image id past the tokenizer's <image>
+    with pytest.raises(ValueError, match=r"image_token_id 130 != the tokenizer's <image> id 4"):
+        _check_model_matches_data(stale, data)
+    _check_model_matches_data(PI0Policy(tiny_pi0_config(**data.tokenizer.vlm_vocabulary)), data)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def vlm_config(tokenizer) -> PaliGemmaConfig:
-    return tiny_paligemma_config(vocab_size=tokenizer.vocab_size + 1, hidden_size=32)
+    return tiny_paligemma_config(**tokenizer.vlm_vocabulary, hidden_size=32)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,8 +60,8 @@ def test_config_validation(overrides: dict[str, Any], match: str) -> None:
 
 
 def test_vocabulary_mismatch_is_rejected(tokenizer) -> None:
-    clash = tiny_paligemma_config(vocab_size=tokenizer.vocab_size, hidden_size=32)  # image id = a word id
-    with pytest.raises(ValueError, match="image token"):
+    clash = tiny_paligemma_config(vocab_size=tokenizer.vocab_size + 1, hidden_size=32)  # image id past <image>
+    with pytest.raises(ValueError, match="<image> id 4"):
         vp.pretrain_vlm(clash, tokenizer, vp.VLMPretrainingConfig(**TINY), progress=False)
 
 

@@ -70,7 +70,9 @@ class APTLightningCLI(LightningCLI):
         model = config["model"]
         hidden = model_vlm_width(model)
         data = TabletopDataModule()
-        path, _ = pretrained_vlm(tiny_paligemma_config(vocab_size=data.vocab_size, hidden_size=hidden), data.tokenizer)
+        path, _ = pretrained_vlm(
+            tiny_paligemma_config(**data.tokenizer.vlm_vocabulary, hidden_size=hidden), data.tokenizer
+        )
         model["init_args"]["vlm_pretrained"] = str(path)
 
     def before_fit(self) -> None:
@@ -116,7 +118,10 @@ def _check_model_matches_data(model: FlowMatchingPolicy, data: Any) -> None:
     vlm_config = model.apt_vlm_module.config
     vocab = vlm_config.get_text_config().vocab_size
     if vocab < data.vocab_size:
-        problems.append(f"VLM vocabulary {vocab} < benchmark vocabulary {data.vocab_size} (prompt words + image token)")
+        problems.append(f"VLM vocabulary {vocab} < benchmark vocabulary {data.vocab_size} (prompt words + <image>)")
+    image_token_id = getattr(vlm_config, "image_token_id", None)
+    if image_token_id != data.image_token_id:
+        problems.append(f"VLM image_token_id {image_token_id} != the tokenizer's <image> id {data.image_token_id}")
     if problems:
         raise ValueError(
             "Model and data do not match: " + "; ".join(problems) + ". Set the model config to the data "

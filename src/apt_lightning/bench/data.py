@@ -2,7 +2,8 @@
 
 A *sample* is one step of an expert trajectory: the observation at that step, the instruction prompt, and
 the next ``chunk_size`` expert actions. Chunks running past the end of the episode are padded with zeros
-and flagged in ``action_pad_mask`` so losses can ignore them.
+and flagged in ``action_pad_mask``; the reference policies' losses ignore them
+(:func:`~apt_lightning.models.base.chunk_mse`).
 
 Sample keys (batched by :func:`collate` with a leading ``B``):
 

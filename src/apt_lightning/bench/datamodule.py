@@ -71,8 +71,13 @@ class TabletopDataModule(pl.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """Vocabulary of the prompts plus one id for the image token (what the VLM config needs)."""
-        return self.tokenizer.vocab_size + 1
+        """Ids the prompts use, the ``<image>`` placeholder included (the VLM config's ``vocab_size``)."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def image_token_id(self) -> int:
+        """The tokenizer's ``<image>`` id (the VLM config's ``image_token_id``)."""
+        return self.tokenizer.image_id
 
     def setup(self, stage: str) -> None:
         hp = self.hparams

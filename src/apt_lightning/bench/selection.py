@@ -96,7 +96,7 @@ def select_settings(
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)
     try:
-        vocab, vlm_dir, _ = prepare_vlm(config, progress, cache_dir)
+        vocabulary, vlm_dir, _ = prepare_vlm(config, progress, cache_dir)
         records: list[dict[str, Any]] = []
         data = {seed: study_data(config, seed) for seed in config.seeds}
         for p in dropouts:
@@ -104,7 +104,7 @@ def select_settings(
             for arch in config.archs:
                 for seed in config.seeds:
                     policy, _, _, train_s = train_method(
-                        run_config, arch, "apt_dropout", seed, vocab, vlm_dir, data[seed]
+                        run_config, arch, "apt_dropout", seed, vocabulary, vlm_dir, data[seed]
                     )
                     tic = time.perf_counter()
                     results = evaluate_validation(policy, seed, episodes, (1.0, *scales))

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,7 @@ class StudyConfig:
 
 def build_policy(
     arch: str,
-    vocab_size: int,
+    vocabulary: Mapping[str, int],
     apt_config: APTConfig,
     vlm_dir: str | Path | None = None,
     hidden_size: int = 64,
@@ -279,10 +279,13 @@ def build_policy(
     fusion_options: dict[str, Any] | None = None,
     per_site_language: bool = False,
 ) -> FlowMatchingPolicy:
-    """A reference policy sized for the benchmark, its VLM loaded from ``vlm_dir`` when given."""
+    """A reference policy sized for the benchmark, its VLM loaded from ``vlm_dir`` when given.
+
+    ``vocabulary`` is the tokenizer's :attr:`~apt_lightning.bench.tokenizer.WordTokenizer.vlm_vocabulary`.
+    """
     vlm = str(vlm_dir) if vlm_dir is not None else None
     if arch == "pi0":
-        config = tiny_pi0_config(chunk_size=chunk_size, vocab_size=vocab_size, hidden_size=hidden_size)
+        config = tiny_pi0_config(chunk_size=chunk_size, hidden_size=hidden_size, **vocabulary)
         return PI0Policy(
             config,
             apt_config=apt_config,
@@ -292,7 +295,7 @@ def build_policy(
         )
     if arch == "groot":
         return GR00TStylePolicy(
-            tiny_paligemma_config(vocab_size=vocab_size, hidden_size=hidden_size),
+            tiny_paligemma_config(hidden_size=hidden_size, **vocabulary),
             vlm_pretrained=vlm,
             chunk_size=chunk_size,
             head_dim=hidden_size,
@@ -407,16 +410,20 @@ def run_study(
 
 def prepare_vlm(
     config: StudyConfig, progress: bool = True, cache_dir: str | Path | None = None
-) -> tuple[int, Path | None, dict[str, Any] | None]:
-    """``(vocab_size, vlm_dir, pretraining record)``: the pretrained VLM every run starts from (cached on disk)."""
-    prompts = TabletopDataModule()
+) -> tuple[dict[str, int], Path | None, dict[str, Any] | None]:
+    """``(vocabulary, vlm_dir, pretraining record)``: the pretrained VLM every run starts from (cached on disk).
+
+    ``vocabulary`` holds the VLM config's ``vocab_size`` and ``image_token_id`` for the benchmark's tokenizer.
+    """
+    tokenizer = TabletopDataModule().tokenizer
+    vocabulary = tokenizer.vlm_vocabulary
     if not config.pretrain_vlm:
-        return prompts.vocab_size, None, None
-    vlm_config = tiny_paligemma_config(vocab_size=prompts.vocab_size, hidden_size=config.hidden_size)
+        return vocabulary, None, None
+    vlm_config = tiny_paligemma_config(hidden_size=config.hidden_size, **vocabulary)
     vlm_dir, pretraining = pretrained_vlm(
-        vlm_config, prompts.tokenizer, config.pretraining, cache_dir=cache_dir, progress=progress
+        vlm_config, tokenizer, config.pretraining, cache_dir=cache_dir, progress=progress
     )
-    return prompts.vocab_size, vlm_dir, pretraining
+    return vocabulary, vlm_dir, pretraining
 
 
 def train_method(
@@ -424,7 +431,7 @@ def train_method(
     arch: str,
     method: str,
     seed: int,
-    vocab_size: int,
+    vocabulary: Mapping[str, int],
     vlm_dir: str | Path | None,
     data: TabletopDataModule,
     callbacks: list[Callback] | None = None,
@@ -436,7 +443,7 @@ def train_method(
     fusion = dict(_BY_NAME[method].fusion) or None
     policy = build_policy(
         arch,
-        vocab_size,
+        vocabulary,
         apt_config,
         vlm_dir,
         config.hidden_size,
@@ -474,7 +481,7 @@ def _run_study(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(out) if out is not None else None
-    vocab, vlm_dir, pretraining = prepare_vlm(config, progress, cache_dir)
+    vocabulary, vlm_dir, pretraining = prepare_vlm(config, progress, cache_dir)
     plan = list(_runs(config))
     bar = tqdm(total=len(plan) * config.steps, desc="training", unit="step", disable=not progress)
     runs: list[dict[str, Any]] = []
@@ -490,7 +497,7 @@ def _run_study(
             recorder = LearningCurve(config.curve_every, config.curve_episodes, seed, scales, config.steps)
             callbacks.append(recorder)
         policy, trainer, monitor, train_s = train_method(
-            config, arch, trained_as, seed, vocab, vlm_dir, data[seed], callbacks
+            config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], callbacks
         )
         curve_s = recorder.eval_s if recorder is not None else 0.0
         train_s -= curve_s  # the training's own time, comparable with runs without curves

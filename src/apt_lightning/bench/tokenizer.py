@@ -82,6 +82,16 @@ class WordTokenizer:
         return len(self._id_to_token)
 
     @property
+    def vlm_vocabulary(self) -> dict[str, int]:
+        """``vocab_size`` and ``image_token_id`` for a VLM config that reads this tokenizer's ids.
+
+        As in PaliGemma, the image placeholder is a token of the tokenizer itself, so prompts laid out by
+        :func:`build_prompt` with image placeholders are read by the model as images:
+        ``tiny_paligemma_config(**tokenizer.vlm_vocabulary, hidden_size=64)``.
+        """
+        return {"vocab_size": self.vocab_size, "image_token_id": self.image_id}
+
+    @property
     def vocabulary(self) -> tuple[str, ...]:
         """All tokens, indexed by id."""
         return tuple(self._id_to_token)

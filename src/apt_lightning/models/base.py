@@ -157,6 +157,20 @@ def per_site_text(hidden_states: Sequence[torch.Tensor], num_sites: int, start: 
     return [hidden_states[k][:, start:] for k in site_layers(num_sites, len(hidden_states) - 1)]
 
 
+def chunk_mse(prediction: torch.Tensor, target: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the chunk steps that exist.
+
+    A chunk that runs past the end of its episode is padded (``pad_mask`` ``(B, T)`` True there, LeRobot's
+    ``action_is_pad``); those steps carry no demonstration, so they do not count, as in LeRobot's pi0 and GR00T.
+    Without a mask every step counts (``F.mse_loss``).
+    """
+    if pad_mask is None:
+        return torch.nn.functional.mse_loss(prediction, target)
+    keep = (~pad_mask.bool()).unsqueeze(-1).to(prediction.dtype)
+    squared = (prediction - target).square() * keep
+    return squared.sum() / (keep.sum() * prediction.shape[-1]).clamp(min=1)
+
+
 def pad_last_dim(x: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad the last dimension of ``x`` to ``size`` (pi0 pads state/actions to ``max_*_dim``)."""
     if x.shape[-1] > size:

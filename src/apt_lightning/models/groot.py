@@ -19,19 +19,34 @@ from apt_lightning.attention import masked_attention
 from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.feature_cache import gather_tokens, visible_first
 from apt_lightning.guidance import PriorGuidance
-from apt_lightning.models.base import FlowMatchingPolicy, as_apt_config, per_site_text, tiny_gemma, tiny_siglip
+from apt_lightning.models.base import (
+    FlowMatchingPolicy,
+    as_apt_config,
+    chunk_mse,
+    per_site_text,
+    tiny_gemma,
+    tiny_siglip,
+)
 from apt_lightning.models.dit import DiTActionHead
 
 
 def tiny_paligemma_config(
-    vocab_size: int = 128, image_size: int = 32, hidden_size: int = 32, num_layers: int = 2
+    vocab_size: int = 128,
+    image_size: int = 32,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    image_token_id: int | None = None,
 ) -> PaliGemmaConfig:
-    """A PaliGemma small enough for CPU tests (random weights, no download)."""
+    """A PaliGemma small enough for CPU tests (random weights, no download).
+
+    ``image_token_id`` is the id prompts use for image placeholders (the last id when None); pass your
+    tokenizer's, e.g. ``tiny_paligemma_config(**tokenizer.vlm_vocabulary)`` for the benchmark's.
+    """
     return PaliGemmaConfig(
         text_config=tiny_gemma(hidden_size, num_layers, vocab_size=vocab_size),
         vision_config=tiny_siglip(hidden_size, num_layers, image_size),
         projection_dim=hidden_size,
-        image_token_id=vocab_size - 1,
+        image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
     )
 
 
@@ -245,7 +260,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             velocity = self.action_head(
                 x_t, time, batch["state"], encoded.vl_tokens, encoded.visible, self._head_language(encoded)
             )
-        return torch.nn.functional.mse_loss(velocity, actions - noise)
+        return chunk_mse(velocity, actions - noise, batch.get("action_pad_mask"))
 
     @torch.no_grad()
     def sample_actions(

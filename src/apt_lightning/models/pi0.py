@@ -23,6 +23,7 @@ from apt_lightning.feature_cache import gather_tokens, visible_first
 from apt_lightning.models.base import (
     FlowMatchingPolicy,
     as_apt_config,
+    chunk_mse,
     pad_last_dim,
     per_site_text,
     tiny_gemma,
@@ -39,8 +40,12 @@ def tiny_pi0_config(
     hidden_size: int = 32,
     num_layers: int = 2,
     num_inference_steps: int = 5,
+    image_token_id: int | None = None,
 ) -> PI0Config:
-    """A PI0Config small enough to train on CPU in milliseconds (random weights, no download)."""
+    """A PI0Config small enough to train on CPU in milliseconds (random weights, no download).
+
+    ``image_token_id`` is the id prompts use for image placeholders (the last id when None).
+    """
     gemma = tiny_gemma(hidden_size, num_layers)
     return PI0Config(
         vlm_config=dict(
@@ -48,7 +53,7 @@ def tiny_pi0_config(
             text_config={**gemma, "vocab_size": vocab_size},
             vision_config=tiny_siglip(hidden_size, num_layers, image_size),
             projection_dim=hidden_size,
-            image_token_id=vocab_size - 1,
+            image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
         ),
         dit_config=gemma,
         chunk_size=chunk_size,
@@ -219,7 +224,9 @@ class PI0Policy(FlowMatchingPolicy):
         state = pad_last_dim(batch["state"], self.pi0.config.max_state_dim)
         with self.apt_fusion_context(features, masks.language):
             velocity = self._velocity(state, x_t, time, cache, masks.expert_attention)
-        return torch.nn.functional.mse_loss(velocity[..., : self.action_dim], (noise - actions)[..., : self.action_dim])
+        return chunk_mse(
+            velocity[..., : self.action_dim], (noise - actions)[..., : self.action_dim], batch.get("action_pad_mask")
+        )
 
     @torch.no_grad()
     def sample_actions(
