@@ -57,6 +57,26 @@ def test_scenes_are_valid() -> None:
             )
 
 
+def test_random_scene_is_the_one_fresh_scene_generator() -> None:
+    from apt_lightning.bench.scene import random_scene
+
+    rng = np.random.default_rng(0)
+    targets = []
+    for _ in range(200):
+        scene = random_scene(rng, 4, include=[("red", None, "small")], accept=lambda a: a[0] != "red")
+        assert scene.target_object.colour == "red" and scene.target_object.size == "small"
+        assert sum(o.colour == "red" for o in scene.objects) == 1  # distractors pass `accept`
+        assert len({o.pair for o in scene.objects}) == 4
+        targets.append(scene.target)
+    assert set(targets) == {0, 1, 2, 3}  # the target's position is shuffled
+    a, b = (random_scene(np.random.default_rng(7), 3) for _ in range(2))
+    assert a == b  # a pure function of the generator state
+    with pytest.raises(ValueError, match="distinct"):
+        random_scene(rng, 3, include=[("red", "circle", None), ("red", "circle", "large")])
+    with pytest.raises(RuntimeError, match="admitted"):
+        random_scene(rng, 3, accept=lambda a: False, max_tries=50)
+
+
 def test_render_shape_dtype_and_gripper() -> None:
     episode = make_episodes("seen", 1, seed=0)[0]
     image = render(episode.scene, episode.ee_start)
@@ -131,3 +151,33 @@ def test_env_reset_with_bare_scene() -> None:
     env = TabletopEnv(seed=0)
     env.reset(scene)
     assert env.episode.scene == scene and env.instruction in ("pick up the blue circle", "pick the blue circle up")
+
+
+def test_env_rollout_and_expert_trajectories_step_alike() -> None:
+    """The three users of the stepping rule end every episode at the same step, contact and position."""
+    from apt_lightning.bench import LockstepEpisodes, expert_trajectory, rollout, scripted_actions
+
+    episodes = make_episodes("counterfactual", 12, seed=5) + make_episodes("novel_layout", 12, seed=5)
+
+    def expert(batch):
+        idx, state = batch["episode_index"].numpy(), batch["state"].double().numpy()
+        return np.stack([scripted_actions(episodes[i].scene, state[j], 1) for j, i in enumerate(idx)])
+
+    batched = rollout(expert, episodes, chunk_size=1)
+    env = TabletopEnv()
+    for i, episode in enumerate(episodes):
+        positions, _, success = expert_trajectory(episode)
+        env.reset(episode)
+        done, info = False, {}
+        while not done:
+            observed = env.ee_pos.astype(np.float32).astype(np.float64)  # as the rollout's policy sees it
+            _, _, done, info = env.step_chunk(scripted_actions(episode.scene, observed, 1))
+        assert info["steps"] == len(positions) == batched.steps[i]
+        assert info["contact"] == batched.contact[i] and info["success"] == success == batched.success[i]
+        assert np.array_equal(env.ee_pos, batched.final_state[i])
+
+    state = LockstepEpisodes(episodes[:2], max_steps=1)
+    state.step(np.zeros((2, 2)))
+    assert state.done.all() and (state.contact == -1).all()  # out of budget, nothing touched
+    with pytest.raises(RuntimeError, match="has ended"):
+        state.step(np.zeros((2, 2)))

@@ -24,7 +24,7 @@ from apt_lightning.bench.data import (
     images_to_tensor,
 )
 from apt_lightning.bench.datamodule import TabletopDataModule, policy_batch
-from apt_lightning.bench.env import MAX_EPISODE_STEPS, TabletopEnv
+from apt_lightning.bench.env import TabletopEnv
 from apt_lightning.bench.evaluation import evaluate_policy, evaluate_validation, policy_fn
 from apt_lightning.bench.expert import plan_path, scripted_actions
 from apt_lightning.bench.language import (
@@ -70,6 +70,7 @@ from apt_lightning.bench.splits import (
     user_episodes,
     wording_violations,
 )
+from apt_lightning.bench.stepping import MAX_EPISODE_STEPS, LockstepEpisodes
 from apt_lightning.bench.tokenizer import PromptTokens, WordTokenizer, build_prompt
 from apt_lightning.bench.user_file import (
     InstructionFileError,
@@ -102,6 +103,7 @@ __all__ = [
     "InstructionLayoutWarning",
     "InstructionResolutionError",
     "InstructionSensitivity",
+    "LockstepEpisodes",
     "PromptTokens",
     "RolloutResult",
     "Scene",

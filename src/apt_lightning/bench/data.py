@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from apt_lightning.bench.env import MAX_EPISODE_STEPS
 from apt_lightning.bench.expert import scripted_actions
-from apt_lightning.bench.physics import ACTION_DIM, advance
+from apt_lightning.bench.physics import ACTION_DIM
 from apt_lightning.bench.render import render
 from apt_lightning.bench.scene import Episode
 from apt_lightning.bench.splits import DEFAULT_CANONICAL_PROB, make_episodes
+from apt_lightning.bench.stepping import MAX_EPISODE_STEPS, LockstepEpisodes
 from apt_lightning.bench.tokenizer import PromptTokens, WordTokenizer, build_prompt
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "language_mask")
@@ -59,19 +59,15 @@ def expert_trajectory(episode: Episode, max_steps: int = MAX_EPISODE_STEPS) -> t
         ``(positions, actions, success)``: gripper position before each step ``(T, 2)``, the action taken
         ``(T, 2)``, and whether the touched object was the target.
     """
-    scene = episode.scene
-    centres, radii = scene.centres()[None], scene.radii()[None]
-    ee = np.asarray(episode.ee_start, dtype=np.float64)
-    positions, actions, contact = [], [], -1
-    for _ in range(max_steps):
-        action = scripted_actions(scene, ee, 1)[0]
+    state = LockstepEpisodes([episode], max_steps)
+    positions, actions = [], []
+    while not state.done[0]:
+        ee = state.ee[0].copy()
+        action = scripted_actions(episode.scene, ee, 1)[0]
         positions.append(ee)
         actions.append(action)
-        new_ee, hit = advance(ee[None], action[None], centres, radii)
-        ee, contact = new_ee[0], int(hit[0])
-        if contact >= 0:
-            break
-    return np.array(positions), np.array(actions, dtype=np.float32), contact == scene.target
+        state.step(action[None])
+    return np.array(positions), np.array(actions, dtype=np.float32), bool(state.success[0])
 
 
 class DemonstrationDataset(Dataset):

@@ -17,15 +17,13 @@ from typing import Any
 import numpy as np
 
 from apt_lightning.bench.language import training_instruction
-from apt_lightning.bench.physics import ACTION_DIM, MAX_STEP, STATE_DIM, advance
+from apt_lightning.bench.physics import ACTION_DIM, MAX_STEP, STATE_DIM
 from apt_lightning.bench.render import render
 from apt_lightning.bench.scene import Episode, Scene, sample_ee_start
 from apt_lightning.bench.splits import TRAIN_SPLIT, sample_episode
+from apt_lightning.bench.stepping import MAX_EPISODE_STEPS, LockstepEpisodes
 
 __all__ = ["ACTION_DIM", "MAX_EPISODE_STEPS", "MAX_STEP", "STATE_DIM", "TabletopEnv"]
-
-MAX_EPISODE_STEPS = 40
-"""Default step budget; the expert needs at most about half of it."""
 
 Observation = dict[str, np.ndarray]
 
@@ -51,10 +49,7 @@ class TabletopEnv:
         self.image_size = image_size
         self.max_steps = max_steps
         self._episode: Episode | None = None
-        self._ee = np.zeros(2, dtype=np.float64)
-        self._steps = 0
-        self._done = True
-        self._contact = -1
+        self._state: LockstepEpisodes | None = None
 
     @property
     def episode(self) -> Episode:
@@ -71,7 +66,13 @@ class TabletopEnv:
     @property
     def ee_pos(self) -> np.ndarray:
         """Current gripper position (a copy)."""
-        return self._ee.copy()
+        return self._stepping.ee[0].copy()
+
+    @property
+    def _stepping(self) -> LockstepEpisodes:
+        if self._state is None:
+            raise RuntimeError("call reset() first")
+        return self._state
 
     def reset(self, episode: Episode | Scene | None = None) -> Observation:
         """Start an episode and observe it.
@@ -86,15 +87,14 @@ class TabletopEnv:
             instruction = training_instruction(self._rng, episode.target_object)
             episode = Episode(scene=episode, instruction=instruction, ee_start=sample_ee_start(self._rng, episode))
         self._episode = episode
-        self._ee = np.asarray(self._episode.ee_start, dtype=np.float64).copy()
-        self._steps, self._done, self._contact = 0, False, -1
+        self._state = LockstepEpisodes([episode], self.max_steps)
         return self.observation()
 
     def observation(self) -> Observation:
         """Image and proprioceptive state at the current gripper position."""
         return {
-            "image": render(self.episode.scene, self._ee, size=self.image_size),
-            "state": self._ee.astype(np.float32),
+            "image": render(self.episode.scene, self._stepping.ee[0], size=self.image_size),
+            "state": self._stepping.ee[0].astype(np.float32),
         }
 
     def step_chunk(self, actions: np.ndarray) -> tuple[Observation, float, bool, dict[str, Any]]:
@@ -108,26 +108,23 @@ class TabletopEnv:
             ``done``, ``contact`` (touched object index or -1), ``steps`` (total so far) and
             ``executed`` (steps of this chunk actually run).
         """
-        if self._done:
+        state = self._state
+        if state is None or state.done[0]:
             raise RuntimeError("episode is over; call reset()")
         chunk = np.asarray(actions, dtype=np.float64).reshape(-1, ACTION_DIM)
-        scene = self.episode.scene
-        centres, radii = scene.centres()[None], scene.radii()[None]
         executed = 0
         for action in chunk:
-            new_ee, contact = advance(self._ee[None], action[None], centres, radii)
-            self._ee, self._contact = new_ee[0], int(contact[0])
-            self._steps += 1
+            state.step(action[None])
             executed += 1
-            if self._contact >= 0 or self._steps >= self.max_steps:
-                self._done = True
+            if state.done[0]:
                 break
-        success = self._contact == scene.target
+        success = bool(state.success[0])
+        done = bool(state.done[0])
         info = {
             "success": success,
-            "done": self._done,
-            "contact": self._contact,
-            "steps": self._steps,
+            "done": done,
+            "contact": int(state.contact[0]),
+            "steps": int(state.steps[0]),
             "executed": executed,
         }
-        return self.observation(), float(success), self._done, info
+        return self.observation(), float(success), done, info

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apt_lightning.bench.scene import Attributes
+import numpy as np
+
+from apt_lightning.bench.scene import Attributes, Scene, place_objects
 
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {
@@ -45,6 +47,10 @@ class TrainingLayout:
     objects: tuple[Attributes, ...]
     anchors: tuple[tuple[float, float], ...]
     canonical: int
+
+    def place(self, rng: np.random.Generator, target: int) -> Scene:
+        """This layout's objects at their anchors jittered by :data:`LAYOUT_JITTER`, asking for ``target``."""
+        return place_objects(rng, self.objects, target, anchors=self.anchors, jitter=LAYOUT_JITTER)
 
 
 TRAIN_LAYOUTS: tuple[TrainingLayout, ...] = (

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from apt_lightning.bench.data import images_to_tensor
-from apt_lightning.bench.env import MAX_EPISODE_STEPS
-from apt_lightning.bench.physics import ACTION_DIM, advance
+from apt_lightning.bench.physics import ACTION_DIM
 from apt_lightning.bench.render import render
 from apt_lightning.bench.scene import Episode
+from apt_lightning.bench.stepping import MAX_EPISODE_STEPS, LockstepEpisodes
 from apt_lightning.bench.tokenizer import WordTokenizer, build_prompt
 
 PolicyFn = Callable[[dict[str, torch.Tensor]], "torch.Tensor | np.ndarray"]
@@ -57,18 +57,6 @@ class RolloutResult:
         for split in dict.fromkeys(self.splits):
             out[f"success_rate/{split}"] = float(self.success[names == split].mean())
         return out
-
-
-def _scene_arrays(episodes: Sequence[Episode]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centres ``(B, M, 2)``, radii ``(B, M)`` and validity ``(B, M)`` with scenes padded to ``M`` objects."""
-    m = max(len(e.scene.objects) for e in episodes)
-    centres = np.zeros((len(episodes), m, 2))
-    radii = np.zeros((len(episodes), m))
-    valid = np.zeros((len(episodes), m), dtype=bool)
-    for i, e in enumerate(episodes):
-        n = len(e.scene.objects)
-        centres[i, :n], radii[i, :n], valid[i, :n] = e.scene.centres(), e.scene.radii(), True
-    return centres, radii, valid
 
 
 def _as_numpy_actions(actions: Any, batch: int) -> np.ndarray:
@@ -115,19 +103,14 @@ def rollout(
     if n == 0:
         return RolloutResult(np.zeros(0, bool), np.zeros(0, int), np.zeros(0, int), (), np.zeros((0, ACTION_DIM)))
     prompts = build_prompt(tokenizer or WordTokenizer(), [e.instruction for e in episodes], num_image_tokens, max_len)
-    centres, radii, valid = _scene_arrays(episodes)
-    targets = np.array([e.scene.target for e in episodes])
-    ee = np.array([e.ee_start for e in episodes], dtype=np.float64)
-    steps = np.zeros(n, dtype=np.int64)
-    contact = np.full(n, -1, dtype=np.int64)
-    done = np.zeros(n, dtype=bool)
-    while not done.all():
-        active = np.flatnonzero(~done)
-        images = np.stack([render(episodes[int(i)].scene, ee[i], size=image_size) for i in active])
+    state = LockstepEpisodes(episodes, max_steps)
+    while not state.done.all():
+        active = state.running()
+        images = np.stack([render(episodes[int(i)].scene, state.ee[i], size=image_size) for i in active])
         index = torch.from_numpy(active)
         batch = {
             "image": images_to_tensor(images),
-            "state": torch.from_numpy(ee[active].astype(np.float32)),
+            "state": torch.from_numpy(state.ee[active].astype(np.float32)),
             "input_ids": prompts.input_ids[index],
             "attention_mask": prompts.attention_mask[index],
             "language_mask": prompts.language_mask[index],
@@ -138,18 +121,14 @@ def rollout(
         with torch.inference_mode():
             chunk = _as_numpy_actions(policy_fn(batch), len(active))
         for k in range(min(execute, chunk.shape[1])):
-            running = ~done[active]
+            running = ~state.done[active]
             if not running.any():
                 break
-            ids = active[running]
-            ee[ids], hit = advance(ee[ids], chunk[running, k], centres[ids], radii[ids], valid[ids])
-            steps[ids] += 1
-            contact[ids] = hit
-            done[ids] = (hit >= 0) | (steps[ids] >= max_steps)
+            state.step(chunk[running, k], active[running])
     return RolloutResult(
-        success=contact == targets,
-        contact=contact,
-        steps=steps,
+        success=state.success,
+        contact=state.contact,
+        steps=state.steps,
         splits=tuple(e.split for e in episodes),
-        final_state=ee,
+        final_state=state.ee,
     )

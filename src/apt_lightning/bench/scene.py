@@ -10,7 +10,7 @@ Coordinates: ``x`` grows to the right and ``y`` grows *downwards* (image row ord
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -39,6 +39,8 @@ EE_CLEARANCE = 0.07
 
 Attributes = tuple[str, str, str]
 """``(colour, shape, size)`` of an object."""
+AttributeSpec = tuple[str | None, str | None, str | None]
+"""``(colour, shape, size)`` with ``None`` where any value will do (drawn at random)."""
 
 
 @dataclass(frozen=True)
@@ -199,3 +201,55 @@ def sample_ee_start(rng: np.random.Generator, scene: Scene, max_tries: int = 200
         if np.all(np.linalg.norm(centres - p, axis=1) >= radii + EE_CLEARANCE):
             return (float(p[0]), float(p[1]))
     raise RuntimeError("no free start position for the gripper")
+
+
+def draw_attributes(rng: np.random.Generator, spec: AttributeSpec = (None, None, None)) -> Attributes:
+    """Fill the ``None`` entries of ``spec`` uniformly at random, in colour, shape, size order."""
+    options = (tuple(COLOURS), SHAPES, SIZES)
+    return tuple(  # type: ignore[return-value]
+        value if value is not None else choices[int(rng.integers(len(choices)))]
+        for value, choices in zip(spec, options, strict=True)
+    )
+
+
+def random_scene(
+    rng: np.random.Generator,
+    n_objects: int,
+    include: Sequence[AttributeSpec] = (),
+    accept: Callable[[Attributes], bool] | None = None,
+    max_tries: int = 10_000,
+) -> Scene:
+    """A fresh random scene, the one generator behind every non-layout scene of the benchmark.
+
+    Objects have pairwise distinct ``(colour, shape)``, so a colour-and-shape reference is always unique. The
+    ``include`` objects come first (their ``None`` attributes drawn by :func:`draw_attributes`); the rest are
+    uniform random distractors that ``accept`` admits (e.g. "not named by the instruction"). The order is then
+    shuffled and positions drawn uniformly (:func:`place_objects`).
+
+    Args:
+        rng: Source of randomness; the scene is a pure function of its state.
+        n_objects: Objects in the scene.
+        include: Objects the scene must hold; the first one is the target.
+        accept: Filter for distractors (all accepted when None).
+        max_tries: Draws allowed for distractors before giving up.
+
+    Returns:
+        The scene; its target is the first included object, or a random object when ``include`` is empty.
+
+    Raises:
+        ValueError: If ``include`` repeats a (colour, shape) pair or holds more than ``n_objects`` objects.
+        RuntimeError: If ``accept`` admits too few distractors.
+    """
+    objects = [draw_attributes(rng, spec) for spec in include]
+    if len({o[:2] for o in objects}) != len(objects) or len(objects) > n_objects:
+        raise ValueError(f"`include` must hold at most {n_objects} objects with distinct (colour, shape): {objects}")
+    for _ in range(max_tries):
+        if len(objects) == n_objects:
+            break
+        candidate = draw_attributes(rng)
+        if all(candidate[:2] != o[:2] for o in objects) and (accept is None or accept(candidate)):
+            objects.append(candidate)
+    if len(objects) < n_objects:
+        raise RuntimeError(f"only {len(objects)} of {n_objects} objects admitted in {max_tries} draws")
+    order = rng.permutation(len(objects))
+    return place_objects(rng, [objects[i] for i in order], target=int(np.argmin(order)))

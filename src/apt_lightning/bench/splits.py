@@ -31,8 +31,8 @@ from apt_lightning.bench.language import (
     training_content_words,
     training_instruction,
 )
-from apt_lightning.bench.layouts import HELD_OUT_PAIRS, LAYOUT_JITTER, TRAIN_LAYOUTS, training_pairs
-from apt_lightning.bench.scene import COLOURS, SHAPES, SIZES, Attributes, Episode, Scene, place_objects, sample_ee_start
+from apt_lightning.bench.layouts import HELD_OUT_PAIRS, TRAIN_LAYOUTS, training_pairs
+from apt_lightning.bench.scene import COLOURS, SHAPES, AttributeSpec, Episode, Scene, random_scene, sample_ee_start
 from apt_lightning.bench.tokenizer import normalise
 from apt_lightning.bench.user_file import load_instruction_file, user_episodes
 
@@ -56,8 +56,6 @@ TRAIN_SPLIT = "train"
 DEFAULT_CANONICAL_PROB = 0.9
 """Fraction of training episodes of a layout that ask for its canonical target."""
 
-_ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
-
 
 def _layout_episode(
     rng: np.random.Generator, split: str, target_rule: str, wording: str, canonical_prob: float = 1.0
@@ -78,7 +76,7 @@ def _layout_episode(
     if target_rule == "habit":
         target_rule = "canonical" if rng.random() < canonical_prob else "other"
     target = layout.canonical if target_rule == "canonical" else others[int(rng.integers(len(others)))]
-    scene = place_objects(rng, layout.objects, target, anchors=layout.anchors, jitter=LAYOUT_JITTER)
+    scene = layout.place(rng, target)
     describe = training_instruction if wording == "train" else paraphrase_instruction
     return Episode(
         scene=scene,
@@ -91,23 +89,16 @@ def _layout_episode(
 
 
 def _fresh_scene(rng: np.random.Generator, target_pair: tuple[str, str], confusers: bool) -> Scene:
-    """A random layout of 3-4 objects containing ``target_pair`` with unique (colour, shape) pairs.
+    """A random scene of 3-4 objects whose target is ``target_pair`` (:func:`random_scene`).
 
     With ``confusers``, one distractor shares the target's colour and one shares its shape.
     """
     colour, shape = target_pair
-    pairs = [target_pair]
+    include: list[AttributeSpec] = [(colour, shape, None)]
     if confusers:
-        pairs.append((colour, str(rng.choice([s for s in SHAPES if s != shape]))))
-        pairs.append((str(rng.choice([c for c in COLOURS if c != colour])), shape))
-    n_objects = int(rng.integers(3, 5))
-    while len(pairs) < n_objects:
-        candidate = _ALL_PAIRS[int(rng.integers(len(_ALL_PAIRS)))]
-        if candidate not in pairs:
-            pairs.append(candidate)
-    order = rng.permutation(len(pairs))
-    attributes: list[Attributes] = [(*pairs[i], SIZES[int(rng.integers(len(SIZES)))]) for i in order]
-    return place_objects(rng, attributes, target=int(np.argmin(order)))
+        include.append((colour, str(rng.choice([s for s in SHAPES if s != shape])), None))
+        include.append((str(rng.choice([c for c in COLOURS if c != colour])), shape, None))
+    return random_scene(rng, int(rng.integers(3, 5)), include)
 
 
 def _fresh_episode(

@@ -37,8 +37,8 @@ from apt_lightning.bench.language import (
     parse_referring_expression,
     resolve_instruction,
 )
-from apt_lightning.bench.layouts import LAYOUT_JITTER, TRAIN_LAYOUTS
-from apt_lightning.bench.scene import COLOURS, SHAPES, SIZES, Attributes, Episode, place_objects, sample_ee_start
+from apt_lightning.bench.layouts import TRAIN_LAYOUTS
+from apt_lightning.bench.scene import Attributes, Episode, random_scene, sample_ee_start
 from apt_lightning.bench.tokenizer import fold, normalise
 from apt_lightning.bench.vocabulary import vocabulary_words
 
@@ -249,18 +249,6 @@ def _names(query: AttributeQuery, attributes: Attributes) -> bool:
     return all(v is None or v == a for v, a in zip(wanted, attributes, strict=True))
 
 
-def _matching_attributes(rng: np.random.Generator, query: AttributeQuery) -> Attributes:
-    pick = lambda fixed, options: fixed if fixed is not None else options[int(rng.integers(len(options)))]  # noqa: E731
-    return (pick(query.colour, tuple(COLOURS)), pick(query.shape, SHAPES), pick(query.size, SIZES))
-
-
-def _distractor(rng: np.random.Generator, query: AttributeQuery, taken: list[Attributes]) -> Attributes:
-    while True:
-        candidate = _matching_attributes(rng, AttributeQuery())
-        if not _names(query, candidate) and all(candidate[:2] != t[:2] for t in taken):
-            return candidate
-
-
 LAYOUTS = ("train", "novel")
 
 
@@ -330,7 +318,7 @@ def _layout_episode(rng: np.random.Generator, text: str, query: AttributeQuery, 
     index = fits[int(rng.integers(len(fits)))]
     layout = TRAIN_LAYOUTS[index]
     target = next(i for i, o in enumerate(layout.objects) if _names(query, o))
-    scene = place_objects(rng, layout.objects, target, anchors=layout.anchors, jitter=LAYOUT_JITTER)
+    scene = layout.place(rng, target)
     return _checked(
         Episode(
             scene=scene,
@@ -345,11 +333,8 @@ def _layout_episode(rng: np.random.Generator, text: str, query: AttributeQuery, 
 
 def _novel_episode(rng: np.random.Generator, text: str, query: AttributeQuery) -> Episode:
     """A fresh scene of 3-4 objects in which ``text`` names exactly one object (its target)."""
-    attributes = [_matching_attributes(rng, query)]
-    for _ in range(int(rng.integers(2, 4))):
-        attributes.append(_distractor(rng, query, attributes))
-    order = rng.permutation(len(attributes))
-    scene = place_objects(rng, [attributes[i] for i in order], target=int(np.argmin(order)))
+    named = (query.colour, query.shape, query.size)
+    scene = random_scene(rng, 1 + int(rng.integers(2, 4)), [named], accept=lambda a: not _names(query, a))
     return _checked(Episode(scene=scene, instruction=text, ee_start=sample_ee_start(rng, scene), split=USER_SPLIT))
 
 

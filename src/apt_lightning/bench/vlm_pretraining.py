@@ -64,7 +64,7 @@ from apt_lightning.bench.language import (
     training_instruction,
 )
 from apt_lightning.bench.render import render
-from apt_lightning.bench.scene import COLOURS, SHAPES, SIZES, Scene, place_objects, sample_ee_start
+from apt_lightning.bench.scene import COLOURS, SHAPES, SIZES, Scene, random_scene, sample_ee_start
 from apt_lightning.bench.tokenizer import SPECIAL_TOKENS, WordTokenizer, build_prompt
 from apt_lightning.masking import language_blind_masks
 
@@ -81,7 +81,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the corpus, objectives or cache layout change, so stale caches are never reused."""
 
 EVAL_SCENES = 512
@@ -268,13 +268,7 @@ def _random_scene(rng: np.random.Generator) -> tuple[Scene, tuple[float, float]]
     Distinct colour/shape pairs keep every generated reference unique (``describe_object`` may name colour
     and shape only), exactly as in the benchmark's own scenes.
     """
-    pairs: list[tuple[str, str]] = []
-    while len(pairs) < OBJECTS_PER_SCENE:
-        pair = (_COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))], SHAPES[int(rng.integers(len(SHAPES)))])
-        if pair not in pairs:
-            pairs.append(pair)
-    attributes = [(c, s, SIZES[int(rng.integers(len(SIZES)))]) for c, s in pairs]
-    scene = place_objects(rng, attributes, target=int(rng.integers(OBJECTS_PER_SCENE)))
+    scene = random_scene(rng, OBJECTS_PER_SCENE)
     return scene, sample_ee_start(rng, scene)
 
 
