@@ -13,6 +13,7 @@ from transformers import AutoModel, PaliGemmaConfig, PaliGemmaModel
 from apt_lightning.bench import default_tokenizer
 from apt_lightning.bench import vlm_pretraining as vp
 from apt_lightning.bench.scene import COLOURS, SHAPES, SIZES, Scene, SceneObject
+from apt_lightning.bench.vlm_pretraining.corpus import patch_labels
 from apt_lightning.bench.vocabulary import COLOUR_SYNONYMS, SHAPE_SYNONYMS, SIZE_SYNONYMS
 from apt_lightning.models.groot import tiny_paligemma_config
 
@@ -70,7 +71,7 @@ def test_patch_labels_mark_object_centres() -> None:
         SceneObject("red", "circle", "small", 0.1, 0.1),  # patch (row 0, col 0)
         SceneObject("blue", "square", "large", 0.9, 0.6),  # patch (row 2, col 3)
     )
-    labels = vp._patch_labels([Scene(objects, target=0)], grid=4)[0]
+    labels = patch_labels([Scene(objects, target=0)], grid=4)[0]
     nothing = [len(COLOURS), len(SHAPES), len(SIZES)]
     assert labels[0].tolist() == [list(COLOURS).index("red"), SHAPES.index("circle"), SIZES.index("small")]
     assert labels[11].tolist() == [list(COLOURS).index("blue"), SHAPES.index("square"), SIZES.index("large")]
