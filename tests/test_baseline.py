@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import JOINT, APTStageScheduler, ContractError, StageMismatchError, StagePlan
-from apt_lightning.models import load_policy
+from apt_lightning.models import GR00TStylePolicy, PI0Policy, load_policy
 from helpers import loader, make_batch, make_policy, trainer
 
 
@@ -111,3 +112,11 @@ def test_load_policy_names_the_fix_for_foreign_checkpoints(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="load_from_checkpoint"):
         load_policy(path)
+
+
+@pytest.mark.parametrize("cls", [PI0Policy, GR00TStylePolicy])
+def test_checkpoints_store_every_constructor_argument_but_pretrained_paths(cls):
+    expected = set(inspect.signature(cls.__init__).parameters) - {"self", *cls.pretrained_arguments}
+    policy = cls(per_site_language=True)
+    assert set(policy.hparams) - {"_class_path"} == expected
+    assert policy.hparams["per_site_language"] is True and isinstance(policy.hparams["apt_config"], dict)

@@ -276,12 +276,22 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         return self.sample_actions(batch)
 
-    def save_policy_hyperparameters(self, **values: Any) -> None:
-        """Store constructor arguments as plain data, so checkpoints load without pickles and parse as YAML.
+    def save_policy_hyperparameters(self, **overrides: Any) -> None:
+        """Store the calling constructor's arguments as plain data, so checkpoints load without pickles.
 
-        Configs are stored as dicts with string keys (:func:`plain_data`), and the class under ``_class_path``
-        (LightningCLI's own key), so ``LightningCLI`` parses them back when a run resumes with ``--ckpt_path``.
+        Every argument of the constructor that calls this is stored, so a new argument cannot be forgotten,
+        except :attr:`pretrained_arguments` (paths that need not exist where the checkpoint is loaded; the
+        weights they loaded are in the checkpoint). ``overrides`` replace arguments by what was built from them
+        (a config as a dict). Configs are stored as dicts with string keys (:func:`plain_data`), and the class
+        under ``_class_path`` (LightningCLI's own key), so ``LightningCLI`` parses them back when a run resumes
+        with ``--ckpt_path``.
         """
+        caller = inspect.currentframe().f_back  # type: ignore[union-attr]
+        arguments = inspect.getargvalues(caller)  # type: ignore[arg-type]
+        values = {
+            name: arguments.locals[name] for name in arguments.args[1:] if name not in self.pretrained_arguments
+        }
+        values.update(overrides)
         values["apt_config"] = dataclasses.asdict(self.apt_cfg)
         values["_class_path"] = policy_class_name(type(self))
         self.save_hyperparameters(plain_data(values))

@@ -152,22 +152,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         config = self.backbone.config
         width = config.get_text_config().hidden_size
         self.apt_config = as_apt_config(apt_config)
-        self.save_policy_hyperparameters(
-            vlm_config=config.to_dict(),
-            select_layer=select_layer,
-            action_dim=action_dim,
-            state_dim=state_dim,
-            chunk_size=chunk_size,
-            head_dim=head_dim,
-            head_depth=head_depth,
-            head_heads=head_heads,
-            vl_self_attention_depth=vl_self_attention_depth,
-            causal_vlm=causal_vlm,
-            num_inference_steps=num_inference_steps,
-            head_reads_language=head_reads_language,
-            fusion_options=fusion_options,
-            per_site_language=per_site_language,
-        )
+        self.save_policy_hyperparameters(vlm_config=config.to_dict())
         self.apt_fusion = FusionConfig(
             target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads, **(fusion_options or {})
         )

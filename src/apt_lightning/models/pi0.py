@@ -132,13 +132,7 @@ class PI0Policy(FlowMatchingPolicy):
             self.pi0.model.vlm.load_state_dict(AutoModel.from_pretrained(vlm_pretrained).state_dict())
         cfg = self.pi0.config
         self.apt_config = as_apt_config(apt_config)
-        self.save_policy_hyperparameters(
-            config=cfg.to_dict(),
-            action_dim=action_dim,
-            fusion_heads=fusion_heads,
-            fusion_options=fusion_options,
-            per_site_language=per_site_language,
-        )
+        self.save_policy_hyperparameters(config=cfg.to_dict())
         self.per_site_language = per_site_language
         self.apt_fusion = FusionConfig(
             target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads, **(fusion_options or {})
