@@ -288,9 +288,7 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         """
         caller = inspect.currentframe().f_back  # type: ignore[union-attr]
         arguments = inspect.getargvalues(caller)  # type: ignore[arg-type]
-        values = {
-            name: arguments.locals[name] for name in arguments.args[1:] if name not in self.pretrained_arguments
-        }
+        values = {name: arguments.locals[name] for name in arguments.args[1:] if name not in self.pretrained_arguments}
         values.update(overrides)
         values["apt_config"] = dataclasses.asdict(self.apt_cfg)
         values["_class_path"] = policy_class_name(type(self))
