@@ -26,6 +26,7 @@ shared, run with ``OMP_NUM_THREADS=1``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -88,22 +89,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, Path]:
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     args = parser.parse_args(argv)
     values = dict(FULL) if args.full else {}
-    for name in (
-        "archs",
-        "methods",
-        "seeds",
-        "steps",
-        "switch_step",
-        "episodes",
-        "eval_episodes",
-        "lr",
-        "gate_lr",
-        "apt_vlm_mode",
-        "curve_every",
-        "curve_episodes",
-    ):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
+    for field in dataclasses.fields(StudyConfig):  # every flag named after a setting reaches it
+        if getattr(args, field.name, None) is not None and field.name != "baseline_vlm_mode":
+            values[field.name] = getattr(args, field.name)
     if args.baseline_vlm_mode:
         values["baseline_vlm_mode"] = {
             **defaults.baseline_vlm_mode,

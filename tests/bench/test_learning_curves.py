@@ -125,3 +125,5 @@ def test_cli_passes_curve_options():
     config, _ = module.parse_args(["--curve-every", "100", "--curve-episodes", "20"])
     assert (config.curve_every, config.curve_episodes) == (100, 20)
     assert module.parse_args([])[0].curve_every is None
+    chosen, _ = module.parse_args(["--language-dropout", "0.25", "--guidance-scale", "1.5", "--gate-lr", "0.02"])
+    assert (chosen.language_dropout, chosen.guidance_scale, chosen.gate_lr) == (0.25, 1.5, 0.02)  # were ignored
