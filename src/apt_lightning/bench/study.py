@@ -144,7 +144,7 @@ METHODS: tuple[Method, ...] = (
 )
 """The study's methods, in table order."""
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
-DEFAULT_METHODS: tuple[str, ...] = ("baseline", "apt", "apt_dropout", "apt_dropout_guided")
+DEFAULT_METHODS: tuple[str, ...] = ("baseline", "apt", "apt_dropout")
 """What ``python examples/apt_study.py`` runs (``--methods`` selects any of :data:`METHOD_NAMES`)."""
 _BY_NAME = {m.name: m for m in METHODS}
 
@@ -193,7 +193,7 @@ class StudyConfig:
     gate_lr: float | None = None
     apt_vlm_mode: str = "frozen"
     language_dropout: float = 0.1  # chosen on validation episodes (examples/choose_settings.py, CHANGELOG.md)
-    guidance_scale: float = 1.25  # likewise
+    guidance_scale: float = 1.0  # likewise: no scale beat w = 1 on validation (apt_dropout_guided = apt_dropout)
     baseline_vlm_mode: dict[str, str] = field(default_factory=lambda: {"pi0": "full", "groot": "frozen"})
     baseline_vlm_lr: float | None = None
     hidden_size: int = 64
