@@ -37,6 +37,16 @@ def test_combined_summary_equals_one_run_of_every_row():
     assert combined["config"]["methods"] == ["baseline", "apt", "apt_dropout"] and combined["wall_s"] == 20.0
 
 
+def test_settings_are_compared_where_the_runs_used_them():
+    unguided = _study(["apt"], [{**_run("apt", 0, 0.6), "guidance_scale": 1.0}], guidance_scale=1.25)
+    guided = _study(["apt_dropout_guided"], [{**_run("apt_dropout_guided", 0, 0.5), "guidance_scale": 1.5}])
+    combined = combine_studies([unguided, {**guided, "config": {**guided["config"], "guidance_scale": 1.5}}])
+    assert combined["config"]["guidance_scale"] == [1.0, 1.5]  # what the rows used
+    other_seed = _study(["apt_dropout_guided"], [{**_run("apt_dropout_guided", 1, 0.5), "guidance_scale": 2.0}])
+    with pytest.raises(ValueError, match=r"apt_dropout_guided ran with guidance_scale=1.5 and 2.0"):
+        combine_studies([guided, other_seed])
+
+
 def test_different_protocols_and_duplicate_rows_are_refused():
     a = _study(["apt"], [_run("apt", 0, 0.6)])
     longer = _study(["apt_dropout"], [_run("apt_dropout", 0, 0.5)], steps=800)

@@ -17,6 +17,9 @@ __all__ = ["combine_studies"]
 
 _PER_INVOCATION = frozenset({"archs", "methods", "seeds", "save_checkpoints", "curve_every", "curve_episodes"})
 """Config fields that select which rows run, not how: they may differ between the combined studies."""
+_PER_RUN = ("language_dropout", "guidance_scale")
+"""Settings each run records as it used them (0 and 1 for methods without dropout or guidance): compared per
+method across runs, not per study, so a study of unguided methods combines with one run under another ``w``."""
 
 
 def combine_studies(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -31,7 +34,7 @@ def combine_studies(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     first = studies[0]["config"]
     for index, study in enumerate(studies[1:], start=1):
         config = study["config"]
-        for key in sorted((set(first) | set(config)) - _PER_INVOCATION):
+        for key in sorted((set(first) | set(config)) - _PER_INVOCATION - set(_PER_RUN)):
             if first.get(key) != config.get(key):
                 raise ValueError(
                     f"Study {index} was run with {key}={config.get(key)!r}, study 0 with {first.get(key)!r}: rows of "
@@ -46,7 +49,18 @@ def combine_studies(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"{key} appears in study {seen[key]} and study {index}; keep one of them.")
             seen[key] = index
             runs.append(dict(run))
+    for name in _PER_RUN:
+        used: dict[tuple[Any, Any], Any] = {}
+        for run in runs:
+            value = used.setdefault((run["arch"], run["method"]), run.get(name))
+            if run.get(name) != value:
+                raise ValueError(
+                    f"{run['arch']} {run['method']} ran with {name}={value!r} and {run.get(name)!r} (seed "
+                    f"{run['seed']}): its rows cannot share a table. Rerun them with the same settings."
+                )
     config = dict(first)
+    for name in _PER_RUN:
+        config[name] = sorted({run.get(name) for run in runs if run.get(name) is not None}) or first.get(name)
     for name in ("archs", "methods", "seeds"):
         config[name] = list(dict.fromkeys(v for study in studies for v in study["config"][name]))
     return {
