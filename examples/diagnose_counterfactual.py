@@ -6,7 +6,7 @@ and classifies each episode: success / the layout's habitual object / another ob
 episodes (time-outs) are split by the object the gripper was nearest when time ran out. Writes
 ``<study>/diagnosis.json`` and prints a Markdown table (mean over seeds).
 
-    python examples/diagnose_counterfactual.py runs/study --guidance 1.25
+    python examples/diagnose_counterfactual.py runs/study [--guidance 1.5]
 """
 
 from __future__ import annotations
@@ -23,13 +23,19 @@ from apt_lightning.bench.language import default_tokenizer
 from apt_lightning.bench.outcomes import nearest_at_timeout, outcome_rates
 from apt_lightning.bench.rollout import rollout
 from apt_lightning.bench.splits import make_episodes
+from apt_lightning.bench.study import StudyConfig
 from apt_lightning.models.base import load_policy
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, help="a study's --out folder (with checkpoints/)")
-    parser.add_argument("--guidance", type=float, default=1.25, help="w for the apt_dropout checkpoints")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=StudyConfig().guidance_scale,
+        help="w for the apt_dropout checkpoints (default: the study's, chosen on validation; 1 adds no row)",
+    )
     parser.add_argument("--episodes", type=int, default=100)
     args = parser.parse_args(argv)
     rows = []
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         policy = load_policy(path)
         policy.eval()
         episodes = make_episodes("counterfactual", args.episodes, seed=evaluation_seeds(seed)["rollouts"])
-        for w in [1.0, args.guidance] if method == "apt_dropout" else [1.0]:
+        for w in dict.fromkeys([1.0, args.guidance] if method == "apt_dropout" else [1.0]):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(EVAL_SEED + seed)
                 result = rollout(policy_fn(policy, w), episodes, policy.chunk_size, tokenizer=default_tokenizer())

@@ -50,6 +50,27 @@ def test_joint_masks_hide_nothing_and_actions_follow_the_instruction(arch):
     assert diff > 1e-5  # the instruction reaches the expert from step 0
 
 
+def test_a_blind_joint_prefix_hides_the_instruction_from_image_tokens_not_from_the_expert(arch):
+    policy = make_policy(arch, joint_prefix="blind")
+    policy.apt_prepare(StagePlan(first_stage=JOINT))
+    policy.eval()
+    batch = make_batch("left", pad=1)
+    joint = policy.apt_masks(batch["attention_mask"], batch["language_mask"])
+    apt = make_policy(arch)
+    apt.apt_prepare(StagePlan(first_stage=1))
+    stage1 = apt.apt_masks(batch["attention_mask"], batch["language_mask"])
+    assert torch.equal(joint.vlm_attention, stage1.vlm_attention) and torch.equal(
+        joint.position_ids, stage1.position_ids
+    )
+    assert torch.equal(joint.expert_attention, batch["attention_mask"].bool())  # language keys stay visible
+    assert not torch.equal(stage1.expert_attention, joint.expert_attention)
+    noise = _noise(policy)
+    diff = (policy.sample_actions(make_batch("left"), noise) - policy.sample_actions(make_batch("right"), noise)).abs()
+    assert diff.max() > 1e-5  # the instruction still reaches the expert from step 0
+    with pytest.raises(ValueError, match="`joint_prefix` must be 'full' or 'blind'"):
+        make_policy(arch, joint_prefix="causal")
+
+
 @pytest.mark.parametrize("mode", ["full", "lora", "frozen"])
 def test_joint_trains_the_vlm_as_vlm_mode_says(mode):
     policy = make_policy("groot", vlm_mode=mode)

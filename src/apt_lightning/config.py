@@ -112,6 +112,10 @@ class APTConfig:
             the fusion blocks, so they take exactly the Stage-1 (prior) path. Keeps the gate-bypassed path a
             trained vision-action prior for prior-contrast guidance (``guidance_scale``). Drawn from the
             per-step stream: exact on resume.
+        joint_prefix: how the joint baseline's VLM prefix attends (APT's stages always run language-blind):
+            ``"full"`` (every token sees the instruction, as without APT) or ``"blind"`` (APT's language-blind
+            prefix: image tokens never see the instruction, while the expert still reads the language tokens).
+            An ablation that isolates what instruction-aware image features give a baseline.
 
     Example::
 
@@ -132,8 +136,11 @@ class APTConfig:
     lora_target_modules: tuple[str, ...] | list[str] | str = DEFAULT_LORA_TARGETS
     seed: int = 0
     language_dropout: float = 0.0
+    joint_prefix: Literal["full", "blind"] = "full"
 
     def __post_init__(self) -> None:
+        if self.joint_prefix not in ("full", "blind"):
+            raise ValueError(f"`joint_prefix` must be 'full' or 'blind', got {self.joint_prefix!r}.")
         if not (isinstance(self.language_dropout, (int, float)) and 0.0 <= self.language_dropout < 1.0):
             raise ValueError(f"`language_dropout` must be in [0, 1), got {self.language_dropout!r}.")
         if self.vlm_mode not in _VLM_MODES:

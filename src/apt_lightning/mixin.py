@@ -269,7 +269,8 @@ class APTMixin:
         The same masks serve Stage 1 and Stage 2, which is what makes the switch exact: non-language tokens
         never see the instruction, and Stage 2 adds language only through the gated fusion context. In the
         joint baseline the masks hide nothing (every valid token sees every valid token, as without APT);
-        ``language`` still marks the instruction.
+        ``language`` still marks the instruction. With ``APTConfig(joint_prefix="blind")`` the joint prefix is
+        language-blind as in APT while the expert still sees the language tokens.
         """
         # Reading the masks' values syncs an accelerator with the host: do it on the first batches only there.
         check_rows = reading_is_free(attention_mask) or self._apt_mask_rows_checked < _MASK_ROW_CHECKS
@@ -278,6 +279,9 @@ class APTMixin:
             self._apt_mask_rows_checked += 1
         if self.apt_stage == JOINT:
             masks = language_blind_masks(attention_mask, torch.zeros_like(language), causal=causal, check_rows=False)
+            if self.apt_cfg.joint_prefix == "blind":
+                blind = language_blind_masks(attention_mask, language, causal=causal, check_rows=False)
+                masks.vlm_attention, masks.position_ids = blind.vlm_attention, blind.position_ids
             masks.language = language
             return masks
         return language_blind_masks(attention_mask, language, causal=causal, check_rows=False)

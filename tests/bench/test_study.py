@@ -40,6 +40,7 @@ def test_method_catalogue_derives_each_run():
     assert METHOD_NAMES == (
         "baseline",
         "baseline_frozen",
+        "baseline_blind",
         "apt",
         "apt_dropout",
         "apt_dropout_guided",
@@ -54,7 +55,12 @@ def test_method_catalogue_derives_each_run():
     assert (frozen.vlm_mode, frozen.language_dropout) == ("frozen", 0.0)
     assert config.apt_config("pi0", "apt", 0).language_dropout == 0.0
     assert config.apt_config("pi0", "apt_dropout", 0).language_dropout == 0.25
-    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0]
+    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0]
+    blind = config.apt_config("groot", "baseline_blind", 0)
+    assert (blind.joint_prefix, blind.vlm_mode) == ("blind", "frozen") and config.scheduler(
+        "baseline_blind"
+    ).plan.is_joint
+    assert config.trained_as("groot", "baseline_blind") == "baseline_blind"  # not the baseline's training
     assert config.trained_as("groot", "apt_sigmoid") == "apt_sigmoid" != config.trained_as("groot", "apt_channel")
     # one training per distinct (plan, APTConfig): guided reuses apt_dropout; GR00T's default baseline is frozen
     assert config.trained_as("pi0", "apt_dropout_guided") == "apt_dropout"

@@ -84,6 +84,8 @@ class Method:
         fusion: :class:`~apt_lightning.FusionConfig` fields that differ from the default, as ``(name, value)`` pairs
             (the fusion-variant ablations).
         per_site: each fusion site reads the VLM layer at its own depth (``per_site_language=True``).
+        joint_prefix: single-stage only: ``"blind"`` runs the baseline's VLM prefix language-blind
+            (``APTConfig.joint_prefix``), so image tokens never see the instruction.
     """
 
     name: str
@@ -95,17 +97,26 @@ class Method:
     head_language: bool = False
     fusion: tuple[tuple[str, Any], ...] = ()
     per_site: bool = False
+    joint_prefix: str = "full"
 
     def __post_init__(self) -> None:
         if self.vlm_mode not in ("default", "frozen", "lora", "full"):
             raise ValueError(f"`vlm_mode` must be 'default', 'frozen', 'lora' or 'full', got {self.vlm_mode!r}.")
         if (self.language_dropout or self.guided) and not self.two_stage:
             raise ValueError(f"Method {self.name!r}: language dropout and guidance need the two-stage (APT) plan.")
+        if self.joint_prefix != "full" and self.two_stage:
+            raise ValueError(f"Method {self.name!r}: `joint_prefix` applies to single-stage (joint) training only.")
 
 
 METHODS: tuple[Method, ...] = (
     Method("baseline", "single-stage joint training, VLM as each codebase does (pi0: full, GR00T: frozen)", False),
     Method("baseline_frozen", "single-stage joint training with the VLM frozen (both archs)", False, "frozen"),
+    Method(
+        "baseline_blind",
+        "the baseline with APT's language-blind prefix: image tokens never see the instruction, the head reads it",
+        False,
+        joint_prefix="blind",
+    ),
     Method("apt", "APT: Stage 1 language-blind, Stage 2 gated cross-attention, VLM frozen", True),
     Method(
         "apt_dropout", "APT with language dropout p in Stage 2 (trains the prior path)", True, language_dropout=True
@@ -235,7 +246,7 @@ class StudyConfig:
             return APTConfig(vlm_mode=mode, gate_lr=self.gate_lr, language_dropout=dropout, **common)  # type: ignore[arg-type]
         mode = self.baseline_vlm_mode[arch] if entry.vlm_mode == "default" else entry.vlm_mode
         vlm_lr = None if mode == "frozen" else (self.baseline_vlm_lr or self.lr)
-        return APTConfig(vlm_mode=mode, vlm_lr=vlm_lr, **common)  # type: ignore[arg-type]
+        return APTConfig(vlm_mode=mode, vlm_lr=vlm_lr, joint_prefix=entry.joint_prefix, **common)  # type: ignore[arg-type]
 
     def scheduler(self, method: str) -> APTStageScheduler:
         if _BY_NAME[method].two_stage:
@@ -261,7 +272,7 @@ class StudyConfig:
         entry = _BY_NAME[method]
         head = self.head_language(arch, method)
         key = (entry.two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head, entry.fusion)
-        return (*key, entry.per_site)
+        return (*key, entry.per_site, config.joint_prefix)
 
     def head_language(self, arch: str, method: str) -> bool:
         """Whether ``method`` builds ``arch``'s head with its own gated language path."""
