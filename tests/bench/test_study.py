@@ -47,6 +47,7 @@ def test_method_catalogue_derives_each_run():
         "apt_sigmoid",
         "apt_channel",
         "apt_per_site",
+        "apt_stage2_only",
         "apt_head",
     )
     assert set(DEFAULT_METHODS) <= set(METHOD_NAMES) and all(type(m).__dataclass_params__.frozen for m in METHODS)
@@ -55,7 +56,9 @@ def test_method_catalogue_derives_each_run():
     assert (frozen.vlm_mode, frozen.language_dropout) == ("frozen", 0.0)
     assert config.apt_config("pi0", "apt", 0).language_dropout == 0.0
     assert config.apt_config("pi0", "apt_dropout", 0).language_dropout == 0.25
-    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0]
+    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert config.scheduler("apt_stage2_only").plan.first_stage == 2 and config.scheduler("apt").plan.first_stage != 2
+    assert config.trained_as("pi0", "apt_stage2_only") == "apt_stage2_only"
     blind = config.apt_config("groot", "baseline_blind", 0)
     assert (blind.joint_prefix, blind.vlm_mode) == ("blind", "frozen") and config.scheduler(
         "baseline_blind"

@@ -86,6 +86,8 @@ class Method:
         per_site: each fusion site reads the VLM layer at its own depth (``per_site_language=True``).
         joint_prefix: single-stage only: ``"blind"`` runs the baseline's VLM prefix language-blind
             (``APTConfig.joint_prefix``), so image tokens never see the instruction.
+        stage1: two-stage only: ``False`` skips Stage 1 (``APTStageScheduler(stage=2)``: the gated fusion path
+            from step 0, no language-free prior phase), which separates what Stage 1 does from what the path does.
     """
 
     name: str
@@ -98,6 +100,7 @@ class Method:
     fusion: tuple[tuple[str, Any], ...] = ()
     per_site: bool = False
     joint_prefix: str = "full"
+    stage1: bool = True
 
     def __post_init__(self) -> None:
         if self.vlm_mode not in ("default", "frozen", "lora", "full"):
@@ -106,6 +109,8 @@ class Method:
             raise ValueError(f"Method {self.name!r}: language dropout and guidance need the two-stage (APT) plan.")
         if self.joint_prefix != "full" and self.two_stage:
             raise ValueError(f"Method {self.name!r}: `joint_prefix` applies to single-stage (joint) training only.")
+        if not (self.stage1 or self.two_stage):
+            raise ValueError(f"Method {self.name!r}: `stage1=False` applies to APT (two-stage) methods only.")
 
 
 METHODS: tuple[Method, ...] = (
@@ -145,6 +150,12 @@ METHODS: tuple[Method, ...] = (
         "APT with per-site contexts: fusion site i reads the VLM layer at its depth",
         True,
         per_site=True,
+    ),
+    Method(
+        "apt_stage2_only",
+        "APT's Stage 2 from step 0 (gated fusion, VLM frozen, no Stage 1): what the path does without the prior",
+        True,
+        stage1=False,
     ),
     Method(
         "apt_head",
@@ -249,7 +260,10 @@ class StudyConfig:
         return APTConfig(vlm_mode=mode, vlm_lr=vlm_lr, joint_prefix=entry.joint_prefix, **common)  # type: ignore[arg-type]
 
     def scheduler(self, method: str) -> APTStageScheduler:
-        if _BY_NAME[method].two_stage:
+        entry = _BY_NAME[method]
+        if entry.two_stage and not entry.stage1:
+            return APTStageScheduler(stage=2)
+        if entry.two_stage:
             return APTStageScheduler(switch_at_step=self.switch_step)
         return APTStageScheduler(stage="joint")
 
@@ -272,7 +286,7 @@ class StudyConfig:
         entry = _BY_NAME[method]
         head = self.head_language(arch, method)
         key = (entry.two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head, entry.fusion)
-        return (*key, entry.per_site, config.joint_prefix)
+        return (*key, entry.per_site, config.joint_prefix, entry.stage1)
 
     def head_language(self, arch: str, method: str) -> bool:
         """Whether ``method`` builds ``arch``'s head with its own gated language path."""
@@ -515,6 +529,7 @@ def _run_study(
         if out is not None and config.save_checkpoints:
             trainer.save_checkpoint(out / "checkpoints" / f"{arch}-{trained_as}-seed{seed}.ckpt")
         two_stage = _BY_NAME[trained_as].two_stage
+        switch = (config.switch_step if _BY_NAME[trained_as].stage1 else 0) if two_stage else None
         dropout = config.apt_config(arch, trained_as, seed).language_dropout
         for method in methods:
             bar.set_postfix_str(f"{label} evaluating {method}", refresh=True)
@@ -533,7 +548,7 @@ def _run_study(
                     "trained_as": trained_as,
                     "guidance_scale": guidance,
                     "language_dropout": dropout,
-                    "switch_step": config.switch_step if two_stage else None,
+                    "switch_step": switch,
                     "gates": monitor.history,
                     **({"curve": recorder.curves[guidance], "curve_s": curve_s} if recorder is not None else {}),
                 }
