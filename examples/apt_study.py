@@ -12,7 +12,7 @@ architecture and seed, rolls every policy out on every evaluation split, and wri
 * ``checkpoints/<arch>-<method>-seed<k>.ckpt``: each trained policy, one per training (methods that train
   identically share it; evaluate one with ``examples/evaluate_checkpoint.py``).
 
-    python examples/apt_study.py                 # baseline, apt, apt_dropout, 3 seeds: MAINJOB_SHORT
+    python examples/apt_study.py                 # baseline, apt, apt_dropout, 3 seeds: ~5.5 min, 2 cores
     python examples/apt_study.py --methods baseline baseline_frozen apt apt_dropout apt_stage2_only
     python examples/apt_study.py --full          # the larger study: 5 seeds, 800 steps, 200 rollouts per split
     python examples/apt_study.py --archs groot --seeds 0 --steps 200 --switch 100   # a quick look
