@@ -63,7 +63,9 @@ class APTStageScheduler(Callback):
 
     * ``APTStageScheduler(switch_at_step=N)``: one ``fit``; Stage 1 for steps ``[0, N)``, Stage 2 after.
     * ``APTStageScheduler(stage=1)``: Stage 1 only; export the VA prior with :func:`export_va_prior`.
-    * ``APTStageScheduler(stage=2)``: Stage 2 only, on a model that loaded a prior with :func:`load_va_prior`.
+    * ``APTStageScheduler(stage=2)``: Stage 2 only, on a model that loaded a prior with :func:`load_va_prior`,
+      or from scratch (frozen VLM, gated fusion from step 0: the best counterfactual following on the
+      bundled benchmark, where a language-free Stage 1 learns the layout habit; see the README's study).
     * ``APTStageScheduler(stage="joint")``: ordinary single-stage training, no APT: the expert sees the
       instruction from step 0 through the model's own attention, no fusion blocks, the VLM trains as
       ``APTConfig.vlm_mode`` says. Same model code, data and optimiser groups, so comparisons are fair.
