@@ -47,6 +47,9 @@ def test_prompts_with_image_placeholders_are_read_as_images(arch: str) -> None:
 def test_vlm_vocabulary_is_the_tokenizers() -> None:
     assert TOKENIZER.vlm_vocabulary == {"vocab_size": TOKENIZER.vocab_size, "image_token_id": TOKENIZER.image_id}
     assert tiny_paligemma_config(**TOKENIZER.vlm_vocabulary).image_token_id == TOKENIZER.image_id
+    assert TOKENIZER.vlm_mismatches(tiny_paligemma_config(**TOKENIZER.vlm_vocabulary)) == []
+    small = TOKENIZER.vlm_mismatches(tiny_paligemma_config(vocab_size=64, image_token_id=TOKENIZER.image_id))
+    assert small == ["VLM vocabulary 64 < the tokenizer's 130 ids (prompt words + <image>)"]
 
 
 @pytest.mark.parametrize("arch", ["pi0", "groot"])

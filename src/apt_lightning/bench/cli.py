@@ -115,13 +115,7 @@ def _check_model_matches_data(model: FlowMatchingPolicy, data: Any) -> None:
     problems = []
     if model.chunk_size != data.hparams.chunk_size:
         problems.append(f"model chunk size {model.chunk_size} != data.chunk_size {data.hparams.chunk_size}")
-    vlm_config = model.apt_vlm_module.config
-    vocab = vlm_config.get_text_config().vocab_size
-    if vocab < data.vocab_size:
-        problems.append(f"VLM vocabulary {vocab} < benchmark vocabulary {data.vocab_size} (prompt words + <image>)")
-    image_token_id = getattr(vlm_config, "image_token_id", None)
-    if image_token_id != data.image_token_id:
-        problems.append(f"VLM image_token_id {image_token_id} != the tokenizer's <image> id {data.image_token_id}")
+    problems += data.tokenizer.vlm_mismatches(model.apt_vlm_module.config)
     if problems:
         raise ValueError(
             "Model and data do not match: " + "; ".join(problems) + ". Set the model config to the data "

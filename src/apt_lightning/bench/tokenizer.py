@@ -15,6 +15,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -90,6 +91,18 @@ class WordTokenizer:
         ``tiny_paligemma_config(**tokenizer.vlm_vocabulary, hidden_size=64)``.
         """
         return {"vocab_size": self.vocab_size, "image_token_id": self.image_id}
+
+    def vlm_mismatches(self, vlm_config: Any) -> list[str]:
+        """Why a VLM config cannot read this tokenizer's ids (empty when it can): too small a vocabulary, or an
+        ``image_token_id`` other than ``<image>``'s, which would read placeholder prompts as text."""
+        problems = []
+        vocab = vlm_config.get_text_config().vocab_size
+        if vocab < self.vocab_size:
+            problems.append(f"VLM vocabulary {vocab} < the tokenizer's {self.vocab_size} ids (prompt words + <image>)")
+        image_token_id = getattr(vlm_config, "image_token_id", None)
+        if image_token_id != self.image_id:
+            problems.append(f"VLM image_token_id {image_token_id} != the tokenizer's <image> id {self.image_id}")
+        return problems
 
     @property
     def vocabulary(self) -> tuple[str, ...]:

@@ -141,16 +141,14 @@ def evaluate(
 
 def check_vlm_config(vlm_config: PaliGemmaConfig, tokenizer: WordTokenizer) -> tuple[int, int, int]:
     """``(image_token_id, num_image_tokens, image_size)``; rejects configs that cannot read the tokenizer's ids."""
-    vocab = vlm_config.get_text_config().vocab_size
-    image_token_id = vlm_config.image_token_id
-    if vocab < tokenizer.vocab_size or image_token_id != tokenizer.image_id:
+    problems = tokenizer.vlm_mismatches(vlm_config)
+    if problems:
         raise ValueError(
-            f"The VLM's text vocabulary ({vocab}) must hold the tokenizer's {tokenizer.vocab_size} ids and use its "
-            f"<image> id {tokenizer.image_id} for image placeholders, got image_token_id={image_token_id}; build it "
-            f"with `tiny_paligemma_config(**tokenizer.vlm_vocabulary, ...)`."
+            "The VLM cannot read the tokenizer's ids: " + "; ".join(problems) + ". Build it with "
+            "`tiny_paligemma_config(**tokenizer.vlm_vocabulary, ...)`."
         )
     vision = vlm_config.vision_config
-    return image_token_id, (vision.image_size // vision.patch_size) ** 2, vision.image_size
+    return vlm_config.image_token_id, (vision.image_size // vision.patch_size) ** 2, vision.image_size
 
 
 def pretrain_vlm(
