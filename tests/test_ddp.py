@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-HERE = Path(__file__).parent
+from helpers import run_script
 
 
 @pytest.mark.parametrize("arch", ["pi0", "groot"])
 def test_ddp_two_processes_across_switch(arch, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_script.py"), arch, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("ddp_script.py", arch, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     metas = [torch.load(tmp_path / f"meta{r}.pt") for r in (0, 1)]
     assert all((m["stage"], m["step"]) == (2, 8) for m in metas), metas

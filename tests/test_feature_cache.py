@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -14,9 +9,8 @@ from torch.utils.data import Dataset
 from apt_lightning import APTStageScheduler, FeatureCacheError, Stage1FeatureCache, StagePlan
 from apt_lightning.data import ResumableDataLoader
 from apt_lightning.feature_cache import parse_bytes
-from helpers import LanguageDecidesDataset, LossRecorder, collate, make_batch, make_policy, trainer
+from helpers import LanguageDecidesDataset, LossRecorder, collate, make_batch, make_policy, run_script, trainer
 
-HERE = Path(__file__).parent
 SWITCH, TOTAL = 8, 12  # 4 batches per epoch: Stage 1 fills in epoch 0 and hits in epoch 1, then Stage 2
 
 
@@ -163,17 +157,9 @@ def test_sizes_parse_and_bad_sizes_are_refused():
 
 
 def test_ddp_two_processes_cached_equals_uncached(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     for variant in ("plain", "cache"):
         (tmp_path / variant).mkdir()
-        result = subprocess.run(
-            [sys.executable, str(HERE / "ddp_script.py"), "groot", str(tmp_path / variant), variant],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_script("ddp_script.py", "groot", str(tmp_path / variant), variant)
     for rank in (0, 1):
         plain, cached = (torch.load(tmp_path / variant / f"meta{rank}.pt") for variant in ("plain", "cache"))
         assert sorted(cached["losses"]) == sorted(plain["losses"]) == list(range(16))

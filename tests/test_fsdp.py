@@ -3,11 +3,6 @@ from a sharded checkpoint, and configurations that cannot work refused at setup.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -15,17 +10,11 @@ from torch import nn
 
 from apt_lightning import AptError, APTStageScheduler, ContractError, StagePlan
 from apt_lightning.sharding import fully_shard_apt
-from helpers import make_policy
-
-HERE = Path(__file__).parent
+from helpers import make_policy, run_script
 
 
 def launch(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "fsdp_script.py"), *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("fsdp_script.py", *args)
 
 
 @pytest.mark.parametrize("arch", ["pi0", "groot"])
