@@ -142,9 +142,9 @@ def build(arch: str, mode: str, scale: int, vocab_size: int | None = None, ff_mu
             vl_self_attention_depth=4,
             apt_config=apt_config,
         )
-    policy.apt_fusion = dataclasses.replace(policy.apt_fusion, ff_mult=ff_mult)
+    policy.apt.fusion = dataclasses.replace(policy.apt.fusion, ff_mult=ff_mult)
     first = JOINT if joint else 2 if mode.startswith("stage2") else 1
-    policy.apt_prepare(StagePlan(first_stage=first))
+    policy.apt.prepare(StagePlan(first_stage=first))
     return policy
 
 
@@ -271,13 +271,13 @@ def measure_mode(
             policy = build(arch, mode, scale, ff_mult=ff_mult).to(dtype)
         policy.train()
         if mode == "stage1_cached":
-            policy._apt_feature_cache = Stage1FeatureCache(
+            policy.apt.attach_feature_cache(Stage1FeatureCache()
                 max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu"
             )
         elif mode == "expert_only":
-            policy._apt_feature_cache = HeldFeatures()  # type: ignore[assignment]
+            policy.apt.attach_feature_cache(HeldFeatures())  # type: ignore[assignment]
         if mode == "stage2_bypassed":
-            for site in policy.apt_sites().values():
+            for site in policy.apt.sites.values():
                 site.active = False
         batch = make_batch(policy, batch_size, device, dtype)
         params = [p for p in policy.parameters() if p.requires_grad]
@@ -285,7 +285,7 @@ def measure_mode(
         result[f"{mode}_s"] = timed(train_step(policy, batch, optimizer, autocast), steps, device)
     result[f"{mode}_peak_bytes"] = memory.peak
     if mode == "joint":
-        result["vlm_params"] = sum(p.numel() for p in policy.apt_vlm_module.parameters())
+        result["vlm_params"] = sum(p.numel() for p in policy.apt.vlm_module.parameters())
         result["expert_params"] = sum(p.numel() for p in policy.parameters()) - result["vlm_params"]
         result["tokens_per_step"] = batch_size * (policy.num_image_tokens + TEXT_TOKENS + policy.chunk_size)
     if sampling and mode in ("stage2", "stage2_bypassed"):

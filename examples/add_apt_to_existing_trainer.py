@@ -60,17 +60,17 @@ class MyVLA(APTMixin, pl.LightningModule):  # APT: subclass the mixin
     def velocity(self, batch, x_t, t):
         attention = torch.ones(batch["patches"].shape[:2], dtype=torch.long)
         attention = torch.cat([attention, torch.ones_like(batch["input_ids"])], 1)
-        masks = self.apt_masks(attention, self.apt_language_mask(batch))  # APT
-        with self.apt_vlm_context():  # APT
+        masks = self.apt.masks(attention, self.apt_language_mask(batch))  # APT
+        with self.apt.vlm_context():  # APT
             features = self.vlm(batch["patches"], batch["input_ids"], masks.vlm_attention)
         h = self.action_in(torch.cat([x_t, t[:, None, None].expand(-1, CHUNK, 1)], -1))
-        with self.apt_fusion_context(features, masks.language):  # APT
+        with self.apt.fusion_context(features, masks.language):  # APT
             for block in self.blocks:
                 h = block(h, features, masks.expert_attention.bool())
         return self.action_out(h)
 
     def training_step(self, batch, batch_idx):
-        with self.apt_rng(batch_idx):  # APT (optional): noise that resumes exactly
+        with self.apt.rng(batch_idx):  # APT (optional): noise that resumes exactly
             noise, t = torch.randn_like(batch["actions"]), torch.rand(batch["actions"].shape[0])
         x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * batch["actions"]
         loss = nn.functional.mse_loss(self.velocity(batch, x_t, t), batch["actions"] - noise)
@@ -104,4 +104,4 @@ if __name__ == "__main__":
         callbacks=[APTStageScheduler(switch_at_step=60), GateMonitor(every_n_steps=20)],  # APT: one callback
     )
     trainer.fit(model, ResumableDataLoader(toy_data(), batch_size=8, shuffle=True))
-    print({site: {k: round(v, 4) for k, v in gates.items()} for site, gates in model.apt_gate_values().items()})
+    print({site: {k: round(v, 4) for k, v in gates.items()} for site, gates in model.apt.gate_values().items()})

@@ -106,7 +106,7 @@ def fit(args: argparse.Namespace, check_finite: bool) -> tuple[float, float, int
     )
     data = Synthetic(args.batch * args.steps, policy.chunk_size, 224, 1024)
     trainer.fit(policy, ResumableDataLoader(data, batch_size=args.batch, shuffle=True))
-    return timer.mean(3, args.switch), timer.mean(args.switch + 3, args.steps), policy.apt_stage
+    return timer.mean(3, args.switch), timer.mean(args.switch + 3, args.steps), policy.apt.stage
 
 
 def main() -> None:

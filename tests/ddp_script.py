@@ -23,7 +23,7 @@ if __name__ == "__main__":
     t = trainer(steps, callbacks, devices=2, strategy=strategy)
     t.fit(policy, loader(size=16, batch_size=2))
     torch.save({k: v.detach().clone() for k, v in policy.state_dict().items()}, out / f"rank{t.global_rank}.pt")
-    meta = {"stage": policy.apt_stage, "step": t.global_step, "losses": recorder.losses}
+    meta = {"stage": policy.apt.stage, "step": t.global_step, "losses": recorder.losses}
     if cache is not None:
         meta["cache_hits"] = cache.hits
     torch.save(meta, out / f"meta{t.global_rank}.pt")

@@ -46,6 +46,6 @@ if __name__ == "__main__":
     )
     t.fit(policy, loader(size=16, batch_size=2), ckpt_path=resume)
     torch.save(
-        {"losses": recorder.losses, "stage": policy.apt_stage},
+        {"losses": recorder.losses, "stage": policy.apt.stage},
         out / f"{engine}{'-resumed' if resume else ''}-rank{t.global_rank}.pt",
     )

@@ -29,11 +29,11 @@ def test_joint_scheduler_arguments():
 
 def test_joint_masks_hide_nothing_and_actions_follow_the_instruction(arch):
     policy = make_policy(arch)
-    policy.apt_prepare(StagePlan(first_stage=JOINT))
+    policy.apt.prepare(StagePlan(first_stage=JOINT))
     policy.eval()
-    assert policy.apt_sites() == {}
+    assert policy.apt.sites == {}
     batch = make_batch("left", pad=1)
-    masks = policy.apt_masks(batch["attention_mask"], batch["language_mask"])
+    masks = policy.apt.masks(batch["attention_mask"], batch["language_mask"])
     valid = batch["attention_mask"].bool()
     assert torch.equal(
         masks.vlm_attention[:, 0] | torch.eye(valid.shape[1], dtype=torch.bool),
@@ -52,13 +52,13 @@ def test_joint_masks_hide_nothing_and_actions_follow_the_instruction(arch):
 
 def test_a_blind_joint_prefix_hides_the_instruction_from_image_tokens_not_from_the_expert(arch):
     policy = make_policy(arch, joint_prefix="blind")
-    policy.apt_prepare(StagePlan(first_stage=JOINT))
+    policy.apt.prepare(StagePlan(first_stage=JOINT))
     policy.eval()
     batch = make_batch("left", pad=1)
-    joint = policy.apt_masks(batch["attention_mask"], batch["language_mask"])
+    joint = policy.apt.masks(batch["attention_mask"], batch["language_mask"])
     apt = make_policy(arch)
-    apt.apt_prepare(StagePlan(first_stage=1))
-    stage1 = apt.apt_masks(batch["attention_mask"], batch["language_mask"])
+    apt.apt.prepare(StagePlan(first_stage=1))
+    stage1 = apt.apt.masks(batch["attention_mask"], batch["language_mask"])
     assert torch.equal(joint.vlm_attention, stage1.vlm_attention) and torch.equal(
         joint.position_ids, stage1.position_ids
     )
@@ -74,9 +74,9 @@ def test_a_blind_joint_prefix_hides_the_instruction_from_image_tokens_not_from_t
 @pytest.mark.parametrize("mode", ["full", "lora", "frozen"])
 def test_joint_trains_the_vlm_as_vlm_mode_says(mode):
     policy = make_policy("groot", vlm_mode=mode)
-    before = copy.deepcopy(policy.apt_vlm_module.state_dict())
+    before = copy.deepcopy(policy.apt.vlm_module.state_dict())
     trainer(3, [APTStageScheduler(stage="joint")]).fit(policy, loader())
-    after = policy.apt_vlm_module.state_dict()
+    after = policy.apt.vlm_module.state_dict()
 
     def current(key):  # peft keeps a wrapped layer's own weights under `base_layer`
         return after[key] if key in after else after[key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[1]]
@@ -97,9 +97,9 @@ def test_joint_trains_the_vlm_as_vlm_mode_says(mode):
 
 def test_joint_refuses_a_model_that_holds_fusion_blocks():
     policy = make_policy("groot")
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=2))
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=2))
     with pytest.raises(ContractError, match="joint baseline"):
-        policy.apt_prepare(StagePlan(first_stage=JOINT))
+        policy.apt.prepare(StagePlan(first_stage=JOINT))
 
 
 @pytest.mark.parametrize(
@@ -111,8 +111,8 @@ def test_load_policy_restores_the_saved_stage_and_outputs(arch, scheduler, tmp_p
     trainer(3, [copy.deepcopy(scheduler), checkpoint], enable_checkpointing=True).fit(policy, loader())
     loaded = load_policy(tmp_path / "last.ckpt")
     assert type(loaded) is type(policy)
-    assert loaded.apt_stage == policy.apt_stage == (2 if scheduler.plan.has_stage2 else JOINT)
-    assert set(loaded.apt_sites()) == set(policy.apt_sites())
+    assert loaded.apt.stage == policy.apt.stage == (2 if scheduler.plan.has_stage2 else JOINT)
+    assert set(loaded.apt.sites) == set(policy.apt.sites)
     policy.eval()
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     assert torch.equal(loaded.sample_actions(batch, noise), policy.sample_actions(batch, noise))

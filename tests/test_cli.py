@@ -32,7 +32,7 @@ def _cli(config: Path, *extra: str) -> APTLightningCLI:
 def test_bundled_configs_build_a_model_that_matches_the_benchmark(name):
     cli = _cli(CONFIGS / f"{name}.yaml", "--data.episodes", "1")
     reference = tiny_paligemma_config(**cli.datamodule.tokenizer.vlm_vocabulary, hidden_size=64)
-    vlm = cli.model.apt_vlm_module
+    vlm = cli.model.apt.vlm_module
     assert vlm.config.get_text_config().vocab_size == cli.datamodule.vocab_size
     assert vlm.config.image_token_id == cli.datamodule.image_token_id == cli.datamodule.tokenizer.image_id
     assert {k: v.shape for k, v in vlm.state_dict().items()} == {
@@ -89,7 +89,7 @@ def test_pretrained_vlm_is_sized_by_the_policy_and_passed_as_vlm_pretrained(tmp_
     assert asked == [64]
     assert cli.config["model"]["init_args"]["vlm_pretrained"] == str(tmp_path / "vlm")
     saved = AutoModel.from_pretrained(tmp_path / "vlm").state_dict()
-    loaded = cli.model.apt_vlm_module.state_dict()
+    loaded = cli.model.apt.vlm_module.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in saved.items())
 
 

@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from apt_lightning import (
+    APT,
     AptError,
     APTMixin,
     APTStageScheduler,
@@ -40,21 +41,36 @@ def test_contract_not_satisfied_lists_every_missing_piece():
     with pytest.raises(ContractError) as info:
         trainer(1, [APTStageScheduler()]).fit(Incomplete(), loader())
     message = str(info.value)
-    assert "`apt_vlm` is not set" in message
-    assert "`apt_fusion` is not a FusionConfig" in message
-    assert "`apt_language_mask(batch)` is not implemented" in message
+    assert "`vlm` is not set" in message
+    assert "`fusion` must be a FusionConfig, got NoneType" in message
+
+
+def test_controller_arguments_are_checked_at_construction():
+    module = Incomplete()
+    with pytest.raises(ContractError, match=r"`vlm`='backbon' names no module. Closest names: \['backbone'\]"):
+        APT(module, vlm="backbon", fusion=FusionConfig(target_modules=["head"]))
+    with pytest.raises(ContractError, match="`config` must be an APTConfig, got dict"):
+        APT(module, vlm="backbone", fusion=FusionConfig(target_modules=["head"]), config={"lr": 1.0})
+    with pytest.raises(ContractError, match="must be `APT\\(self, vlm=..., fusion=...\\)`"):
+        module.apt = APT(Incomplete(), vlm="backbone", fusion=FusionConfig(target_modules=["head"]))  # another module's
+
+
+def test_old_apt_set_stage_explains_the_new_meaning():
+    policy = make_policy("pi0")
+    with pytest.raises(ContractError, match=r"apt_set_stage\(2\)` was removed.*follows the global step.*set_step"):
+        policy.apt_set_stage(2)
 
 
 def test_vlm_name_that_does_not_exist_suggests_close_names():
     module = Incomplete()
     module.apt_vlm = "backbon"
     module.apt_fusion = FusionConfig(target_modules=["head"])
-    with pytest.raises(ContractError, match=r"`apt_vlm`='backbon' names no module. Closest names: \['backbone'\]"):
-        module.apt_validate_contract()
+    with pytest.raises(ContractError, match=r"`vlm`='backbon' names no module. Closest names: \['backbone'\]"):
+        module.apt.validate()
 
 
 def test_callback_on_module_without_mixin():
-    with pytest.raises(ContractError, match="does not subclass APTMixin"):
+    with pytest.raises(ContractError, match="has no APT controller.*APTMixin.*self.apt = APT"):
         trainer(1, [APTStageScheduler()]).fit(BoringModel())
 
 
@@ -68,7 +84,7 @@ def test_callback_on_module_without_mixin():
 )
 def test_language_mask_of_wrong_dtype_or_shape(arch, mask, match):
     policy = make_policy(arch)
-    policy.apt_prepare(StagePlan())
+    policy.apt.prepare(StagePlan())
     batch = make_batch("left")
     batch["language_mask"] = mask(batch)
     with pytest.raises(LanguageMaskError, match=match):
@@ -77,19 +93,19 @@ def test_language_mask_of_wrong_dtype_or_shape(arch, mask, match):
 
 def test_fusion_target_matching_nothing_lists_nearest_names():
     policy = make_policy("groot")
-    policy.apt_fusion = FusionConfig(target_modules=["action_head.blockz.0"])
+    policy.apt.fusion = FusionConfig(target_modules=["action_head.blockz.0"])
     with pytest.raises(
         NoMatchingTargetError, match=r"matched no module.*Closest existing names: \[.*'action_head.blocks.0'"
     ):
-        policy.apt_prepare(StagePlan())
-    assert not policy.apt_sites(), "a failed injection must leave the model untouched"
+        policy.apt.prepare(StagePlan())
+    assert not policy.apt.sites, "a failed injection must leave the model untouched"
 
 
 def test_fusion_target_inside_the_vlm_is_rejected():
     policy = make_policy("groot")
-    policy.apt_fusion = FusionConfig(target_modules=r".*layers\.\d+")
+    policy.apt.fusion = FusionConfig(target_modules=r".*layers\.\d+")
     with pytest.raises(NoMatchingTargetError, match="inside the VLM `backbone`"):
-        policy.apt_prepare(StagePlan())
+        policy.apt.prepare(StagePlan())
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +160,7 @@ def test_empty_or_fully_masked_fusion_context_gives_identity_not_nan(context_mas
 
 def test_all_language_masked_batch_trains_without_nan(arch):
     policy = make_policy(arch)
-    policy.apt_prepare(StagePlan(first_stage=2))
+    policy.apt.prepare(StagePlan(first_stage=2))
     batch = make_batch("left")
     batch["language_mask"][:] = False
     loss = policy.flow_loss(batch, torch.randn(2, 4, policy.noise_dim), torch.rand(2))
@@ -158,7 +174,7 @@ def test_non_finite_gate_stops_training_and_names_the_site(tmp_path):
     class Poison(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 3:
-                site = pl_module.apt_sites()["action_head.blocks.1"]
+                site = pl_module.apt.sites["action_head.blocks.1"]
                 site.apt_fusion.apt_gate_ff.data.fill_(float("nan"))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)

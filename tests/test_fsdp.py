@@ -57,7 +57,7 @@ def test_model_parallel_without_sharding_is_refused_before_the_first_step():
         optimizers: list = []  # noqa: RUF012
 
     policy = make_policy("groot")
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=2))
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=2))
     with pytest.raises(ContractError, match=r"not sharded.*apt_fully_shard"):
         APTStageScheduler(switch_at_step=2).on_fit_start(Trainer(), policy)
 
@@ -71,7 +71,7 @@ def test_units_cover_every_parameter_with_a_module_whose_forward_uses_it(monkeyp
     sharded: list[nn.Module] = []
     monkeypatch.setattr("torch.distributed.fsdp.fully_shard", lambda module, **kwargs: sharded.append(module))
     policy = make_policy("groot")
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=2))
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=2))
     names = fully_shard_apt(policy, units=r".*(layers|blocks)\.\d+")
     assert "action_head.blocks.0" in names and "action_head.blocks.0.apt_fusion" in names
     assert "vl_self_attention.layers.0" not in names  # a ModuleDict has no forward: its children are units

@@ -18,10 +18,10 @@ def _noise(policy, batch_size=2, seed=123):
 
 def _stage2(arch, gates: float | None = 0.7, **apt):
     policy = make_policy(arch, **apt)
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH)
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH)
     policy.eval()
     if gates is not None:
-        for site in policy.apt_sites().values():
+        for site in policy.apt.sites.values():
             for gate in site.apt_fusion.gate_parameters():
                 gate.data.fill_(gates)
     return policy
@@ -45,9 +45,9 @@ def test_guided_velocity_is_prior_plus_w_times_the_language_contrast(arch):
     policy = _stage2(arch)
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     conditional = policy.sample_actions(batch, noise, num_steps=1)
-    policy.apt_set_step(SWITCH - 1)
+    policy.apt.set_step(SWITCH - 1)
     prior = policy.sample_actions(batch, noise, num_steps=1)
-    policy.apt_set_step(SWITCH)
+    policy.apt.set_step(SWITCH)
     guided = policy.sample_actions(batch, noise, num_steps=1, guidance_scale=2.5)
     assert (conditional - prior).abs().max() > 1e-3, "open gates must make language matter"
     assert (guided - (prior + 2.5 * (conditional - prior))).abs().max().item() <= 1e-5
@@ -55,7 +55,7 @@ def test_guided_velocity_is_prior_plus_w_times_the_language_contrast(arch):
 
 def test_guidance_is_off_outside_stage2(arch):
     policy = _stage2(arch)
-    policy.apt_set_step(0)
+    policy.apt.set_step(0)
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     assert torch.equal(policy.sample_actions(batch, noise, guidance_scale=3.0), policy.sample_actions(batch, noise))
 
@@ -67,11 +67,11 @@ def test_dropped_rows_take_exactly_the_stage1_path():
     batch = make_batch(["left", "right"] * 4)
     vl_tokens, visible, language, language_mask, _ = policy.encode(batch)
     x, time = torch.randn(8, 4, 2, generator=torch.Generator().manual_seed(0)), torch.full((8,), 0.3)
-    keep = policy._apt_language_keep(8, x.device)
+    keep = policy.apt.language_keep(8, x.device)
     assert 0 < int(keep.sum()) < 8, keep
-    with torch.no_grad(), policy.apt_fusion_context(language, language_mask):
+    with torch.no_grad(), policy.apt.fusion_context(language, language_mask):
         fused = policy.action_head(x, time, batch["state"], vl_tokens, visible)
-    policy.apt_set_step(SWITCH - 1)
+    policy.apt.set_step(SWITCH - 1)
     with torch.no_grad():
         prior = policy.action_head(x, time, batch["state"], vl_tokens, visible)
     assert torch.equal(fused[~keep], prior[~keep])
@@ -83,13 +83,13 @@ def test_language_dropout_draws_the_configured_fraction_and_only_in_training():
     policy.train()
     drawn = []
     for step in range(50):
-        policy.apt_set_step(SWITCH + step)
-        drawn.append(policy._apt_language_keep(64, torch.device("cpu")))
+        policy.apt.set_step(SWITCH + step)
+        drawn.append(policy.apt.language_keep(64, torch.device("cpu")))
     dropped = 1 - torch.stack(drawn).float().mean().item()
     assert 0.25 < dropped < 0.35, dropped
     assert not torch.equal(drawn[0], drawn[1]), "a new draw every step"
     policy.eval()
-    assert policy._apt_language_keep(64, torch.device("cpu")) is None
+    assert policy.apt.language_keep(64, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="`language_dropout` must be in"):
         APTConfig(language_dropout=1.0)
 
@@ -114,24 +114,24 @@ def test_sigmoid_gates_start_at_one_half_and_the_switch_is_not_an_identity():
     with pytest.warns(UserWarning, match="starts at 0.5: the Stage-2 switch changes the model's outputs"):
         fusion = FusionConfig(target_modules=r"action_head\.blocks\.\d+", num_heads=2, gate="sigmoid")
     policy = make_policy("groot")
-    policy.apt_fusion = fusion
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH))
+    policy.apt.fusion = fusion
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))
     policy.eval()
-    assert all(v == {"attn": 0.5, "ff": 0.5} for v in policy.apt_gate_values().values())
+    assert all(v == {"attn": 0.5, "ff": 0.5} for v in policy.apt.gate_values().values())
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     stage1 = policy.sample_actions(batch, noise)
-    policy.apt_set_step(SWITCH)
+    policy.apt.set_step(SWITCH)
     assert (policy.sample_actions(batch, noise) - stage1).abs().max() > 1e-4
 
 
 def test_per_channel_gates_have_one_gate_per_channel_and_keep_the_exact_switch():
     policy = make_policy("groot")
-    policy.apt_fusion = FusionConfig(target_modules=r"action_head\.blocks\.\d+", num_heads=2, gate_shape="channel")
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH))
+    policy.apt.fusion = FusionConfig(target_modules=r"action_head\.blocks\.\d+", num_heads=2, gate_shape="channel")
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))
     policy.eval()
-    block = next(iter(policy.apt_sites().values())).apt_fusion
+    block = next(iter(policy.apt.sites.values())).apt_fusion
     assert [tuple(g.shape) for g in block.gate_parameters()] == [(32,), (32,)]
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     stage1 = policy.sample_actions(batch, noise)
-    policy.apt_set_step(SWITCH)
+    policy.apt.set_step(SWITCH)
     assert torch.equal(policy.sample_actions(batch, noise), stage1)

@@ -30,7 +30,7 @@ def open_gates(policy, value=0.7, fusion=True):
     for _, gate in language_gates(policy):
         gate.apt_gate.data.fill_(value)
     if fusion:
-        for site in policy.apt_sites().values():
+        for site in policy.apt.sites.values():
             for gate in site.apt_fusion.gate_parameters():
                 gate.data.fill_(value)
 
@@ -41,18 +41,18 @@ def noise(policy, n=2):
 
 def test_the_switch_is_exact_and_stage1_ignores_the_instruction():
     policy = head_policy()
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH))
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))
     policy.eval()
     left, right = make_batch("left"), make_batch("right", pad=2)
     stage1 = policy.sample_actions(left, noise(policy))
     assert (stage1 - policy.sample_actions(right, noise(policy))).abs().max() <= 1e-6
-    policy.apt_set_step(SWITCH)
+    policy.apt.set_step(SWITCH)
     assert torch.equal(policy.sample_actions(left, noise(policy)), stage1)  # every gate closed: identity
 
 
 def test_open_head_gates_alone_make_the_instruction_matter():
     policy = head_policy()
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH)
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH)
     policy.eval()
     open_gates(policy, fusion=False)  # fusion blocks closed: language only through the head's own attention
     difference = policy.sample_actions(make_batch("left"), noise(policy)) - policy.sample_actions(
@@ -63,7 +63,7 @@ def test_open_head_gates_alone_make_the_instruction_matter():
 
 def test_guidance_and_dropped_rows_take_the_language_free_path_exactly():
     policy = head_policy(language_dropout=0.5)
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH)
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH)
     open_gates(policy)
     policy.eval()
     batch, x = make_batch(["left", "right"]), noise(policy)
@@ -74,16 +74,16 @@ def test_guidance_and_dropped_rows_take_the_language_free_path_exactly():
     open_gates(policy)
     policy.train()
     batch = make_batch(["left", "right"] * 4)
-    keep = policy._apt_language_keep(8, torch.device("cpu"))
+    keep = policy.apt.language_keep(8, torch.device("cpu"))
     assert 0 < int(keep.sum()) < 8
     x, time = torch.randn(8, 4, 2, generator=torch.Generator().manual_seed(0)), torch.full((8,), 0.3)
     with torch.no_grad():
         encoded = policy.encode(batch)
-        with policy.apt_fusion_context(encoded.language, encoded.language_mask):
+        with policy.apt.fusion_context(encoded.language, encoded.language_mask):
             fused = policy.action_head(
                 x, time, batch["state"], encoded.vl_tokens, encoded.visible, policy._head_language(encoded)
             )
-        policy.apt_set_step(SWITCH - 1)
+        policy.apt.set_step(SWITCH - 1)
         prior = policy.action_head(x, time, batch["state"], encoded.vl_tokens, encoded.visible)
     assert torch.equal(fused[~keep], prior[~keep])
     assert (fused[keep] - prior[keep]).abs().amax(dim=(1, 2)).min() > 1e-4

@@ -59,7 +59,7 @@ def test_one_host_read_per_step_across_the_switch(host_reads, check_finite, per_
     steady = {s: counts[s] for s in (2, 3, 5, 6, 7)}  # after the 2 batches whose mask rows are checked
     assert steady == dict.fromkeys((2, 3, 5, 6, 7), per_step), dict(counts)
     assert counts[0] == counts[1] == per_step + 1  # + the row check of the language mask
-    assert counts[4] == per_step + 2 * len(policy.apt_sites())  # once, at the switch: are all gates closed?
+    assert counts[4] == per_step + 2 * len(policy.apt.sites)  # once, at the switch: are all gates closed?
 
 
 def test_nan_loss_is_still_caught_with_one_read(host_reads):

@@ -31,14 +31,14 @@ def noise(policy):
 @pytest.mark.parametrize("arch", ["pi0", "groot"])
 def test_sites_read_their_own_layers_and_the_switch_stays_exact(arch):
     policy = build(arch, per_site=True)
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH))
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))
     policy.eval()
     batch = make_batch(["left", "right"])
     stage1 = policy.sample_actions(batch, noise(policy))
-    policy.apt_set_step(SWITCH)
+    policy.apt.set_step(SWITCH)
     assert torch.equal(policy.sample_actions(batch, noise(policy)), stage1)  # closed gates: identity
     seen: dict[str, torch.Tensor] = {}
-    for name, site in policy.apt_sites().items():
+    for name, site in policy.apt.sites.items():
         original = site.set_context
 
         def record(context, mask=None, name=name, original=original):
@@ -47,13 +47,13 @@ def test_sites_read_their_own_layers_and_the_switch_stays_exact(arch):
             original(context, mask)
 
         site.set_context = record
-    for site in policy.apt_sites().values():
+    for site in policy.apt.sites.values():
         for gate in site.apt_fusion.gate_parameters():
             gate.data.fill_(0.5)
     policy.sample_actions(batch, noise(policy))
     contexts = list(seen.values())
     layers = site_layers(len(contexts), 2)  # the tiny VLMs have 2 text layers
-    assert len(contexts) == len(policy.apt_sites()) and layers[0] != layers[-1]
+    assert len(contexts) == len(policy.apt.sites) and layers[0] != layers[-1]
     assert not torch.equal(contexts[0], contexts[-1])  # first and last sites read different layers
 
 

@@ -34,16 +34,16 @@ class StageProbe(Callback):
         self.seen: dict[str, list[int]] = {"train": [], "validate": [], "test": [], "predict": []}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen["train"].append(pl_module.apt_stage)
+        self.seen["train"].append(pl_module.apt.stage)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.seen["validate"].append(pl_module.apt_stage)
+        self.seen["validate"].append(pl_module.apt.stage)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.seen["test"].append(pl_module.apt_stage)
+        self.seen["test"].append(pl_module.apt.stage)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.seen["predict"].append(pl_module.apt_stage)
+        self.seen["predict"].append(pl_module.apt.stage)
 
 
 def _probe_callbacks(switch: int) -> tuple[StageProbe, list[Callback]]:
@@ -62,7 +62,7 @@ def test_validate_test_predict_after_a_fit_run_in_the_stage_the_fit_ended_in():
     t.test(policy, loader(size=4))
     t.predict(policy, loader(size=4))  # Lightning re-creates the loader around its own sampler for predict
     assert probe.seen["validate"] == probe.seen["test"] == probe.seen["predict"] == [2]
-    assert policy.apt_stage == 2 and all(site.active for site in policy.apt_sites().values())
+    assert policy.apt.stage == 2 and all(site.active for site in policy.apt.sites.values())
 
 
 def test_validation_inside_fit_follows_the_training_step():
@@ -71,7 +71,7 @@ def test_validation_inside_fit_follows_the_training_step():
 
     class ValidationProbe(Callback):
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            seen.append((trainer.global_step, pl_module.apt_stage))
+            seen.append((trainer.global_step, pl_module.apt.stage))
 
     callbacks = [APTStageScheduler(switch_at_step=2), ValidationProbe()]
     trainer(4, callbacks, limit_val_batches=1, val_check_interval=1).fit(policy, loader(), loader(size=4))
@@ -89,10 +89,10 @@ def test_resume_is_in_stage_2_from_the_start_and_logs_the_switch_once(tmp_path, 
 
         class StartProbe(Callback):
             def on_fit_start(self, trainer, pl_module):
-                stages_at_start.append(pl_module.apt_stage)  # weights restored, loops not yet
+                stages_at_start.append(pl_module.apt.stage)  # weights restored, loops not yet
 
             def on_train_start(self, trainer, pl_module):
-                stages_at_start.append(pl_module.apt_stage)
+                stages_at_start.append(pl_module.apt.stage)
 
         probe, callbacks = _probe_callbacks(switch=2)
         resumed = make_policy("groot")
@@ -106,23 +106,23 @@ def test_load_from_checkpoint_and_validate_with_a_fresh_trainer_keep_the_saved_s
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(3, [APTStageScheduler(switch_at_step=2), checkpoint], enable_checkpointing=True).fit(policy, loader())
     loaded = load_policy(tmp_path / "last.ckpt")
-    assert loaded.apt_stage == 2 and loaded.apt_step == 3
+    assert loaded.apt.stage == 2 and loaded.apt.step == 3
     probe, callbacks = _probe_callbacks(switch=2)
     fresh = make_policy("pi0")
     trainer(3, callbacks, limit_val_batches=1).validate(fresh, loader(size=4), ckpt_path=tmp_path / "last.ckpt")
-    assert probe.seen["validate"] == [2] and fresh.apt_stage == 2
+    assert probe.seen["validate"] == [2] and fresh.apt.stage == 2
 
 
 # ---------------------------------------------------------------------------- unprepared state, no Trainer
 def test_a_fresh_model_is_explicitly_unprepared_and_the_no_trainer_path_works():
     policy = make_policy("groot")
-    assert not policy.apt_is_prepared
-    with pytest.raises(NotPreparedError, match=r"apt_prepare\(StagePlan"):
-        _ = policy.apt_stage
+    assert not policy.apt.is_prepared
+    with pytest.raises(NotPreparedError, match=r"apt\.prepare\(StagePlan"):
+        _ = policy.apt.stage
     with pytest.raises(NotPreparedError, match="APTStageScheduler"):
         policy.sample_actions(make_batch("left"))
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=10), step=12)  # e.g. a notebook on a trained model
-    assert policy.apt_stage == 2 and not policy.apt_vlm_module.training
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=10), step=12)  # e.g. a notebook on a trained model
+    assert policy.apt.stage == 2 and not policy.apt.vlm_module.training
     assert policy.sample_actions(make_batch("left")).shape == (2, 4, 2)
 
 
@@ -165,22 +165,22 @@ class Widthless(APTMixin, pl.LightningModule):
 def test_every_missing_width_is_reported_in_one_error_before_fit():
     model = Widthless(FusionConfig(target_modules=r"expert\.\d+"))
     with pytest.raises(ContractError) as info:
-        model.apt_validate_contract()
+        model.apt.validate()
     message = str(info.value)
     assert "`FusionConfig.context_dim` is unset" in message
     assert "['expert.0', 'expert.1']" in message and "set `FusionConfig.hidden_dim`" in message
     with pytest.raises(ContractError, match="context_dim"):
         trainer(1, [APTStageScheduler(switch_at_step=1)]).fit(model, loader())
-    assert not model.apt_sites(), "a failed prepare leaves the model untouched"
+    assert not model.apt.sites, "a failed prepare leaves the model untouched"
     widths = FusionConfig(target_modules=r"expert\.\d+", hidden_dim=8, context_dim=[8, 4])
-    Widthless(widths).apt_validate_contract()  # per-site widths: one per site is fine
+    Widthless(widths).apt.validate()  # per-site widths: one per site is fine
     with pytest.raises(ContractError, match="lists 2 widths but there are 1 fusion sites"):
-        Widthless(FusionConfig(target_modules=["expert.0"], hidden_dim=8, context_dim=[8, 4])).apt_validate_contract()
+        Widthless(FusionConfig(target_modules=["expert.0"], hidden_dim=8, context_dim=[8, 4])).apt.validate()
 
 
 def test_a_target_that_is_not_the_hidden_state_stream_fails_at_the_first_step_not_at_the_switch(tmp_path):
     policy = make_policy("groot")
-    policy.apt_fusion = FusionConfig(target_modules=["action_head"], num_heads=2)  # outputs actions, not hidden states
+    policy.apt.fusion = FusionConfig(target_modules=["action_head"], num_heads=2)  # outputs actions, not hidden states
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1)
     t = trainer(20, [APTStageScheduler(switch_at_step=10), checkpoint], enable_checkpointing=True)
@@ -195,8 +195,8 @@ def test_a_target_that_is_not_the_hidden_state_stream_fails_at_the_first_step_no
 
 def test_stage2_only_plan_names_the_bad_site_instead_of_a_raw_runtime_error():
     policy = make_policy("groot")
-    policy.apt_fusion = FusionConfig(target_modules=["action_head"], num_heads=2)
-    policy.apt_prepare(StagePlan(first_stage=2))
+    policy.apt.fusion = FusionConfig(target_modules=["action_head"], num_heads=2)
+    policy.apt.prepare(StagePlan(first_stage=2))
     with pytest.raises(ContractError, match=r"cannot take gated fusion.*returns shape"):
         policy.sample_actions(make_batch("left"))
 
@@ -209,7 +209,7 @@ class OwnOptimizer(type(make_policy("groot"))):
 
 class BuildsOnAPT(type(make_policy("groot"))):
     def configure_optimizers(self):
-        return self.apt_configure_optimizers(torch.optim.SGD, momentum=0.9)
+        return self.apt.configure_optimizers(torch.optim.SGD, momentum=0.9)
 
 
 def _groot(cls, **kwargs):
@@ -220,7 +220,7 @@ def _groot(cls, **kwargs):
 
 
 def test_own_configure_optimizers_is_warned_about_and_the_one_liner_keeps_apt_groups():
-    with pytest.warns(UserWarning, match=r"does not build on APT's param groups.*apt_configure_optimizers"):
+    with pytest.warns(UserWarning, match=r"does not build on APT's param groups.*apt\.configure_optimizers"):
         trainer(1, [APTStageScheduler(switch_at_step=1)]).fit(_groot(OwnOptimizer), loader())
     model = _groot(BuildsOnAPT, apt_config=APTConfig(lr=1e-3))
     t = trainer(1, [APTStageScheduler(switch_at_step=1)])
@@ -269,12 +269,12 @@ def test_bad_language_masks_raise_language_mask_error(bad, match):
 def test_models_pass_features_unconditionally_and_the_library_ignores_them_outside_stage2():
     """Stage 1 with language features passed equals Stage 1 with none: the context helper decides."""
     policy = make_policy("groot")
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=5))
-    assert not policy.apt_needs_language
-    with policy.apt_fusion_context(None, None):
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=5))
+    assert not policy.apt.needs_language
+    with policy.apt.fusion_context(None, None):
         pass  # ignored outside Stage 2
-    policy.apt_set_step(5)
-    assert policy.apt_needs_language
+    policy.apt.set_step(5)
+    assert policy.apt.needs_language
     needs = pytest.raises(FusionContextError, match="Stage 2 needs language features")
-    with needs, policy.apt_fusion_context(None, None):
+    with needs, policy.apt.fusion_context(None, None):
         pass

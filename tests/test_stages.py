@@ -17,7 +17,7 @@ def _noise(policy, batch_size=2, seed=123):
 
 def test_stage1_actions_ignore_instruction_of_other_length(arch):
     policy = make_policy(arch)
-    policy.apt_prepare(StagePlan(first_stage=1))
+    policy.apt.prepare(StagePlan(first_stage=1))
     policy.eval()
     left, right = make_batch("left"), make_batch("right", pad=2)  # 2 vs 3 words, plus padding
     assert left["input_ids"].shape != right["input_ids"].shape
@@ -31,23 +31,23 @@ def test_stage1_actions_ignore_instruction_of_other_length(arch):
 
 def test_stage1_training_leaves_vlm_bit_identical_and_in_eval_mode(arch):
     policy = make_policy(arch)
-    vlm_before = copy.deepcopy(policy.apt_vlm_module.state_dict())
-    expert_before = {k: v.clone() for k, v in policy.named_parameters() if not k.startswith(policy.apt_vlm)}
+    vlm_before = copy.deepcopy(policy.apt.vlm_module.state_dict())
+    expert_before = {k: v.clone() for k, v in policy.named_parameters() if not k.startswith(policy.apt.vlm)}
     modes: list[bool] = []
 
     class ModeProbe(LossRecorder):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            modes.append(any(m.training for m in pl_module.apt_vlm_module.modules()))
+            modes.append(any(m.training for m in pl_module.apt.vlm_module.modules()))
 
     t = trainer(20, [APTStageScheduler(stage=1), ModeProbe()], limit_val_batches=1, val_check_interval=2)
     t.fit(policy, loader(), loader(size=4))
     assert t.global_step == 20
     assert modes and not any(modes), "VLM must stay in eval mode through Lightning's train() calls"
-    for name, value in policy.apt_vlm_module.state_dict().items():
+    for name, value in policy.apt.vlm_module.state_dict().items():
         assert torch.equal(value, vlm_before[name]), name
-    assert all(p.grad is None for p in policy.apt_vlm_module.parameters())
+    assert all(p.grad is None for p in policy.apt.vlm_module.parameters())
     optimized = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
-    assert not optimized & {id(p) for p in policy.apt_vlm_module.parameters()}, "VLM must not be in the optimizer"
+    assert not optimized & {id(p) for p in policy.apt.vlm_module.parameters()}, "VLM must not be in the optimizer"
     changed = [k for k, v in policy.named_parameters() if k in expert_before and not torch.equal(v, expert_before[k])]
     assert changed, "the expert must have trained"
 
@@ -62,28 +62,28 @@ def test_switch_is_exact_and_stage2_learns_language(arch):
 
     class StageProbe(LossRecorder):
         def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
-            stages[trainer.global_step] = pl_module.apt_stage  # the scheduler's hook ran first
+            stages[trainer.global_step] = pl_module.apt.stage  # the scheduler's hook ran first
 
     t.callbacks.append(StageProbe())
     t.fit(policy, loader())
     assert stages[9] == 1 and stages[10] == 2 and stages[29] == 2
     policy.eval()
-    assert policy.apt_stage == 2, "after a fit that ended in Stage 2 the model stays in Stage 2"
-    policy.apt_set_step(9)  # the same weights, run as Stage 1
-    for site in policy.apt_sites().values():
+    assert policy.apt.stage == 2, "after a fit that ended in Stage 2 the model stays in Stage 2"
+    policy.apt.set_step(9)  # the same weights, run as Stage 1
+    for site in policy.apt.sites.values():
         assert site.apt_fusion.gate_values()["attn"] != 0.0, "gates must open during Stage 2"
     # exact identity at the switch: same weights, Stage 1 vs Stage 2 with gates reset to zero
     stage1 = policy.sample_actions(batch, noise)
     saved = {
         n: (s.apt_fusion.apt_gate_attn.detach().clone(), s.apt_fusion.apt_gate_ff.detach().clone())
-        for n, s in policy.apt_sites().items()
+        for n, s in policy.apt.sites.items()
     }
-    for s in policy.apt_sites().values():
+    for s in policy.apt.sites.values():
         s.apt_fusion.reset_gates()
-    policy.apt_set_step(10)
+    policy.apt.set_step(10)
     assert (policy.sample_actions(batch, noise) - stage1).abs().max().item() <= 1e-6
     # with the trained gates, the instruction changes the actions
-    for name, s in policy.apt_sites().items():
+    for name, s in policy.apt.sites.items():
         s.apt_fusion.apt_gate_attn.data.copy_(saved[name][0])
         s.apt_fusion.apt_gate_ff.data.copy_(saved[name][1])
     same_obs = make_batch(["left", "left"]), make_batch(["right", "right"])
@@ -104,9 +104,9 @@ def test_switch_during_fit_preserves_output(arch):
             if trainer.global_step == 6:  # weights after the last Stage-1 update; next batch is Stage 2
                 pl_module.eval()
                 seen[1] = pl_module.sample_actions(batch, noise)
-                pl_module.apt_set_step(6)
+                pl_module.apt.set_step(6)
                 seen[2] = pl_module.sample_actions(batch, noise)
-                pl_module.apt_set_step(5)
+                pl_module.apt.set_step(5)
                 pl_module.train()
 
     trainer(7, [APTStageScheduler(switch_at_step=6), Probe()]).fit(policy, loader())

@@ -44,7 +44,7 @@ def _contexts(policy, batch):
 
 def test_stage1_actions_ignore_instruction_of_other_length():
     policy = make_third()
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=2))
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=2))
     policy.eval()
     left, right = make_batch("left"), make_batch("right", pad=2)  # 2 vs 3 words, plus padding
     assert left["input_ids"].shape != right["input_ids"].shape
@@ -62,7 +62,7 @@ def test_stage1_fit_leaves_vlm_bit_identical():
     expert_before = {id(p): p.detach().clone() for p in policy.expert.parameters()}  # keys gain `.base_layer.`
     t = trainer(4, [APTStageScheduler(stage=1)])
     t.fit(policy, loader())
-    assert t.global_step == 4 and policy.apt_stage == 1
+    assert t.global_step == 4 and policy.apt.stage == 1
     for name, value in policy.vlm.state_dict().items():
         assert torch.equal(value, vlm_before[name]), name
     assert all(p.grad is None for p in policy.vlm.parameters())
@@ -73,12 +73,12 @@ def test_stage1_fit_leaves_vlm_bit_identical():
 
 def test_switch_is_exact_with_per_site_contexts():
     policy = make_third()
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=2))
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=2))
     policy.eval()
     batch, noise = make_batch(["left", "right"]), _noise()
     stage1 = policy.sample_actions(batch, noise)
-    policy.apt_set_step(2)
-    assert policy.apt_stage == 2 and policy.apt_needs_language
+    policy.apt.set_step(2)
+    assert policy.apt.stage == 2 and policy.apt.needs_language
     seen: dict[str, torch.Tensor] = {}
 
     def record(name):
@@ -87,7 +87,7 @@ def test_switch_is_exact_with_per_site_contexts():
 
         return hook
 
-    hooks = [site.apt_fusion.register_forward_hook(record(name)) for name, site in policy.apt_sites().items()]
+    hooks = [site.apt_fusion.register_forward_hook(record(name)) for name, site in policy.apt.sites.items()]
     stage2 = policy.sample_actions(batch, noise)
     for hook in hooks:
         hook.remove()
@@ -101,12 +101,12 @@ def test_switch_is_exact_with_per_site_contexts():
 
 def test_wrong_per_site_contexts_name_the_site():
     policy = make_third()
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=2), step=2)
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=2), step=2)
     batch = make_batch("left")
     contexts, language = _contexts(policy, batch)
 
     def enter(features):
-        with policy.apt_fusion_context(features, language):
+        with policy.apt.fusion_context(features, language):
             pass
 
     with pytest.raises(FusionContextError, match=r"3 feature tensors for 2 fusion sites.*expert\.layers\.0"):
@@ -114,7 +114,7 @@ def test_wrong_per_site_contexts_name_the_site():
     wide = [contexts[0], torch.cat([contexts[1], contexts[1][..., :1]], dim=-1)]
     with pytest.raises(FusionContextError, match=r"`expert\.layers\.1` reads context \(B, S, 32\)"):
         enter(wide)
-    policy.apt_set_step(0)
+    policy.apt.set_step(0)
     enter(wide)  # outside Stage 2 the context is ignored, whatever it is
 
 
@@ -123,7 +123,7 @@ def test_stage2_learns_language():
     recorder = LossRecorder()
     trainer(30, [APTStageScheduler(switch_at_step=10), recorder]).fit(policy, loader())
     policy.eval()
-    gates = policy.apt_gate_values()
+    gates = policy.apt.gate_values()
     assert all(v["attn"] != 0.0 for v in gates.values()), gates
     noise = _noise()
     left = policy.sample_actions(make_batch(["left", "left"]), noise)

@@ -213,7 +213,7 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
         """Per-expert-layer VLM states, the expert's key mask (no language) and the language mask."""
         prompt = self.prompt(batch)
         ids = prompt["input_ids"]
-        masks = self.apt_masks(prompt["attention_mask"], self.apt_language_mask(batch), causal=True)
+        masks = self.apt.masks(prompt["attention_mask"], self.apt_language_mask(batch), causal=True)
         patches, grid = qwen2vl_patches(batch["pixel_values"], *self.patching)
         # M-RoPE positions from the model's own helper: non-language tokens numbered as if the instruction were
         # absent (its mask is `masks.expert_attention`), instruction tokens numbered as in the full prompt.
@@ -221,7 +221,7 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
         blind, _ = self.vlm.get_rope_index(ids, image_types, grid, attention_mask=masks.expert_attention)
         full, _ = self.vlm.get_rope_index(ids, image_types, grid, attention_mask=prompt["attention_mask"])
         positions = torch.where(masks.language, full, blind)
-        with self.apt_vlm_context():
+        with self.apt.vlm_context():
             out = self.vlm(
                 input_ids=ids,
                 pixel_values=patches,
@@ -239,7 +239,7 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
         contexts, visible, language = self.encode(batch)
         t = time[:, None, None]
         x_t = (1 - t) * noise + t * batch["actions"]
-        with self.apt_fusion_context(contexts, language):
+        with self.apt.fusion_context(contexts, language):
             velocity = self.expert(x_t, time, batch["state"], contexts, visible)
         return F.mse_loss(velocity, batch["actions"] - noise)
 
@@ -250,7 +250,7 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
         num_steps = num_steps or self.num_inference_steps
         contexts, visible, language = self.encode(batch)
         x, b = noise, noise.shape[0]
-        with self.apt_fusion_context(contexts, language):
+        with self.apt.fusion_context(contexts, language):
             for step in range(num_steps):
                 time = torch.full((b,), step / num_steps, device=x.device)
                 x = x + self.expert(x, time, batch["state"], contexts, visible) / num_steps
@@ -258,7 +258,7 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         b = batch["state"].shape[0]
-        with self.apt_rng(batch_idx):
+        with self.apt.rng(batch_idx):
             noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device)
             time = torch.rand(b, device=self.device)
         loss = self.flow_loss(batch, noise, time)

@@ -6,6 +6,7 @@ Stage 2 injects language through zero-initialised tanh-gated cross-attention, st
 
 from apt_lightning.callbacks import APTStageScheduler, GateMonitor
 from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.controller import APT
 from apt_lightning.errors import (
     AptError,
     ContractError,
@@ -35,6 +36,7 @@ from apt_lightning.export import (
 )
 from apt_lightning.feature_cache import Stage1FeatureCache
 from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
+from apt_lightning.guard import NonFiniteGuard
 from apt_lightning.guidance import PriorGuidance
 from apt_lightning.inject import inject_fusion, resolve_targets, unload_fusion
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
@@ -46,6 +48,7 @@ from apt_lightning.structure import fusion_sites
 __version__ = "0.1.0"
 
 __all__ = [
+    "APT",
     "JOINT",
     "APTConfig",
     "APTMixin",
@@ -63,6 +66,7 @@ __all__ = [
     "NoMatchingTargetError",
     "NonFiniteError",
     "NonFiniteGateError",
+    "NonFiniteGuard",
     "NonFiniteLossError",
     "NotPreparedError",
     "PolicyCheckpointError",

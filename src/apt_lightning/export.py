@@ -47,7 +47,6 @@ from torch import nn
 from apt_lightning.errors import ExportError, UnverifiedExportWarning
 from apt_lightning.fusion import GatedCrossAttentionBlock
 from apt_lightning.lora import merged_state_dict
-from apt_lightning.mixin import APTMixin
 from apt_lightning.structure import (
     fusion_sites,
     is_fusion_key,
@@ -300,7 +299,7 @@ def _check_geometry(module: nn.Module, metadata: dict[str, str], path: Path) -> 
     if set(recorded) != set(current):
         raise ExportError(
             f"{path} holds fusion weights for sites {_head(sorted(recorded))}, but {model} has fusion sites "
-            f"{_head(sorted(current))}. Inject fusion first (`apt_prepare` with a Stage-2 plan) using the "
+            f"{_head(sorted(current))}. Inject fusion first (`model.apt.prepare` with a Stage-2 plan) using the "
             f"FusionConfig the export was written with ({config}), then load."
         )
     diffs = []
@@ -363,19 +362,19 @@ def _copy(module: nn.Module, tensors: dict[str, torch.Tensor], select: dict[str,
             state[actual].copy_(tensors[clean])
 
 
-def _prior_keys(module: APTMixin) -> dict[str, str]:
+def _prior_keys(module: nn.Module) -> dict[str, str]:
     """``{original key: state-dict key}`` of everything outside the VLM and the fusion blocks."""
-    vlm = module.apt_vlm + "."
+    vlm = module.apt.vlm + "."
     keys = original_state_dict_keys(module)  # type: ignore[arg-type]
     return {k: v for k, v in keys.items() if not k.startswith(vlm) and not is_fusion_key(k)}
 
 
-def _fusion_keys(module: APTMixin) -> dict[str, str]:
+def _fusion_keys(module: nn.Module) -> dict[str, str]:
     """``{original key: state-dict key}`` of every fusion block parameter."""
     return {k: v for k, v in original_state_dict_keys(module).items() if is_fusion_key(k)}  # type: ignore[arg-type]
 
 
-def _provenance(module: APTMixin) -> dict[str, str]:
+def _provenance(module: nn.Module) -> dict[str, str]:
     return {
         GEOMETRY_KEY: json.dumps(fusion_geometry(module), sort_keys=True),  # type: ignore[arg-type]
         FUSION_CONFIG_KEY: _fusion_config(module),
@@ -383,24 +382,24 @@ def _provenance(module: APTMixin) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- public API
-def va_prior_state_dict(module: APTMixin) -> dict[str, torch.Tensor]:
+def va_prior_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Everything outside the VLM and the fusion blocks: the language-agnostic expert (Stage-1 result)."""
     state = module.state_dict()  # type: ignore[attr-defined]
     return {clean: state[key] for clean, key in _prior_keys(module).items()}
 
 
-def export_va_prior(module: APTMixin, path: str | Path) -> Path:
+def export_va_prior(module: nn.Module, path: str | Path) -> Path:
     """Write the VA prior of ``module`` to ``path`` (safetensors), verified and atomically.
 
     Raises:
         ExportError: a prior tensor is NaN or infinite (nothing is written), or ``path`` is a directory.
     """
-    layout = attention_layout(module, skip=module.apt_vlm)  # type: ignore[arg-type]
-    extra = {"vlm": module.apt_vlm, LAYOUT_KEY: json.dumps(layout, sort_keys=True), **_provenance(module)}
+    layout = attention_layout(module, skip=module.apt.vlm)  # type: ignore[arg-type]
+    extra = {"vlm": module.apt.vlm, LAYOUT_KEY: json.dumps(layout, sort_keys=True), **_provenance(module)}
     return _save(va_prior_state_dict(module), path, "va_prior", extra)
 
 
-def load_va_prior(module: APTMixin, path: str | Path) -> None:
+def load_va_prior(module: nn.Module, path: str | Path) -> None:
     """Load a prior written by :func:`export_va_prior` into ``module`` (fusion sites injected or not).
 
     Raises:
@@ -411,28 +410,28 @@ def load_va_prior(module: APTMixin, path: str | Path) -> None:
     tensors, metadata = _read(path, "va_prior")
     select = _prior_keys(module)
     _load_into(module, tensors, select, "VA prior", path)  # type: ignore[arg-type]
-    layout = attention_layout(module, skip=module.apt_vlm)  # type: ignore[arg-type]
+    layout = attention_layout(module, skip=module.apt.vlm)  # type: ignore[arg-type]
     _check_layout(layout, metadata, path, type(module).__name__)
     _copy(module, tensors, select)  # type: ignore[arg-type]
 
 
-def fusion_state_dict(module: APTMixin) -> dict[str, torch.Tensor]:
+def fusion_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Weights and gates of every fusion block, keyed ``<site>.apt_fusion.<param>``."""
     state = module.state_dict()  # type: ignore[attr-defined]
     return {clean: state[key] for clean, key in _fusion_keys(module).items()}
 
 
-def export_fusion(module: APTMixin, path: str | Path) -> Path:
+def export_fusion(module: nn.Module, path: str | Path) -> Path:
     """Write the fusion blocks of ``module`` to ``path`` (safetensors) with the sites and their geometry.
 
     Raises:
         ExportError: a fusion tensor is NaN or infinite (nothing is written), or ``path`` is a directory.
     """
-    sites = json.dumps(sorted(module.apt_sites()))
+    sites = json.dumps(sorted(module.apt.sites))
     return _save(fusion_state_dict(module), path, "fusion", {"sites": sites, **_provenance(module)})
 
 
-def load_fusion(module: APTMixin, path: str | Path) -> None:
+def load_fusion(module: nn.Module, path: str | Path) -> None:
     """Load fusion weights written by :func:`export_fusion`; ``module`` must have the same sites and geometry.
 
     Raises:
@@ -447,18 +446,18 @@ def load_fusion(module: APTMixin, path: str | Path) -> None:
     _copy(module, tensors, select)  # type: ignore[arg-type]
 
 
-def export_vlm(module: APTMixin, path: str | Path) -> Path:
+def export_vlm(module: nn.Module, path: str | Path) -> Path:
     """Write the VLM with LoRA adapters merged (if any), loadable into the plain VLM with ``load_state_dict``.
 
     Raises:
         ExportError: a VLM tensor is NaN or infinite (nothing is written), or ``path`` is a directory.
     """
-    layout = attention_layout(module.apt_vlm_module)
-    extra = {"vlm": module.apt_vlm, LAYOUT_KEY: json.dumps(layout, sort_keys=True), **_provenance(module)}
-    return _save(merged_state_dict(module.apt_vlm_module), path, "vlm", extra)
+    layout = attention_layout(module.apt.vlm_module)
+    extra = {"vlm": module.apt.vlm, LAYOUT_KEY: json.dumps(layout, sort_keys=True), **_provenance(module)}
+    return _save(merged_state_dict(module.apt.vlm_module), path, "vlm", extra)
 
 
-def load_vlm(module: APTMixin, path: str | Path) -> None:
+def load_vlm(module: nn.Module, path: str | Path) -> None:
     """Load a merged VLM export (from :func:`export_vlm`) into the VLM of ``module`` (which must have no LoRA).
 
     Raises:
@@ -467,7 +466,7 @@ def load_vlm(module: APTMixin, path: str | Path) -> None:
     """
     path = Path(path)
     tensors, metadata = _read(path, "vlm")
-    vlm = module.apt_vlm_module
+    vlm = module.apt.vlm_module
     select = {k: k for k in vlm.state_dict()}
     _load_into(vlm, tensors, select, "VLM", path)
     _check_layout(attention_layout(vlm), metadata, path, type(vlm).__name__)

@@ -4,7 +4,7 @@ In Stage 1 the VLM is frozen and the instruction is hidden, so what the expert r
 keys/values of the non-language prefix, a GR00T head's selected-layer features) depends on the observation
 alone. :class:`Stage1FeatureCache` stores those outputs per sample on first use and serves them on every later
 visit, so a cached Stage-1 step costs the expert's forward and backward plus a lookup. A model opts in by
-wrapping its VLM pass in :meth:`~apt_lightning.APTMixin.apt_cached_vlm`.
+wrapping its VLM pass in :meth:`~apt_lightning.APT.cached_vlm`.
 
 Safety rules, each enforced rather than documented:
 
@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
+from apt_lightning.controller import APT
 from apt_lightning.errors import FeatureCacheError
 from apt_lightning.sharding import local_shard
 
@@ -90,7 +91,7 @@ class Stage1FeatureCache(Callback):
     """Serve the frozen VLM's Stage-1 outputs from memory (or disk) after the first epoch.
 
     Add it to the Trainer next to :class:`~apt_lightning.APTStageScheduler`; the model must route its VLM pass
-    through :meth:`~apt_lightning.APTMixin.apt_cached_vlm` (both reference policies do). Exact: a cached run's
+    through :meth:`~apt_lightning.APT.cached_vlm` (both reference policies do). Exact: a cached run's
     losses equal an uncached run's (the stored tensors are the ones the VLM computed).
 
     Args:
@@ -157,16 +158,17 @@ class Stage1FeatureCache(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "apt_cached_vlm"):
+        if not isinstance(getattr(pl_module, "apt", None), APT):
             raise FeatureCacheError(
-                f"{type(pl_module).__name__} is not an APTMixin module: the Stage-1 feature cache serves "
-                "`APTMixin.apt_cached_vlm`. Subclass APTMixin or remove Stage1FeatureCache from the callbacks."
+                f"{type(pl_module).__name__} has no APT controller: the Stage-1 feature cache serves "
+                "`self.apt.cached_vlm`. Assign `self.apt = APT(self, ...)` or remove Stage1FeatureCache from the "
+                "callbacks."
             )
         if stage == "fit":
-            pl_module._apt_feature_cache = self  # type: ignore[attr-defined]
+            pl_module.apt.attach_feature_cache(self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plan = pl_module.apt_plan  # type: ignore[attr-defined]
+        plan = pl_module.apt.plan
         if plan.is_joint or plan.first_stage != 1:
             raise FeatureCacheError(
                 f"Stage1FeatureCache was added to a run whose plan has no Stage 1 ({plan}): the VLM's outputs "
@@ -176,7 +178,7 @@ class Stage1FeatureCache(Callback):
         self.clear()
         if self.spill_root is not None:
             self._spill_dir = self.spill_root / f"rank{trainer.global_rank}"
-        self._vlm_fingerprint = weights_fingerprint(pl_module.apt_vlm_module)  # type: ignore[attr-defined]
+        self._vlm_fingerprint = weights_fingerprint(pl_module.apt.vlm_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._samples_expected = _dataset_size(trainer)
@@ -184,27 +186,27 @@ class Stage1FeatureCache(Callback):
             self._check_budget()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(self) and pl_module.apt_stage == 1:  # type: ignore[attr-defined]
-            fingerprint = weights_fingerprint(pl_module.apt_vlm_module)  # type: ignore[attr-defined]
+        if len(self) and pl_module.apt.stage == 1:
+            fingerprint = weights_fingerprint(pl_module.apt.vlm_module)
             if fingerprint != self._vlm_fingerprint:
                 self.clear()  # weights changed under us (a callback loaded new ones): recompute, never serve stale
                 self._vlm_fingerprint = fingerprint
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.hits + self.misses == 0 and pl_module.apt_stage == 1:  # type: ignore[attr-defined]
+        if self.hits + self.misses == 0 and pl_module.apt.stage == 1:
             rank_zero_warn(
                 f"Stage1FeatureCache served no sample in a Stage-1 epoch: {type(pl_module).__name__} does not route "
-                "its VLM pass through `self.apt_cached_vlm(batch, compute)`, so the cache does nothing."
+                "its VLM pass through `self.apt.cached_vlm(batch, compute)`, so the cache does nothing."
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if len(self) and pl_module.apt_stage != 1:  # type: ignore[attr-defined]
+        if len(self) and pl_module.apt.stage != 1:
             self.clear()  # the switch: nothing cached is valid in Stage 2, free the memory
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clear()
-        if getattr(pl_module, "_apt_feature_cache", None) is self:
-            pl_module._apt_feature_cache = None  # type: ignore[attr-defined]
+        if pl_module.apt.feature_cache is self:
+            pl_module.apt.attach_feature_cache(None)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # contents are recomputed after a resume: the frozen VLM gives the same values
@@ -220,7 +222,7 @@ class Stage1FeatureCache(Callback):
         if stage != 1:
             raise FeatureCacheError(
                 f"The Stage-1 feature cache was asked for features in stage {stage}: VLM outputs are only "
-                "instruction-free and frozen in Stage 1. Call `apt_cached_vlm`, which bypasses the cache outside it."
+                "instruction-free and frozen in Stage 1. Call `apt.cached_vlm`, which bypasses the cache outside it."
             )
         ids = self._sample_ids(batch)
         fingerprints = self._fingerprints(batch, len(ids))
@@ -238,7 +240,7 @@ class Stage1FeatureCache(Callback):
         leaves, spec = pytree.tree_flatten(value)
         if not all(isinstance(leaf, torch.Tensor) and leaf.shape[:1] == (len(ids),) for leaf in leaves):
             raise FeatureCacheError(
-                "`apt_cached_vlm`'s compute() must return tensors (in tuples, lists or dicts) whose first dimension "
+                "`apt.cached_vlm`'s compute() must return tensors (in tuples, lists or dicts) whose first dimension "
                 f"is the batch ({len(ids)}); got {[type(leaf).__name__ for leaf in leaves]}."
             )
         self._spec = spec

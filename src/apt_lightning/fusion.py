@@ -247,7 +247,7 @@ class GatedFusionLayer(nn.Module):
         if self._context is None:
             raise FusionContextError(
                 "Stage-2 fusion context must be set before forward: run the expert inside "
-                "`with self.apt_fusion_context(language_features, language_mask):`."
+                "`with self.apt.fusion_context(language_features, language_mask):`."
             )
         fused = self.apt_fusion(hidden, *self._context)
         return fused if isinstance(out, torch.Tensor) else (fused, *out[1:])

@@ -15,19 +15,19 @@ from apt_lightning.schedule import StageLRFactor
 from apt_lightning.structure import fusion_parameters, gate_parameters
 
 if TYPE_CHECKING:
-    from apt_lightning.mixin import APTMixin
+    from apt_lightning.controller import APT
 
 PARAM_GROUPS = ("expert", "fusion", "gates", "vlm")
 
 
-def param_groups(module: APTMixin) -> list[dict[str, Any]]:
+def param_groups(apt: APT) -> list[dict[str, Any]]:
     """Trainable parameters split by role, each group named and with its own lr: expert, fusion, gates, vlm."""
-    cfg = module.apt_cfg
-    roles: dict[int, str] = {id(p): "vlm" for p in module.apt_vlm_module.parameters()}
-    roles.update({id(p): "fusion" for p in fusion_parameters(module)})  # type: ignore[arg-type]
-    roles.update({id(p): "gates" for p in gate_parameters(module)})  # type: ignore[arg-type]
+    cfg, model = apt.config, apt.model
+    roles: dict[int, str] = {id(p): "vlm" for p in apt.vlm_module.parameters()}
+    roles.update({id(p): "fusion" for p in fusion_parameters(model)})
+    roles.update({id(p): "gates" for p in gate_parameters(model)})
     groups: dict[str, list[nn.Parameter]] = {g: [] for g in PARAM_GROUPS}
-    for param in module.parameters():  # type: ignore[attr-defined]
+    for param in model.parameters():
         if param.requires_grad:
             groups[roles.get(id(param), "expert")].append(param)
     lrs = {
@@ -45,13 +45,13 @@ def param_groups(module: APTMixin) -> list[dict[str, Any]]:
 
 
 def configure_apt_optimizers(
-    module: APTMixin, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_kwargs: Any
+    apt: APT, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_kwargs: Any
 ) -> dict[str, Any]:
     """``configure_optimizers`` output: ``optimizer_cls`` over :func:`param_groups`, stepped per global step by
     a ``LambdaLR`` whose factor for each group is 0 outside its stages and warms up from each stage's start."""
-    groups = param_groups(module)
-    optimizer = optimizer_cls(groups, lr=module.apt_cfg.lr, **optimizer_kwargs)
-    factors = [StageLRFactor(module.apt_plan, g["name"], module.apt_cfg.warmup_steps) for g in groups]
+    groups = param_groups(apt)
+    optimizer = optimizer_cls(groups, lr=apt.config.lr, **optimizer_kwargs)
+    factors = [StageLRFactor(apt.plan, g["name"], apt.config.warmup_steps) for g in groups]
     scheduler = LambdaLR(optimizer, factors)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

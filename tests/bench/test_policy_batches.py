@@ -23,7 +23,7 @@ def _policy(arch: str) -> PI0Policy | GR00TStylePolicy:
         policy = GR00TStylePolicy(
             tiny_paligemma_config(**TOKENIZER.vlm_vocabulary), select_layer=1, chunk_size=6, head_dim=32, head_depth=2
         )
-    policy.apt_prepare(StagePlan(first_stage=JOINT))
+    policy.apt.prepare(StagePlan(first_stage=JOINT))
     return policy.eval()
 
 

@@ -39,8 +39,8 @@ def stage2_policy(num_heads: int | None = None):
     """Tiny GR00T-style policy with fusion sites injected; ``num_heads`` overrides the fusion heads."""
     policy = make_policy("groot")
     if num_heads is not None:
-        policy.apt_fusion = dataclasses.replace(policy.apt_fusion, num_heads=num_heads)
-    policy.apt_prepare(StagePlan(first_stage=2))
+        policy.apt.fusion = dataclasses.replace(policy.apt.fusion, num_heads=num_heads)
+    policy.apt.prepare(StagePlan(first_stage=2))
     return policy
 
 
@@ -140,7 +140,7 @@ def test_nan_written_into_an_export_is_refused_by_hash_then_by_finiteness(tmp_pa
 
 def test_export_of_a_nan_weight_is_refused_and_writes_nothing(tmp_path):
     policy = stage2_policy()
-    site = next(iter(policy.apt_sites().values()))
+    site = next(iter(policy.apt.sites.values()))
     with torch.no_grad():
         site.apt_fusion.apt_gate_ff.fill_(float("inf"))
     target = tmp_path / "out" / "fusion.safetensors"

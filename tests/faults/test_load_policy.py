@@ -100,6 +100,6 @@ def test_hub_ids_in_a_checkpoint_are_never_fetched(arch, tmp_path, monkeypatch):
     torch.save(checkpoint, tmp_path / "crafted.ckpt")
     _refuse_downloads(monkeypatch)
     loaded = load_policy(tmp_path / "crafted.ckpt")
-    assert type(loaded) is type(policy) and loaded.apt_stage == policy.apt_stage == 2
+    assert type(loaded) is type(policy) and loaded.apt.stage == policy.apt.stage == 2
     batch, noise = make_batch(["left", "right"]), torch.randn(2, policy.chunk_size, policy.noise_dim)
     assert torch.equal(loaded.sample_actions(batch, noise), policy.eval().sample_actions(batch, noise))

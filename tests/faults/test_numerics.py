@@ -90,7 +90,7 @@ def test_gate_at_plus_infinity_is_detected():
     class Poison(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 2:
-                pl_module.apt_sites()["action_head.blocks.0"].apt_fusion.apt_gate_attn.data.fill_(float("inf"))
+                pl_module.apt.sites["action_head.blocks.0"].apt_fusion.apt_gate_attn.data.fill_(float("inf"))
 
     t = trainer(6, [Poison(), APTStageScheduler(switch_at_step=1)])
     with pytest.raises(
@@ -107,7 +107,7 @@ def _noise(policy, seed=123):
 
 def test_bf16_autocast_keeps_stage1_invariance_and_the_exact_switch(arch):
     policy = make_policy(arch)
-    policy.apt_prepare(StagePlan(first_stage=1, switch_step=5))
+    policy.apt.prepare(StagePlan(first_stage=1, switch_step=5))
     policy.eval()
     noise, batch = _noise(policy), make_batch(["left", "right"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -115,7 +115,7 @@ def test_bf16_autocast_keeps_stage1_invariance_and_the_exact_switch(arch):
             make_batch("right", pad=2), noise
         )
         stage1 = policy.sample_actions(batch, noise)
-        policy.apt_set_step(5)
+        policy.apt.set_step(5)
         stage2 = policy.sample_actions(batch, noise)
     assert invariance.abs().max().item() == 0.0
     assert torch.equal(stage1, stage2)
@@ -130,7 +130,7 @@ def test_bf16_mixed_fit_switch_is_exact_and_resume_is_exact(arch, tmp_path):
                 pl_module.eval()
                 with trainer.precision_plugin.forward_context():
                     seen[1] = pl_module.sample_actions(batch, _noise(pl_module))
-                    pl_module.apt_set_step(3)
+                    pl_module.apt.set_step(3)
                     seen[2] = pl_module.sample_actions(batch, _noise(pl_module))
                 pl_module.train()
 
@@ -151,7 +151,7 @@ def test_bf16_true_trains_across_the_switch(arch):
     recorder = LossRecorder()
     t = trainer(4, [APTStageScheduler(switch_at_step=2), recorder], precision="bf16-true")
     t.fit(policy, loader())
-    assert t.global_step == 4 and policy.apt_stage == 2
+    assert t.global_step == 4 and policy.apt.stage == 2
     assert all(torch.isfinite(torch.tensor(v)) for v in recorder.losses.values())
     assert next(policy.action_head.parameters() if arch == "groot" else policy.pi0.parameters()).dtype == torch.bfloat16
 
@@ -180,16 +180,16 @@ def test_non_finite_or_negative_learning_rates_are_refused(field, value):
 
 def test_a_string_lora_target_is_one_regex_not_its_letters():
     policy = make_policy("groot", vlm_mode="lora", lora_target_modules=r".*language_model.*\.q_proj")
-    assert policy.apt_cfg.lora_target_modules == r".*language_model.*\.q_proj"
-    policy.apt_prepare(StagePlan(first_stage=2))
-    adapted = {n.rsplit(".", 1)[-1] for n, m in policy.apt_vlm_module.named_modules() if hasattr(m, "lora_A")}
+    assert policy.apt.config.lora_target_modules == r".*language_model.*\.q_proj"
+    policy.apt.prepare(StagePlan(first_stage=2))
+    adapted = {n.rsplit(".", 1)[-1] for n, m in policy.apt.vlm_module.named_modules() if hasattr(m, "lora_A")}
     assert adapted == {"q_proj"}
 
 
 def test_a_language_mask_covering_every_token_of_a_row_is_refused(arch):
     policy = make_policy(arch)
-    policy.apt_prepare(StagePlan())
+    policy.apt.prepare(StagePlan())
     batch = make_batch("left")
     prompt = policy.prompt(batch)
     with pytest.raises(LanguageMaskError, match=r"covers every valid token of row\(s\) \[0, 1\]"):
-        policy.apt_masks(prompt["attention_mask"], prompt["attention_mask"].bool())
+        policy.apt.masks(prompt["attention_mask"], prompt["attention_mask"].bool())

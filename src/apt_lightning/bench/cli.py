@@ -115,7 +115,7 @@ def _check_model_matches_data(model: FlowMatchingPolicy, data: Any) -> None:
     problems = []
     if model.chunk_size != data.hparams.chunk_size:
         problems.append(f"model chunk size {model.chunk_size} != data.chunk_size {data.hparams.chunk_size}")
-    problems += data.tokenizer.vlm_mismatches(model.apt_vlm_module.config)
+    problems += data.tokenizer.vlm_mismatches(model.apt.vlm_module.config)
     if problems:
         raise ValueError(
             "Model and data do not match: " + "; ".join(problems) + ". Set the model config to the data "
@@ -181,7 +181,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     policy = load_policy(args.checkpoint)
     results = evaluate_policy(policy, args.splits, args.episodes, seed=args.seed, extra_splits=extra, progress=True)
-    stage = {0: "joint baseline", 1: "APT stage 1", 2: "APT stage 2"}[policy.apt_stage]
+    stage = {0: "joint baseline", 1: "APT stage 1", 2: "APT stage 2"}[policy.apt.stage]
     print(f"{type(policy).__name__} ({stage}) from {args.checkpoint}")
     for split, rate in results["success"].items():
         count = len(extra[split]) if split in extra else args.episodes

@@ -256,7 +256,7 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
 
     def draw_noise_time(self, batch_size: int, *keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and time from the per-step stream (:meth:`apt_rng`): exact on resume and across ranks."""
-        with self.apt_rng(*keys):
+        with self.apt.rng(*keys):
             noise = torch.randn(batch_size, self.chunk_size, self.noise_dim, device=self.device)
             time = self.sample_time(batch_size).to(self.device)
         return noise, time
@@ -290,7 +290,7 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         arguments = inspect.getargvalues(caller)  # type: ignore[arg-type]
         values = {name: arguments.locals[name] for name in arguments.args[1:] if name not in self.pretrained_arguments}
         values.update(overrides)
-        values["apt_config"] = dataclasses.asdict(self.apt_cfg)
+        values["apt_config"] = dataclasses.asdict(as_apt_config(values.get("apt_config")))
         values["_class_path"] = policy_class_name(type(self))
         self.save_hyperparameters(plain_data(values))
 

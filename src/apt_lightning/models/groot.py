@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, PaliGemmaConfig, PretrainedConfi
 
 from apt_lightning.attention import masked_attention
 from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.controller import APT
 from apt_lightning.feature_cache import gather_tokens, visible_first
 from apt_lightning.guidance import PriorGuidance
 from apt_lightning.models.base import (
@@ -114,11 +115,9 @@ class GR00TStylePolicy(FlowMatchingPolicy):
     Example::
 
         >>> policy = GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_dim=16, head_depth=2)
-        >>> policy.apt_fusion.target_modules
+        >>> policy.apt.fusion.target_modules
         'action_head\\\\.blocks\\\\.\\\\d+'
     """
-
-    apt_vlm = "backbone"
 
     @classmethod
     def vlm_text_width(cls, init_args: Any) -> int:
@@ -151,11 +150,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             self.backbone = AutoModel.from_config(_vlm_config(vlm_config))
         config = self.backbone.config
         width = config.get_text_config().hidden_size
-        self.apt_config = as_apt_config(apt_config)
         self.save_policy_hyperparameters(vlm_config=config.to_dict())
-        self.apt_fusion = FusionConfig(
-            target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads, **(fusion_options or {})
-        )
         self.select_layer = select_layer
         self.causal_vlm = causal_vlm
         self.action_dim, self.chunk_size, self.num_inference_steps = action_dim, chunk_size, num_inference_steps
@@ -175,6 +170,10 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             head_heads,
             language_gates=head_reads_language,
         )
+        fusion = FusionConfig(
+            target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads, **(fusion_options or {})
+        )
+        self.apt = APT(self, vlm="backbone", fusion=fusion, config=as_apt_config(apt_config))
 
     def encode(self, batch: dict[str, torch.Tensor]) -> Encoded:
         """VL tokens and their key mask for the head (language dropped), plus language features and mask.
@@ -184,11 +183,11 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         selected-layer features come from the cache (language features are then ``None``).
         """
         prompt = self.prompt(batch)
-        masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"], causal=self.causal_vlm)
+        masks = self.apt.masks(prompt["attention_mask"], prompt["language_mask"], causal=self.causal_vlm)
         order = visible_first(masks.expert_attention)
 
         def vlm_pass() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            with self.apt_vlm_context():
+            with self.apt.vlm_context():
                 out = self.backbone(
                     input_ids=prompt["input_ids"],
                     pixel_values=batch["pixel_values"],
@@ -203,20 +202,20 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         language = masks.language
         fusion_context: torch.Tensor | list[torch.Tensor] | None = None
         head_tokens = None
-        if self.apt_needs_language:
+        if self.apt.needs_language:
             selected, visible, hidden_states = vlm_pass()
             # the fusion context: the text part of the images-first prompt (language lies there)
             start = self.num_image_tokens
             text = hidden_states[self.select_layer][:, start:]
             language = language[:, start:]
             fusion_context = (
-                per_site_text(hidden_states, len(self.apt_sites()), start) if self.per_site_language else text
+                per_site_text(hidden_states, len(self.apt.sites), start) if self.per_site_language else text
             )
             if self.head_reads_language:  # the text as GR00T's own VL stack sees it with language visible
                 stack = self.vl_norm(torch.cat([selected, text], 1))
                 head_tokens = self.vl_self_attention(stack, torch.cat([visible, language], 1))[:, selected.shape[1] :]
         else:  # Stage 1 and joint: the head reads only the selected layer (served by the feature cache when enabled)
-            selected, visible = self.apt_cached_vlm(batch, lambda: vlm_pass()[:2])
+            selected, visible = self.apt.cached_vlm(batch, lambda: vlm_pass()[:2])
         vl_tokens = self.vl_self_attention(self.vl_norm(selected), visible)
         return Encoded(vl_tokens, visible, fusion_context, language, head_tokens)
 
@@ -226,7 +225,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         """The language tokens and key mask the head's own cross-attention reads (behind its language gates)."""
         if encoded.head_tokens is None:
             return None
-        mask = self.apt_expert_language_mask(encoded.language_mask, guide)
+        mask = self.apt.expert_language_mask(encoded.language_mask, guide)
         tokens = guide.expand(encoded.head_tokens) if guide is not None else encoded.head_tokens
         return tokens, mask
 
@@ -241,7 +240,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         encoded = self.encode(batch)
         t = time[:, None, None].to(noise.dtype)  # time is drawn in float32; the mix runs in the data dtype
         x_t = (1 - t) * noise + t * actions
-        with self.apt_fusion_context(encoded.language, encoded.language_mask):
+        with self.apt.fusion_context(encoded.language, encoded.language_mask):
             velocity = self.action_head(
                 x_t, time, batch["state"], encoded.vl_tokens, encoded.visible, self._head_language(encoded)
             )
@@ -261,7 +260,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device)
         x = noise.to(self.dtype)  # the weights' dtype (bf16-true models sample in bf16)
         encoded = self.encode(batch)  # once per chunk
-        with self.apt_fusion_context(encoded.language, encoded.language_mask, guidance_scale) as guide:
+        with self.apt.fusion_context(encoded.language, encoded.language_mask, guidance_scale) as guide:
             state, vl_tokens = guide.expand(batch["state"]), guide.expand(encoded.vl_tokens)
             visible, language = guide.expand(encoded.visible), self._head_language(encoded, guide)
             for step in range(num_steps):

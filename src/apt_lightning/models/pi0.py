@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModel, DynamicCache, PI0Config, PI0ForConditionalGeneration
 
 from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.controller import APT
 from apt_lightning.feature_cache import gather_tokens, visible_first
 from apt_lightning.models.base import (
     FlowMatchingPolicy,
@@ -101,11 +102,9 @@ class PI0Policy(FlowMatchingPolicy):
     Example::
 
         >>> policy = PI0Policy(tiny_pi0_config())
-        >>> policy.apt_vlm, policy.apt_fusion.target_modules
+        >>> policy.apt.vlm, policy.apt.fusion.target_modules
         ('pi0.model.vlm', 'pi0\\\\.model\\\\.dit\\\\.layers\\\\.\\\\d+')
     """
-
-    apt_vlm = "pi0.model.vlm"
 
     @classmethod
     def vlm_text_width(cls, init_args: Any) -> int:
@@ -131,12 +130,12 @@ class PI0Policy(FlowMatchingPolicy):
         if vlm_pretrained is not None:
             self.pi0.model.vlm.load_state_dict(AutoModel.from_pretrained(vlm_pretrained).state_dict())
         cfg = self.pi0.config
-        self.apt_config = as_apt_config(apt_config)
         self.save_policy_hyperparameters(config=cfg.to_dict())
         self.per_site_language = per_site_language
-        self.apt_fusion = FusionConfig(
+        fusion = FusionConfig(
             target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads, **(fusion_options or {})
         )
+        self.apt = APT(self, vlm="pi0.model.vlm", fusion=fusion, config=as_apt_config(apt_config))
         self.chunk_size = cfg.chunk_size
         self.action_dim = action_dim or cfg.max_action_dim
         vision = cfg.vlm_config.vision_config
@@ -158,7 +157,7 @@ class PI0Policy(FlowMatchingPolicy):
         :class:`~apt_lightning.Stage1FeatureCache` the keys/values come from the cache (no language features).
         """
         prompt = self.prompt(batch)
-        masks = self.apt_masks(prompt["attention_mask"], prompt["language_mask"])
+        masks = self.apt.masks(prompt["attention_mask"], prompt["language_mask"])
         order = visible_first(masks.expert_attention)
 
         def vlm_pass() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
@@ -167,14 +166,14 @@ class PI0Policy(FlowMatchingPolicy):
                 pixels = pixels[:, None]
             cameras = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
             model = self.pi0.model
-            with self.apt_vlm_context():
+            with self.apt.vlm_context():
                 embeds = model.embed_prefix(prompt["input_ids"], pixels, cameras)
                 out = model.vlm(
                     inputs_embeds=embeds,
                     attention_mask=masks.vlm_attention,
                     position_ids=masks.position_ids,
                     use_cache=True,
-                    output_hidden_states=self.per_site_language and self.apt_needs_language,
+                    output_hidden_states=self.per_site_language and self.apt.needs_language,
                 )
             layers = _output_cache(out).layers
             keys = tuple(gather_tokens(layer.keys, order, 2) for layer in layers)
@@ -182,17 +181,17 @@ class PI0Policy(FlowMatchingPolicy):
             return keys, values, gather_tokens(masks.expert_attention, order, 1), out
 
         features: torch.Tensor | list[torch.Tensor] | None = None
-        if self.apt_needs_language:
+        if self.apt.needs_language:
             keys, values, expert_mask, out = vlm_pass()
             # the fusion context: the text part of the images-first prompt (language lies there)
             start = self.num_image_tokens
             if self.per_site_language:
-                features = per_site_text(out.hidden_states, len(self.apt_sites()), start)
+                features = per_site_text(out.hidden_states, len(self.apt.sites), start)
             else:
                 features = out.last_hidden_state[:, start:]
             masks.language = masks.language[:, start:]
         else:  # Stage 1 and joint: the expert reads only the cache (served by the feature cache when enabled)
-            keys, values, expert_mask = self.apt_cached_vlm(batch, lambda: vlm_pass()[:3])
+            keys, values, expert_mask = self.apt.cached_vlm(batch, lambda: vlm_pass()[:3])
         masks.expert_attention = expert_mask  # the cache's token order and length
         return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True))), features, masks
 
@@ -216,7 +215,7 @@ class PI0Policy(FlowMatchingPolicy):
         t = time[:, None, None].to(noise.dtype)  # time is drawn in float32; the mix runs in the data dtype
         x_t = t * noise + (1 - t) * actions
         state = pad_last_dim(batch["state"], self.pi0.config.max_state_dim)
-        with self.apt_fusion_context(features, masks.language):
+        with self.apt.fusion_context(features, masks.language):
             velocity = self._velocity(state, x_t, time, cache, masks.expert_attention)
         return chunk_mse(
             velocity[..., : self.action_dim], (noise - actions)[..., : self.action_dim], batch.get("action_pad_mask")
@@ -238,7 +237,7 @@ class PI0Policy(FlowMatchingPolicy):
         x = pad_last_dim(x, self.noise_dim)
         cache, features, masks = self.encode_prefix(batch)
         dt = -1.0 / num_steps
-        with self.apt_fusion_context(features, masks.language, guidance_scale) as guide:  # set once for all steps
+        with self.apt.fusion_context(features, masks.language, guidance_scale) as guide:  # set once for all steps
             if guide.active:
                 cache.batch_repeat_interleave(2)  # the prior rows share the (language-blind) prefix
             state = guide.expand(pad_last_dim(batch["state"], self.pi0.config.max_state_dim))
