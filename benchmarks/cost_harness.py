@@ -271,11 +271,11 @@ def measure_mode(
             policy = build(arch, mode, scale, ff_mult=ff_mult).to(dtype)
         policy.train()
         if mode == "stage1_cached":
-            policy.apt.attach_feature_cache(Stage1FeatureCache()
-                max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu"
+            policy.apt.attach_feature_cache(
+                Stage1FeatureCache(max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu")
             )
         elif mode == "expert_only":
-            policy.apt.attach_feature_cache(HeldFeatures())  # type: ignore[assignment]
+            policy.apt.attach_feature_cache(HeldFeatures())  # type: ignore[arg-type]
         if mode == "stage2_bypassed":
             for site in policy.apt.sites.values():
                 site.active = False

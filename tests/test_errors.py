@@ -51,7 +51,7 @@ def test_controller_arguments_are_checked_at_construction():
         APT(module, vlm="backbon", fusion=FusionConfig(target_modules=["head"]))
     with pytest.raises(ContractError, match="`config` must be an APTConfig, got dict"):
         APT(module, vlm="backbone", fusion=FusionConfig(target_modules=["head"]), config={"lr": 1.0})
-    with pytest.raises(ContractError, match="must be `APT\\(self, vlm=..., fusion=...\\)`"):
+    with pytest.raises(ContractError, match=r"must be `APT\(self, vlm=\.\.\., fusion=\.\.\.\)`"):
         module.apt = APT(Incomplete(), vlm="backbone", fusion=FusionConfig(target_modules=["head"]))  # another module's
 
 
