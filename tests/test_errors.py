@@ -70,7 +70,7 @@ def test_vlm_name_that_does_not_exist_suggests_close_names():
 
 
 def test_callback_on_module_without_mixin():
-    with pytest.raises(ContractError, match="has no APT controller.*APTMixin.*self.apt = APT"):
+    with pytest.raises(ContractError, match=r"has no APT controller.*APTMixin.*self\.apt = APT"):
         trainer(1, [APTStageScheduler()]).fit(BoringModel())
 
 
