@@ -1,4 +1,4 @@
-"""The smallest adoption of APT: an existing Lightning VLA, three declarations, one callback.
+"""The smallest adoption of APT: an existing Lightning VLA, one controller, one callback.
 
 The model below stands for *your* code: a VLM (here a toy transformer over image patches + text) whose
 features condition a flow-matching expert. Lines marked ``# APT`` are everything APT needs.
@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from apt_lightning import APTMixin, APTStageScheduler, FusionConfig, GateMonitor  # APT
+from apt_lightning import APT, APTMixin, APTStageScheduler, FusionConfig, GateMonitor  # APT
 from apt_lightning.data import ResumableDataLoader
 
 VOCAB, DIM, PATCHES, CHUNK = 32, 32, 4, 4
@@ -24,7 +24,6 @@ class ToyVLM(nn.Module):
         self.patch = nn.Linear(12, DIM)
         self.embed = nn.Embedding(VOCAB, DIM)
         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(DIM, 2, 64, batch_first=True), 2)
-        self.config = type("Config", (), {"hidden_size": DIM})()
 
     def forward(self, patches, input_ids, attention):  # attention: (B, 1, L, L) bool, True = may attend
         x = torch.cat([self.patch(patches), self.embed(input_ids)], 1)
@@ -44,23 +43,20 @@ class ExpertBlock(nn.Module):
 
 
 class MyVLA(APTMixin, pl.LightningModule):  # APT: subclass the mixin
-    apt_vlm = "vlm"  # APT: which module is the VLM
-    apt_fusion = FusionConfig(target_modules=r"blocks\.\d+", num_heads=2)  # APT: where gated fusion goes
-
-    def apt_language_mask(self, batch):  # APT: which tokens are the instruction
-        return torch.cat([torch.zeros_like(batch["patches"][..., 0], dtype=torch.bool), batch["language_mask"]], 1)
-
     def __init__(self) -> None:
         super().__init__()
         self.vlm = ToyVLM()
         self.action_in = nn.Linear(2 + 1, DIM)
         self.blocks = nn.ModuleList([ExpertBlock() for _ in range(2)])
         self.action_out = nn.Linear(DIM, 2)
+        fusion = FusionConfig(target_modules=r"blocks\.\d+", num_heads=2, context_dim=DIM)  # APT: where fusion goes
+        self.apt = APT(self, vlm="vlm", fusion=fusion)  # APT: which module is the VLM
 
     def velocity(self, batch, x_t, t):
         attention = torch.ones(batch["patches"].shape[:2], dtype=torch.long)
         attention = torch.cat([attention, torch.ones_like(batch["input_ids"])], 1)
-        masks = self.apt.masks(attention, self.apt_language_mask(batch))  # APT
+        image_part = torch.zeros_like(batch["patches"][..., 0], dtype=torch.bool)
+        masks = self.apt.masks(attention, torch.cat([image_part, batch["language_mask"]], 1))  # APT
         with self.apt.vlm_context():  # APT
             features = self.vlm(batch["patches"], batch["input_ids"], masks.vlm_attention)
         h = self.action_in(torch.cat([x_t, t[:, None, None].expand(-1, CHUNK, 1)], -1))

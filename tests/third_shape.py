@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2VLConfig, Qwen2VLModel
 
-from apt_lightning import APTConfig, APTMixin, FusionConfig
+from apt_lightning import APT, APTConfig, APTMixin, FusionConfig
 
 IMAGE, VISION_START, VISION_END = 127, 125, 124
 
@@ -163,9 +163,6 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
         ['0', '1']
     """
 
-    apt_vlm = "vlm"
-    apt_fusion = FusionConfig(target_modules=r"expert\.layers\.\d+", num_heads=2)
-
     def __init__(
         self,
         vlm_config: Qwen2VLConfig | None = None,
@@ -184,7 +181,8 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
         width = config.text_config.hidden_size
         self.context_layers = list(context_layers)
         self.expert = FlowExpert(action_dim, state_dim, expert_dim, width, len(self.context_layers), expert_heads)
-        self.apt_config = apt_config
+        fusion = FusionConfig(target_modules=r"expert\.layers\.\d+", num_heads=2, context_dim=width)
+        self.apt = APT(self, vlm="vlm", fusion=fusion, config=apt_config)
         self.action_dim, self.chunk_size, self.num_inference_steps = action_dim, chunk_size, num_inference_steps
         vision = config.vision_config
         self.patching = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
@@ -205,15 +203,12 @@ class ThirdShapePolicy(APTMixin, L.LightningModule):
             "language_mask": torch.cat([torch.zeros_like(image, dtype=torch.bool), batch["language_mask"]], 1),
         }
 
-    def apt_language_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.prompt(batch)["language_mask"]
-
     # ------------------------------------------------------------------ VLM pass
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per-expert-layer VLM states, the expert's key mask (no language) and the language mask."""
         prompt = self.prompt(batch)
         ids = prompt["input_ids"]
-        masks = self.apt.masks(prompt["attention_mask"], self.apt_language_mask(batch), causal=True)
+        masks = self.apt.masks(prompt["attention_mask"], prompt["language_mask"], causal=True)
         patches, grid = qwen2vl_patches(batch["pixel_values"], *self.patching)
         # M-RoPE positions from the model's own helper: non-language tokens numbered as if the instruction were
         # absent (its mask is `masks.expert_attention`), instruction tokens numbered as in the full prompt.
