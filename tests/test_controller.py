@@ -22,9 +22,10 @@ class PlainVLA(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.vlm = nn.ModuleDict({"patch": nn.Linear(6, DIM), "embed": nn.Embedding(16, DIM)})
-        self.vlm["encoder"] = nn.TransformerEncoder(nn.TransformerEncoderLayer(DIM, 2, 32, dropout=0.0, batch_first=True), 1)
+        layer = {"nhead": 2, "dim_feedforward": 32, "dropout": 0.0, "batch_first": True}
+        self.vlm["encoder"] = nn.TransformerEncoder(nn.TransformerEncoderLayer(DIM, **layer), 1)
         self.action_in = nn.Linear(3, DIM)
-        self.blocks = nn.ModuleList([nn.TransformerDecoderLayer(DIM, 2, 32, dropout=0.0, batch_first=True) for _ in range(2)])
+        self.blocks = nn.ModuleList([nn.TransformerDecoderLayer(DIM, **layer) for _ in range(2)])
         self.action_out = nn.Linear(DIM, 2)
         fusion = FusionConfig(target_modules=r"blocks\.\d+", num_heads=2, hidden_dim=DIM, context_dim=DIM)
         self.apt = APT(self, vlm="vlm", fusion=fusion, config=APTConfig(lr=3e-3, warmup_steps=0))
@@ -59,6 +60,10 @@ def plain_batch(word: int, seed: int = 0, batch_size: int = 4) -> dict[str, torc
         "language_mask": torch.tensor([[False, True, False]] * batch_size),
         "actions": torch.full((batch_size, CHUNK, 2), 1.0 if word == 0 else -1.0),
     }
+
+
+def small_loader() -> ResumableDataLoader:
+    return ResumableDataLoader(LanguageDecidesDataset(8), batch_size=4, collate_fn=collate)
 
 
 def build() -> PlainVLA:
@@ -190,7 +195,7 @@ def test_a_reference_policy_trains_identically_under_lightning_and_under_a_plain
 
 def test_fine_tuning_starts_from_step_zero_computing_exactly_what_the_pretrained_model_computed():
     policy = make_policy("pi0")
-    trainer(4, [APTStageScheduler(switch_at_step=2)]).fit(policy, ResumableDataLoader(LanguageDecidesDataset(8), batch_size=4, collate_fn=collate))
+    trainer(4, [APTStageScheduler(switch_at_step=2)]).fit(policy, small_loader())
     policy.eval()
     batch, noise = make_batch(["left", "right"]), torch.randn(2, 4, policy.noise_dim)
     pretrained = policy.sample_actions(batch, noise=noise.clone())
@@ -201,7 +206,7 @@ def test_fine_tuning_starts_from_step_zero_computing_exactly_what_the_pretrained
 
 def test_fine_tuning_joint_weights_under_apt_is_refused_unless_it_is_a_warm_start():
     policy = make_policy("pi0")
-    trainer(2, [APTStageScheduler(stage="joint")]).fit(policy, ResumableDataLoader(LanguageDecidesDataset(8), batch_size=4, collate_fn=collate))
+    trainer(2, [APTStageScheduler(stage="joint")]).fit(policy, small_loader())
     with pytest.raises(StageMismatchError, match=r"trained jointly .* to step 2.*warm_start=True"):
         policy.apt.start_finetune(StagePlan(first_stage=2))
     assert not policy.apt.sites, "a refused fine-tune leaves the model untouched"
