@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from apt_lightning import APTStageScheduler, StageMismatchError
+from apt_lightning import APTConfig, APTStageScheduler, StageMismatchError
 from apt_lightning.models import load_policy
 from helpers import LossRecorder, loader, make_batch, make_policy, trainer
 
@@ -36,17 +36,22 @@ class FirstStepProbe(Callback):
             pl_module.train()
 
 
-def test_fine_tuning_a_loaded_checkpoint_starts_from_exactly_what_it_computes(pretrained, recwarn):
+@pytest.mark.parametrize("vlm_mode", ["frozen", "lora", "full"])
+def test_fine_tuning_a_loaded_checkpoint_starts_from_exactly_what_it_computes(pretrained, recwarn, vlm_mode):
     policy = load_policy(pretrained / "apt.ckpt")
     batch, noise = make_batch(["left", "right"]), torch.randn(2, 4, policy.noise_dim)
     expected = policy.sample_actions(batch, noise=noise.clone())
     gates = policy.apt.gate_values()
     assert any(v != 0 for g in gates.values() for v in g.values()), "the pretrained gates are open"
+    policy.apt.config = APTConfig(lr=3e-3, vlm_mode=vlm_mode, vlm_lr=1e-5)
     probe = FirstStepProbe(batch, noise)
-    trainer(2, [APTStageScheduler(stage=2, finetune=True), probe]).fit(policy, loader())
+    fit = trainer(2, [APTStageScheduler(stage=2, finetune=True), probe])
+    fit.fit(policy, loader())
     assert probe.seen["stage"] == 2 and probe.seen["training"], "fine-tuning trains in train mode, in Stage 2"
     assert torch.equal(probe.seen["actions"], expected)
     assert not [w for w in recwarn if "ckpt_path" in str(w.message)], "a deliberate fine-tune is not warned about"
+    lrs = {g["name"]: g["initial_lr"] for g in fit.optimizers[0].param_groups}
+    assert lrs.get("vlm") == (None if vlm_mode == "frozen" else 1e-5), "the VLM trains at its own learning rate"
 
 
 def test_resuming_mid_fine_tuning_is_exact(pretrained, tmp_path):
