@@ -165,7 +165,7 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _fusion_config(module: Any) -> str:
-    config = getattr(module, "apt_fusion", None)
+    config = getattr(getattr(module, "apt", None), "fusion", None)
     fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
     return json.dumps(fields, sort_keys=True, default=repr)
 
