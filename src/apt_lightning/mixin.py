@@ -34,16 +34,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
+from apt_lightning.checksum import add_checkpoint_digest
 from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.contexts import check_contexts, per_site_contexts
 from apt_lightning.errors import (
     ContractError,
-    FusionContextError,
     NoMatchingTargetError,
     NotPreparedError,
     StageMismatchError,
 )
 from apt_lightning.fusion import GatedFusionLayer
-from apt_lightning.guidance import PriorGuidance
+from apt_lightning.guidance import PriorGuidance, check_guidance_scale
 from apt_lightning.inject import fusion_geometry_problems, inject_fusion, resolve_targets
 from apt_lightning.lora import has_lora, inject_vlm_lora
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
@@ -91,6 +92,7 @@ class APTMixin:
     _apt_step: int = 0
     _apt_feature_cache: Stage1FeatureCache | None = None
     _apt_mask_rows_checked: int = 0
+    _apt_contexts_seen: bool = False
 
     # ------------------------------------------------------------------ contract
     def apt_language_mask(self, batch: Any) -> torch.Tensor:
@@ -337,16 +339,20 @@ class APTMixin:
             FusionContextError: missing features, a wrong number of per-site tensors, or a shape or width that
                 does not fit a site (named).
         """
+        guidance_scale = check_guidance_scale(guidance_scale)
         sites = self.apt_sites() if self.apt_needs_language else {}
         gates_open = guidance_scale != 1.0 and (
             any(not site.apt_fusion.is_identity for site in sites.values())
             or any(not gate.is_identity for _, gate in language_gates(self))  # type: ignore[arg-type]
         )
         guidance = PriorGuidance(float(guidance_scale), active=gates_open)  # closed gates: prior == conditional
+        first, self._apt_contexts_seen = not self._apt_contexts_seen, True
         if not self.apt_needs_language:
+            if first and self.apt_plan.has_stage2:  # a wrong context fails at step 0, not at the switch
+                check_contexts(features, mask, self.apt_sites())
             yield guidance
             return
-        contexts = _per_site_contexts(features, mask, sites)
+        contexts = per_site_contexts(features, mask, sites)
         keep = self._apt_language_keep(contexts[0][0].shape[0], contexts[0][0].device) if contexts else None
         for site, (context, key_mask) in zip(sites.values(), contexts, strict=True):
             if keep is not None:
@@ -466,6 +472,7 @@ class APTMixin:
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
+        add_checkpoint_digest(checkpoint)  # last: covers the weights as written (apt_lightning.checksum)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the saved structure before weights load and restore the saved step (hence the stage).
@@ -514,40 +521,3 @@ def _saved_plan_and_step(saved: dict[str, Any]) -> tuple[StagePlan | None, int]:
         return StagePlan(first_stage=parse_stage(saved["stage"])), 0
     return None, 0
 
-
-def _per_site_contexts(
-    features: torch.Tensor | Sequence[torch.Tensor] | None,
-    mask: torch.Tensor | Sequence[torch.Tensor] | None,
-    sites: dict[str, GatedFusionLayer],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One validated (features, bool mask) pair per site, in site order."""
-    if features is None or mask is None:
-        raise FusionContextError(
-            "Stage 2 needs language features and their mask in `apt_fusion_context(features, mask)`; got None."
-        )
-    names = list(sites)
-    per_site = [features] * len(names) if isinstance(features, torch.Tensor) else list(features)
-    masks = [mask] * len(names) if isinstance(mask, torch.Tensor) else list(mask)
-    for what, items in (("feature tensors", per_site), ("masks", masks)):
-        if len(items) != len(names):
-            raise FusionContextError(
-                f"`apt_fusion_context` got {len(items)} {what} for {len(names)} fusion sites: pass one tensor for all "
-                f"sites or one per site, in this order: {names}."
-            )
-    contexts = []
-    for name, context, key_mask in zip(names, per_site, masks, strict=True):
-        width = sites[name].apt_fusion.context_dim
-        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != width:
-            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise FusionContextError(
-                f"Fusion site `{name}` reads context (B, S, {width}) but got {shape}: pass that site the VLM states "
-                "it was built for, or set `FusionConfig.context_dim` (one width per site) to the widths you pass."
-            )
-        if not isinstance(key_mask, torch.Tensor) or key_mask.shape != context.shape[:2]:
-            shape = tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
-            raise FusionContextError(
-                f"Fusion site `{name}`: mask {shape} does not match its features {tuple(context.shape)}; expected "
-                f"(B, S) = {tuple(context.shape[:2])}."
-            )
-        contexts.append((context, key_mask.bool()))
-    return contexts
