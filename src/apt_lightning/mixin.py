@@ -520,4 +520,3 @@ def _saved_plan_and_step(saved: dict[str, Any]) -> tuple[StagePlan | None, int]:
     if "stage" in saved:
         return StagePlan(first_stage=parse_stage(saved["stage"])), 0
     return None, 0
-

@@ -64,9 +64,7 @@ def as_apt_config(value: APTConfig | dict[str, Any] | None) -> APTConfig:
     return value if isinstance(value, APTConfig) else APTConfig(**value)
 
 
-def read_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True
-) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
     """A Lightning checkpoint's content, read without unpickling code and checked against its content digest.
 
     What :func:`load_policy` and ``apt-lightning fit --ckpt_path`` read first: a file that is missing, not a
