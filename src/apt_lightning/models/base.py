@@ -22,7 +22,8 @@ import torch
 
 from apt_lightning.checksum import verify_checkpoint_digest
 from apt_lightning.config import APTConfig
-from apt_lightning.errors import PolicyCheckpointError
+from apt_lightning.errors import LanguageMaskError, PolicyCheckpointError
+from apt_lightning.masking import check_language_mask
 from apt_lightning.mixin import APTMixin
 
 _POLICY_CLASSES: dict[str, type[FlowMatchingPolicy]] = {}
@@ -206,6 +207,42 @@ def pad_last_dim(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
+def check_prompt_batch(batch: Mapping[str, Any]) -> torch.Tensor:
+    """``batch["input_ids"]`` after checking the text prompt's three tensors agree (the batch layout above).
+
+    Runs before a policy prepends its image tokens, so a 1-D, transposed or numpy mask is named here instead of
+    failing inside ``torch.cat``. Reads no values (no host sync); the rows are checked by ``apt_masks``.
+
+    Raises:
+        LanguageMaskError: naming the key, what it is and the fix.
+    """
+    if not isinstance(batch, Mapping):
+        raise LanguageMaskError(
+            f"The batch must be a dict of tensors (see the batch layout), got {type(batch).__name__}."
+        )
+    missing = [key for key in ("input_ids", "attention_mask", "language_mask") if key not in batch]
+    if missing:
+        raise LanguageMaskError(
+            f"The batch has no {missing} (keys: {sorted(batch)}): a reference policy needs the text prompt's "
+            "`input_ids`, `attention_mask` and `language_mask` (B, L), the last True on instruction tokens."
+        )
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        what = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise LanguageMaskError(
+            f"`input_ids` must be a (B, L) torch.Tensor, got {what}. Convert with `torch.as_tensor` in your collate "
+            "function and keep one row per sample."
+        )
+    attention = batch["attention_mask"]
+    if isinstance(attention, torch.Tensor) and attention.shape != ids.shape:
+        raise LanguageMaskError(
+            f"`attention_mask` has shape {tuple(attention.shape)} but `input_ids` {tuple(ids.shape)}: give one mask "
+            "value per token, shape (B, L)."
+        )
+    check_language_mask(batch["language_mask"], attention, check_rows=False)
+    return ids
+
+
 class FlowMatchingPolicy(APTMixin, pl.LightningModule):
     """Base of the reference policies: they differ in how they condition, not in how they train."""
 
@@ -244,8 +281,12 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         """Full VLM prompt: ``input_ids``, ``attention_mask``, ``language_mask`` with image tokens first.
 
         A batch that already holds image tokens (from a PaliGemma processor) is used as it is.
+
+        Raises:
+            LanguageMaskError: a missing prompt key, a non-tensor (numpy) mask, or masks whose shape is not
+                ``input_ids``' (B, L) (1-D, transposed), before any tensor is concatenated.
         """
-        ids = batch["input_ids"]
+        ids = check_prompt_batch(batch)
         if (ids == self.image_token_id).any():
             return {k: batch[k] for k in ("input_ids", "attention_mask", "language_mask")}
         image = torch.full(
