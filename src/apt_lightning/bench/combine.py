@@ -60,7 +60,7 @@ def _check_study(study: Any, name: str) -> None:
         raise StudyFileError(f"{name} lacks {missing}: it is not a results.json written by run_study.")
     config, runs = study["config"], study["runs"]
     if not isinstance(config, Mapping) or not all(
-        isinstance(config.get(k), list) for k in ("archs", "methods", "seeds")
+        isinstance(config.get(k), (list, tuple)) for k in ("archs", "methods", "seeds")
     ):
         raise StudyFileError(f"{name}: `config` must hold the lists `archs`, `methods` and `seeds`.")
     if not isinstance(runs, list):
