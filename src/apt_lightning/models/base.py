@@ -239,7 +239,10 @@ def check_prompt_batch(batch: Mapping[str, Any]) -> torch.Tensor:
             f"`attention_mask` has shape {tuple(attention.shape)} but `input_ids` {tuple(ids.shape)}: give one mask "
             "value per token, shape (B, L)."
         )
-    check_language_mask(batch["language_mask"], attention, check_rows=False)
+    language = batch["language_mask"]
+    if not isinstance(language, torch.Tensor) or language.ndim != 2 or language.shape[0] != ids.shape[0]:
+        # would fail inside torch.cat; a mask of the right rank is checked against the full prompt by apt_masks
+        check_language_mask(language, attention, check_rows=False)
     return ids
 
 
