@@ -98,12 +98,17 @@ class APTLightningCLI(LightningCLI):
         )
         model["init_args"]["vlm_pretrained"] = str(path)
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (readable, weights pass their content digest) before LightningCLI reads the
+        file's hyper-parameters (a raw ``torch.load`` there) and before any class is built from them."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
+            _check_resume_checkpoint(Path(ckpt_path))
+        super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         _check_model_matches_data(self.model, self.datamodule)
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path is not None and str(ckpt_path) not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
-            _check_resume_checkpoint(Path(ckpt_path))
 
 
 def _check_resume_checkpoint(path: Path) -> None:
