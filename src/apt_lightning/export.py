@@ -376,10 +376,12 @@ def _check_context_sources(module: nn.Module, metadata: dict[str, str], path: Pa
         return
     recorded = _recorded(metadata, CONTEXT_SOURCES_KEY, path)
     if recorded is None or current is None:
-        if recorded is not None:
+        if recorded is not None or current is not None:
+            silent = f"the exporting model did not declare them, but {model}'s sites read {_head(current.values(), 3)}"
+            if current is None:
+                silent = f"{model} does not declare its own (no `apt_context_sources()` method or `per_site_language`)"
             warnings.warn(
-                f"{path} records which VLM states each fusion site read, but {model} does not declare its own (no "
-                "`apt_context_sources()` method or `per_site_language` flag), so they cannot be compared.",
+                f"{path}: which VLM states each fusion site reads cannot be compared: {silent}.",
                 UnverifiedExportWarning,
                 stacklevel=3,
             )
