@@ -33,12 +33,18 @@ DIGEST_KEY = "apt_state_dict_sha256"
 
 
 def digestible(state_dict: Mapping[str, Any]) -> bool:
-    """Whether every value is a plain (unsharded) tensor, so the digest covers the full weights."""
-    return all(type(value) in (torch.Tensor, torch.nn.Parameter) for value in state_dict.values())
+    """Whether every tensor is a plain (unsharded) one, so the digest covers the full weights. Non-tensor entries
+    (a module's ``_extra_state``) are allowed and not hashed."""
+    return all(
+        type(value) in (torch.Tensor, torch.nn.Parameter)
+        for value in state_dict.values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the sorted keys, dtypes, shapes and raw bytes of every tensor of ``state_dict``.
+    """sha256 over the sorted keys, dtypes, shapes and raw bytes of every tensor of ``state_dict`` (non-tensor
+    entries are skipped).
 
     Order-free (keys are sorted) and exact (raw bytes, no float arithmetic), so the same weights give the same
     digest on any device and in any process.
@@ -51,6 +57,8 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     """
     digest = hashlib.sha256()
     for key in sorted(state_dict):
+        if not isinstance(state_dict[key], torch.Tensor):
+            continue  # non-tensor extra state: not weights
         tensor = state_dict[key].detach()
         digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
         if tensor.numel():

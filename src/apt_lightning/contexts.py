@@ -108,7 +108,8 @@ def per_site_contexts(
 
         >>> from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
         >>> site = GatedFusionLayer(torch.nn.Linear(8, 8), GatedCrossAttentionBlock(8, 4, 2))
-        >>> [(f.shape, m.dtype) for f, m in per_site_contexts(torch.zeros(2, 3, 4), torch.ones(2, 3), {"s": site})]
+        >>> mask = torch.tensor([[1, 1, 0], [0, 1, 1]])  # a 0/1 integer mask is read as bool
+        >>> [(f.shape, m.dtype) for f, m in per_site_contexts(torch.zeros(2, 3, 4), mask, {"s": site})]
         [(torch.Size([2, 3, 4]), torch.bool)]
     """
     if features is None or mask is None:
