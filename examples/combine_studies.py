@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from apt_lightning.bench.combine import combine_studies
+from apt_lightning.bench.combine import combine_studies, read_study
 from apt_lightning.bench.report import format_outcome_table, format_table, plot_outcomes, plot_success
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        study = combine_studies([json.loads(path.read_text()) for path in args.results])
+        study = combine_studies([read_study(path) for path in args.results], names=[str(p) for p in args.results])
     except ValueError as error:
         parser.error(str(error))
     args.out.mkdir(parents=True, exist_ok=True)

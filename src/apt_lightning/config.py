@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
+
+from apt_lightning.errors import ConfigError
 
 VLMMode = Literal["frozen", "lora", "full"]
 _VLM_MODES = ("frozen", "lora", "full")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HIGH_LANGUAGE_DROPOUT = 0.5
+"""``language_dropout`` above which :class:`APTConfig` warns: most samples then never reach the gates."""
+
+
+def check_pattern(name: str, value: Any) -> None:
+    """A ``str`` target pattern must compile as a regular expression (peft semantics: full match).
+
+    Raises:
+        ConfigError: naming the field, the pattern and the regex error, at construction instead of at injection.
+    """
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ConfigError(
+                f"`{name}`={value!r} is not a valid regular expression ({error}). A str is matched as a regex against "
+                "the full module name; escape dots and brackets (r'layers\\.\\d+'), or pass a list of names."
+            ) from error
+    elif value is not None and (
+        not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value)
+    ):
+        raise ConfigError(f"`{name}` must be a regex str or a list of module names / dotted suffixes, got {value!r}.")
 
 
 @dataclass
@@ -55,9 +80,9 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         if self.gate not in ("tanh", "sigmoid"):
-            raise ValueError(f"`gate` must be 'tanh' or 'sigmoid', got {self.gate!r}.")
+            raise ConfigError(f"`gate` must be 'tanh' or 'sigmoid', got {self.gate!r}.")
         if self.gate_shape not in ("scalar", "channel"):
-            raise ValueError(f"`gate_shape` must be 'scalar' or 'channel', got {self.gate_shape!r}.")
+            raise ConfigError(f"`gate_shape` must be 'scalar' or 'channel', got {self.gate_shape!r}.")
         if self.gate == "sigmoid":
             warnings.warn(
                 "FusionConfig(gate='sigmoid') starts at 0.5: the Stage-2 switch changes the model's outputs (no exact "
@@ -68,20 +93,26 @@ class FusionConfig:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if not self.target_modules:
-            raise ValueError("`target_modules` is empty: name the expert modules that receive gated fusion.")
+            raise ConfigError("`target_modules` is empty: name the expert modules that receive gated fusion.")
+        check_pattern("target_modules", self.target_modules)
+        check_pattern("exclude_modules", self.exclude_modules)
         if isinstance(self.context_dim, Sequence) and not isinstance(self.context_dim, str):
             self.context_dim = list(self.context_dim)
         widths = self.context_dim if isinstance(self.context_dim, list) else [self.context_dim]
         for name, values in (("hidden_dim", [self.hidden_dim]), ("context_dim", widths), ("head_dim", [self.head_dim])):
             for value in values:
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                    raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+                    raise ConfigError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(self.context_dim, list) and not self.context_dim:
-            raise ValueError("`context_dim` is an empty list: give one width per fusion site, or one int for all.")
+            raise ConfigError("`context_dim` is an empty list: give one width per fusion site, or one int for all.")
+        for name in ("num_heads", "ff_mult"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.num_heads <= 0 or self.ff_mult <= 0:
-            raise ValueError(f"`num_heads` and `ff_mult` must be positive, got {self.num_heads!r}, {self.ff_mult!r}.")
+            raise ConfigError(f"`num_heads` and `ff_mult` must be positive, got {self.num_heads!r}, {self.ff_mult!r}.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+            raise ConfigError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
 
 
 @dataclass
@@ -140,23 +171,43 @@ class APTConfig:
 
     def __post_init__(self) -> None:
         if self.joint_prefix not in ("full", "blind"):
-            raise ValueError(f"`joint_prefix` must be 'full' or 'blind', got {self.joint_prefix!r}.")
+            raise ConfigError(f"`joint_prefix` must be 'full' or 'blind', got {self.joint_prefix!r}.")
         if not (isinstance(self.language_dropout, (int, float)) and 0.0 <= self.language_dropout < 1.0):
-            raise ValueError(f"`language_dropout` must be in [0, 1), got {self.language_dropout!r}.")
+            raise ConfigError(f"`language_dropout` must be in [0, 1), got {self.language_dropout!r}.")
         if self.vlm_mode not in _VLM_MODES:
-            raise ValueError(f"`vlm_mode` must be one of {_VLM_MODES}, got {self.vlm_mode!r}.")
+            raise ConfigError(f"`vlm_mode` must be one of {_VLM_MODES}, got {self.vlm_mode!r}.")
         for name in ("lr", "fusion_lr", "gate_lr", "vlm_lr", "weight_decay"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+                raise ConfigError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if self.warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, got {self.warmup_steps!r}.")
-        if self.lora_rank <= 0:
-            raise ValueError(f"`lora_rank` must be positive, got {self.lora_rank!r}.")
+            raise ConfigError(f"`warmup_steps` must be >= 0, got {self.warmup_steps!r}.")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ConfigError(f"`warmup_steps` must be an int >= 0, got {self.warmup_steps!r}.")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank <= 0:
+            raise ConfigError(f"`lora_rank` must be a positive integer, got {self.lora_rank!r}.")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ConfigError(
+                f"`lora_alpha` must be a finite number > 0, got {alpha!r}: LoRA scales its update by lora_alpha / "
+                "lora_rank, so 0 switches the adapters off and a negative value reverses every update. The usual "
+                "choice is lora_alpha = lora_rank (16)."
+            )
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ConfigError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
         if not isinstance(self.lora_target_modules, str):  # a str is one regex (peft), never its letters
             self.lora_target_modules = tuple(self.lora_target_modules)
         if not self.lora_target_modules:
-            raise ValueError("`lora_target_modules` is empty: name the VLM modules that get LoRA adapters.")
+            raise ConfigError("`lora_target_modules` is empty: name the VLM modules that get LoRA adapters.")
+        check_pattern("lora_target_modules", self.lora_target_modules)
+        if self.language_dropout > HIGH_LANGUAGE_DROPOUT:
+            warnings.warn(
+                f"`language_dropout`={self.language_dropout!r} hides the instruction from {self.language_dropout:.1%} "
+                "of the Stage-2 samples: the gates learn from the rest only, and near 1 they never open. Language "
+                "dropout keeps a prior for guidance; 0.1-0.2 is typical.",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.vlm_mode != "lora":
             defaults = {f.name: f.default for f in fields(self)}
             changed = [n for n in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(self, n) != defaults[n]]
@@ -182,3 +233,33 @@ class APTConfig:
         if self.vlm_lr is not None:
             return self.vlm_lr
         return 5e-6 if self.vlm_mode == "lora" else 1e-5
+
+
+def fusion_config_with_options(options: Mapping[str, Any] | None, **fixed: Any) -> FusionConfig:
+    """``FusionConfig(**fixed, **options)`` for a policy's ``fusion_options`` argument, with one clear error for an
+    option the policy already sets from its own argument (e.g. ``num_heads`` from ``fusion_heads``) or one that
+    ``FusionConfig`` does not have.
+
+    Raises:
+        ConfigError: naming the option and, for an unknown one, the accepted fields.
+
+    Example::
+
+        >>> fusion_config_with_options({"gate_shape": "channel"}, target_modules=["x"], num_heads=2).gate_shape
+        'channel'
+    """
+    options = dict(options or {})
+    known = {f.name for f in fields(FusionConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"`fusion_options` has {unknown}, which FusionConfig does not accept; its fields are {sorted(known)}."
+        )
+    clash = sorted(set(options) & set(fixed))
+    if clash:
+        raise ConfigError(
+            f"`fusion_options` sets {clash}, which the policy already sets from its own arguments "
+            f"({', '.join(f'{k}={fixed[k]!r}' for k in clash)}): set them through those arguments (e.g. `fusion_heads` "
+            "for num_heads) and leave them out of `fusion_options`."
+        )
+    return FusionConfig(**fixed, **options)

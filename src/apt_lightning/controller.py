@@ -34,15 +34,15 @@ import torch
 from torch import nn
 
 from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.contexts import check_contexts, per_site_contexts
 from apt_lightning.errors import (
     ContractError,
-    FusionContextError,
     NoMatchingTargetError,
     NotPreparedError,
     StageMismatchError,
 )
 from apt_lightning.fusion import GatedFusionLayer
-from apt_lightning.guidance import PriorGuidance
+from apt_lightning.guidance import PriorGuidance, check_guidance_scale
 from apt_lightning.inject import fusion_geometry_problems, inject_fusion, resolve_targets
 from apt_lightning.lora import has_lora, inject_vlm_lora
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
@@ -115,6 +115,7 @@ class APT:
         self._sites: dict[str, GatedFusionLayer] = {}
         self._feature_cache: Stage1FeatureCache | None = None
         self._mask_rows_checked = 0
+        self._contexts_seen = False
         problems = self.declaration_problems()
         if problems:
             raise ContractError(f"APT(...) on {type(model).__name__}:\n- " + "\n- ".join(problems))
@@ -396,13 +397,17 @@ class APT:
             FusionContextError: missing features, a wrong number of per-site tensors, or a shape or width that
                 does not fit a site (named).
         """
+        guidance_scale = check_guidance_scale(guidance_scale)
         sites = self._sites if self.needs_language else {}
         gates_open = guidance_scale != 1.0 and (
             any(not site.apt_fusion.is_identity for site in sites.values())
             or any(not gate.is_identity for _, gate in language_gates(self.model))
         )
-        guidance = PriorGuidance(float(guidance_scale), active=gates_open)  # closed gates: prior == conditional
+        guidance = PriorGuidance(guidance_scale, active=gates_open)  # closed gates: prior == conditional
+        first, self._contexts_seen = not self._contexts_seen, True
         if not self.needs_language:
+            if first and self.plan.has_stage2:  # a wrong context fails at the first forward, not at the switch
+                check_contexts(features, mask, self._sites)
             yield guidance
             return
         contexts = per_site_contexts(features, mask, sites)
@@ -592,41 +597,3 @@ def check_resume(saved: StagePlan, plan: StagePlan, step: int) -> None:
         "Resume with the same APTStageScheduler arguments; the learning-rate schedule and optimizer groups "
         "depend on them."
     )
-
-
-def per_site_contexts(
-    features: torch.Tensor | Sequence[torch.Tensor] | None,
-    mask: torch.Tensor | Sequence[torch.Tensor] | None,
-    sites: dict[str, GatedFusionLayer],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One validated (features, bool mask) pair per site, in site order."""
-    if features is None or mask is None:
-        raise FusionContextError(
-            "Stage 2 needs language features and their mask in `fusion_context(features, mask)`; got None."
-        )
-    names = list(sites)
-    per_site = [features] * len(names) if isinstance(features, torch.Tensor) else list(features)
-    masks = [mask] * len(names) if isinstance(mask, torch.Tensor) else list(mask)
-    for what, items in (("feature tensors", per_site), ("masks", masks)):
-        if len(items) != len(names):
-            raise FusionContextError(
-                f"`fusion_context` got {len(items)} {what} for {len(names)} fusion sites: pass one tensor for all "
-                f"sites or one per site, in this order: {names}."
-            )
-    contexts = []
-    for name, context, key_mask in zip(names, per_site, masks, strict=True):
-        width = sites[name].apt_fusion.context_dim
-        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != width:
-            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise FusionContextError(
-                f"Fusion site `{name}` reads context (B, S, {width}) but got {shape}: pass that site the VLM states "
-                "it was built for, or set `FusionConfig.context_dim` (one width per site) to the widths you pass."
-            )
-        if not isinstance(key_mask, torch.Tensor) or key_mask.shape != context.shape[:2]:
-            shape = tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
-            raise FusionContextError(
-                f"Fusion site `{name}`: mask {shape} does not match its features {tuple(context.shape)}; expected "
-                f"(B, S) = {tuple(context.shape[:2])}."
-            )
-        contexts.append((context, key_mask.bool()))
-    return contexts

@@ -17,7 +17,7 @@ class ContractError(AptError, TypeError):
 
 
 class NotPreparedError(ContractError):
-    """The module was used before :meth:`~apt_lightning.APTMixin.apt_prepare` gave it a stage plan."""
+    """The module was used before :meth:`~apt_lightning.APT.prepare` gave it a stage plan."""
 
 
 class NoMatchingTargetError(ContractError, ValueError):
@@ -67,3 +67,22 @@ class ExportError(AptError, ValueError):
 class UnverifiedExportWarning(UserWarning):
     """An export written before verified exports (no content hash or geometry) was loaded without those
     checks. Turn it into an error with ``warnings.simplefilter("error", UnverifiedExportWarning)``."""
+
+
+class ConfigError(AptError, ValueError):
+    """A configuration value (``APTConfig``, ``FusionConfig``, ``StagePlan``, a cache size) is invalid: the message
+    names the field, the value received and what is accepted."""
+
+
+class GuidanceScaleError(AptError, ValueError):
+    """``guidance_scale`` is not a finite real number in the range where guided sampling stays meaningful."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint written before checkpoints carried a content digest (or by a strategy whose state dict is
+    sharded) was loaded without that check. Turn it into an error with
+    ``warnings.simplefilter("error", UnverifiedCheckpointWarning)``."""
+
+
+class StudyFileError(AptError, ValueError):
+    """A ``results.json`` given to ``combine_studies`` is empty, truncated, malformed or lacks a field."""

@@ -11,14 +11,17 @@ Every export is verified, in the file and against the model it is loaded into. T
 * ``apt_fusion_geometry``: per fusion site, the geometry read from the block itself (``dim``, ``context_dim``,
   ``num_heads``, ``head_dim``, ``ff_hidden``, gate names), and ``apt_fusion_config``, the ``FusionConfig``;
 * ``apt_layout``: the head counts and widths (``num_heads``, ``head_dim`` ...) of the exported modules;
+* ``apt_context_sources``: per fusion site, which VLM states it reads (:func:`context_sources`): a fusion
+  block trained on layer 4's states gives other actions when fed the last layer's, with equal shapes;
 * ``apt_sha256``: a hash over the sorted keys, dtypes, shapes and raw bytes of every tensor and over the
   other metadata entries.
 
 Writing refuses non-finite tensors (no NaN export is ever written) and is atomic. Loading raises
 :class:`~apt_lightning.errors.ExportError`, naming the file, when the file is missing, unreadable, truncated
 or of another kind, when its hash does not match its content, when a tensor is NaN or infinite, and when the
-model differs from the exporting one: fusion geometry for fusion exports (2 heads of 16 and 1 head of 32 have
-the same tensor shapes but different outputs), head layout of the exported modules for prior and VLM exports.
+model differs from the exporting one: fusion geometry (2 heads of 16 and 1 head of 32 have the same tensor
+shapes but different outputs) and the VLM states each site reads for fusion exports, head layout of the
+exported modules for prior and VLM exports.
 The fusion geometry stored in a prior or VLM export is provenance only: those tensors do not depend on it.
 
 Exports written before verification existed (no ``apt_format_version``) still load, with an
@@ -62,6 +65,7 @@ HASH_KEY = "apt_sha256"
 GEOMETRY_KEY = "apt_fusion_geometry"
 FUSION_CONFIG_KEY = "apt_fusion_config"
 LAYOUT_KEY = "apt_layout"
+CONTEXT_SOURCES_KEY = "apt_context_sources"
 KINDS = ("va_prior", "fusion", "vlm")
 LAYOUT_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "head_dim")
 """Integer module attributes that change outputs without changing tensor shapes; recorded in ``apt_layout``."""
@@ -136,6 +140,43 @@ def attention_layout(model: nn.Module, skip: str | None = None) -> dict[str, dic
         if found:
             layout[name] = found
     return layout
+
+
+def context_sources(module: nn.Module) -> dict[str, str] | None:
+    """``{site: the VLM states it reads}`` for every fusion site, or ``None`` when the model does not say.
+
+    A model declares it with a method ``apt_context_sources() -> dict[str, str]``; the reference policies are read
+    from their ``per_site_language`` flag: every site reads the same tensor (``hidden_states[select_layer]`` or
+    ``last_hidden_state``), or each its own VLM layer (``hidden_states[k]``).
+
+    Example::
+
+        >>> from apt_lightning import FusionConfig, inject_fusion
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = inject_fusion(model, FusionConfig(target_modules=["0"], hidden_dim=4, context_dim=3, num_heads=1))
+        >>> context_sources(model) is None
+        True
+    """
+    declared = getattr(module, "apt_context_sources", None)
+    if callable(declared):
+        return {str(site): str(source) for site, source in declared().items()}
+    per_site = getattr(module, "per_site_language", None)
+    if not isinstance(per_site, bool):
+        return None
+    sites = [name for name, _ in fusion_sites(module)]
+    controller = getattr(module, "apt", None)
+    vlm = controller.vlm_module if controller is not None else None
+    config = getattr(vlm, "config", None)
+    layers = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", None)
+    if not per_site:
+        select = getattr(module, "select_layer", None)
+        if isinstance(select, int) and isinstance(layers, int):
+            return dict.fromkeys(sites, f"hidden_states[{select % (layers + 1)}]")
+        return dict.fromkeys(sites, "last_hidden_state" if select is None else f"hidden_states[{select}]")
+    if not isinstance(layers, int):
+        return dict.fromkeys(sites, "per-site")
+    count = len(sites)
+    return {site: f"hidden_states[{-(-(i + 1) * layers // count)}]" for i, site in enumerate(sites)}
 
 
 def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
@@ -318,6 +359,47 @@ def _check_geometry(module: nn.Module, metadata: dict[str, str], path: Path) -> 
         )
 
 
+def _check_context_sources(module: nn.Module, metadata: dict[str, str], path: Path) -> None:
+    model = type(module).__name__
+    current = context_sources(module)
+    if FORMAT_VERSION_KEY not in metadata:
+        return  # a pre-verification export; already warned
+    if CONTEXT_SOURCES_KEY not in metadata:
+        if current is not None:
+            warnings.warn(
+                f"{path} does not record which VLM states each fusion site reads (written before "
+                f"{CONTEXT_SOURCES_KEY} existed): loading it into {model}, whose sites read "
+                f"{_head(current.values(), 3)}, cannot be checked. Re-export it to add the record.",
+                UnverifiedExportWarning,
+                stacklevel=3,
+            )
+        return
+    recorded = _recorded(metadata, CONTEXT_SOURCES_KEY, path)
+    if recorded is None or current is None:
+        if recorded is not None or current is not None:
+            silent = f"the exporting model did not declare them, but {model}'s sites read {_head(current.values(), 3)}"
+            if current is None:
+                silent = f"{model} does not declare its own (no `apt_context_sources()` method or `per_site_language`)"
+            warnings.warn(
+                f"{path}: which VLM states each fusion site reads cannot be compared: {silent}.",
+                UnverifiedExportWarning,
+                stacklevel=3,
+            )
+        return
+    diffs = [
+        f"site `{site}`: export read {recorded.get(site)!r}, model reads {current.get(site)!r}"
+        for site in sorted(set(recorded) | set(current))
+        if recorded.get(site) != current.get(site)
+    ]
+    if diffs:
+        raise ExportError(
+            f"{path} holds fusion blocks trained on other VLM states than {model}'s sites read: "
+            f"{'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}. Equal shapes do not make it fit: the gates "
+            "would mix features they never saw, and the actions change. Build the model as the export was made "
+            "(e.g. the same `per_site_language` and `select_layer`), or export again from this configuration."
+        )
+
+
 def _check_layout(layout: dict[str, dict[str, int]], metadata: dict[str, str], path: Path, model: str) -> None:
     recorded = _recorded(metadata, LAYOUT_KEY, path)
     if recorded is None:
@@ -378,6 +460,7 @@ def _provenance(module: nn.Module) -> dict[str, str]:
     return {
         GEOMETRY_KEY: json.dumps(fusion_geometry(module), sort_keys=True),  # type: ignore[arg-type]
         FUSION_CONFIG_KEY: _fusion_config(module),
+        CONTEXT_SOURCES_KEY: json.dumps(context_sources(module), sort_keys=True),  # type: ignore[arg-type]
     }
 
 
@@ -436,11 +519,13 @@ def load_fusion(module: nn.Module, path: str | Path) -> None:
 
     Raises:
         ExportError: the file is missing, corrupt, modified, non-finite or another kind of export, or the
-            fusion sites of ``module`` differ from the export's in placement or geometry (heads, widths).
+            fusion sites of ``module`` differ from the export's in placement, geometry (heads, widths) or the VLM
+            states they read (:func:`context_sources`).
     """
     path = Path(path)
     tensors, metadata = _read(path, "fusion")
     _check_geometry(module, metadata, path)  # type: ignore[arg-type]
+    _check_context_sources(module, metadata, path)  # type: ignore[arg-type]
     select = _fusion_keys(module)
     _load_into(module, tensors, select, "fusion", path)  # type: ignore[arg-type]
     _copy(module, tensors, select)  # type: ignore[arg-type]

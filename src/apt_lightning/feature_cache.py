@@ -23,7 +23,11 @@ Safety rules, each enforced rather than documented:
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -32,11 +36,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
 from apt_lightning.controller import APT
-from apt_lightning.errors import FeatureCacheError
+from apt_lightning.errors import ConfigError, FeatureCacheError
 from apt_lightning.sharding import local_shard
 
 T = TypeVar("T")
@@ -104,7 +109,7 @@ class Stage1FeatureCache(Callback):
         check_keys: batch keys whose per-sample fingerprint must match on every hit (augmentation guard).
 
     Raises:
-        FeatureCacheError: at setup for a module that is not an :class:`~apt_lightning.APTMixin`; at fit start
+        FeatureCacheError: at setup for a module without an :class:`~apt_lightning.APT` controller; at fit start
             for a plan without Stage 1 or a dataset whose features cannot fit; during Stage 1 for a batch without
             ``sample_key`` or a sample whose inputs changed between visits.
     """
@@ -118,12 +123,28 @@ class Stage1FeatureCache(Callback):
         check_keys: Sequence[str] = ("pixel_values",),
     ) -> None:
         if device not in ("cpu", "accelerator"):
-            raise ValueError(f"`device` must be 'cpu' or 'accelerator', got {device!r}.")
+            raise ConfigError(f"`device` must be 'cpu' or 'accelerator', got {device!r}.")
+        if isinstance(check_keys, str):
+            raise ConfigError(
+                f"`check_keys`={check_keys!r} is a string: pass a tuple of batch keys, e.g. "
+                f"check_keys=({check_keys!r},)."
+            )
+        if not isinstance(sample_key, str) or not sample_key:
+            raise ConfigError(f"`sample_key` must be a batch key (a non-empty str), got {sample_key!r}.")
         self.max_memory = parse_bytes(max_memory)
         self.spill_root = Path(spill_dir) if spill_dir is not None else None
         self.device = device
         self.sample_key = sample_key
         self.check_keys = tuple(check_keys)
+        if not self.check_keys:
+            rank_zero_warn(
+                "Stage1FeatureCache(check_keys=()) turns the augmentation guard off: a sample whose inputs change "
+                "between epochs (random augmentation) would be served stale features. Name the image key(s) unless "
+                "your Stage-1 inputs are fixed per sample."
+            )
+        self._checked_batch_keys = False
+        self._stage1_started = False
+        self._served_before_first: int | None = None
         self._memory: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
         self._spilled: dict[int, torch.Tensor] = {}  # sample id -> input fingerprint; tensors on disk
         self._spec: Any = None
@@ -178,6 +199,9 @@ class Stage1FeatureCache(Callback):
         self.clear()
         if self.spill_root is not None:
             self._spill_dir = self.spill_root / f"rank{trainer.global_rank}"
+            _check_spill_dir(self._spill_dir)
+        self._checked_batch_keys = False
+        self._stage1_started, self._served_before_first = False, None
         self._vlm_fingerprint = weights_fingerprint(pl_module.apt.vlm_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -192,16 +216,25 @@ class Stage1FeatureCache(Callback):
                 self.clear()  # weights changed under us (a callback loaded new ones): recompute, never serve stale
                 self._vlm_fingerprint = fingerprint
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.hits + self.misses == 0 and pl_module.apt.stage == 1:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self._served_before_first is not None:
+            served, self._served_before_first = self.hits + self.misses - self._served_before_first, None
+            if served:
+                return
             rank_zero_warn(
-                f"Stage1FeatureCache served no sample in a Stage-1 epoch: {type(pl_module).__name__} does not route "
-                "its VLM pass through `self.apt.cached_vlm(batch, compute)`, so the cache does nothing."
+                f"Stage1FeatureCache served no sample in the first Stage-1 training batch: {type(pl_module).__name__} "
+                "does not route its VLM pass through `self.apt.cached_vlm(batch, compute)`, so the cache does nothing. "
+                "Wrap the VLM pass in it, or remove Stage1FeatureCache."
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if len(self) and pl_module.apt.stage != 1:
+        stage = pl_module.apt.stage
+        if len(self) and stage != 1:
             self.clear()  # the switch: nothing cached is valid in Stage 2, free the memory
+        if stage == 1 and not self._stage1_started:  # the first Stage-1 batch of this fit: did it ask the cache?
+            self._stage1_started, self._served_before_first = True, self.hits + self.misses
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clear()
@@ -257,13 +290,37 @@ class Stage1FeatureCache(Callback):
                 "identity. Return the dataset index from `__getitem__` (e.g. `sample['sample_id'] = index`) or set "
                 "`Stage1FeatureCache(sample_key=...)`."
             )
-        ids = batch[self.sample_key]
-        return [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        ids = sample_ids(batch[self.sample_key], self.sample_key)
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise FeatureCacheError(
+                f"Batch `{self.sample_key}` repeats {twice[:8]}: two samples of one batch share an identity, so the "
+                "cache would serve one sample's VLM features to the other. Make the identity unique per dataset item "
+                "(the index passed to `__getitem__`), or remove Stage1FeatureCache."
+            )
+        return ids
 
     def _fingerprints(self, batch: dict[str, Any], size: int) -> torch.Tensor:
-        parts = [input_fingerprint(batch[key]) for key in self.check_keys if isinstance(batch.get(key), torch.Tensor)]
+        if not self._checked_batch_keys:  # once per fit: a guard that matches no key would be silently off
+            missing = [key for key in self.check_keys if not isinstance(batch.get(key), torch.Tensor)]
+            if missing:
+                tensors = sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor) and k != self.sample_key)
+                raise FeatureCacheError(
+                    f"Stage1FeatureCache(check_keys={list(self.check_keys)}): the batch has no tensor {missing} (its "
+                    f"tensors: {tensors}), so the augmentation guard would be silently off and random augmentation "
+                    "served stale. Name the batch's image key(s), e.g. `check_keys=('images',)`, or pass "
+                    "`check_keys=()` to turn the guard off knowingly."
+                )
+            self._checked_batch_keys = True
+        parts = [input_fingerprint(batch[key]) for key in self.check_keys]
         if not parts:
             return torch.zeros(size, 0, dtype=torch.int64)
+        if any(part.shape[0] != size for part in parts):
+            sizes = {key: tuple(batch[key].shape) for key in self.check_keys}
+            raise FeatureCacheError(
+                f"The batch holds {size} `{self.sample_key}` values but its checked inputs have shapes {sizes}: "
+                f"give one `{self.sample_key}` per sample (a (B,) tensor or a list of B ints)."
+            )
         return torch.cat(parts, 1).cpu()
 
     def _check_inputs(self, ids: list[int], fingerprints: torch.Tensor) -> None:
@@ -272,9 +329,10 @@ class Stage1FeatureCache(Callback):
             if not torch.equal(stored, fingerprints[row]):
                 raise FeatureCacheError(
                     f"Sample {sample}'s {list(self.check_keys)} differ from when its VLM features were cached: "
-                    "random augmentation or a changed image transform. The cache would train on a stale draw. "
-                    "Remove the random augmentation from Stage 1 (or make it a deterministic function of the "
-                    "sample), or remove Stage1FeatureCache."
+                    "random augmentation, a changed image transform, or two different samples sharing the "
+                    f"`{self.sample_key}` {sample}. The cache would train on a stale draw or on another sample's "
+                    "features. Remove the random augmentation from Stage 1 (or make it a deterministic function of the "
+                    "sample), give every dataset item its own identity, or remove Stage1FeatureCache."
                 )
 
     def _store(self, sample: int, tensors: list[torch.Tensor], fingerprint: torch.Tensor) -> None:
@@ -290,24 +348,52 @@ class Stage1FeatureCache(Callback):
             return
         if self._spill_dir is None:
             raise FeatureCacheError(self._budget_message(len(self) + 1))
-        self._spill_dir.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {str(j): t.contiguous().cpu() for j, t in enumerate(tensors)}, self._spill_dir / f"{sample}.safetensors"
-        )
+        path = self._spill_dir / f"{sample}.safetensors"
+        try:
+            self._spill_dir.mkdir(parents=True, exist_ok=True)
+            save_file({str(j): t.contiguous().cpu() for j, t in enumerate(tensors)}, path)
+        except (OSError, SafetensorError) as error:
+            self.clear()  # no spill file is left behind
+            raise FeatureCacheError(
+                f"Stage1FeatureCache could not write sample {sample} ({human_bytes(size)}) to spill_dir {path.parent} "
+                f"({type(error).__name__}: {error}). The disk may be full or not writable; the spill files were "
+                "removed. Give `spill_dir=` a local disk with room for the dataset's features, raise `max_memory`, or "
+                "remove the cache."
+            ) from error
         self._spilled[sample] = fingerprint
 
     def _load(self, sample: int) -> list[torch.Tensor]:
         if sample in self._memory:
             return self._memory[sample][0]
         assert self._spill_dir is not None
-        stored = load_file(self._spill_dir / f"{sample}.safetensors")
+        path = self._spill_dir / f"{sample}.safetensors"
+        try:
+            stored = load_file(path)
+        except (OSError, SafetensorError) as error:
+            raise FeatureCacheError(
+                f"Stage1FeatureCache could not read sample {sample}'s spill file {path} ({type(error).__name__}: "
+                f"{error}): it was removed or damaged while training ran. Keep spill_dir private to this run (it is "
+                "emptied at fit start), or remove the cache."
+            ) from error
         return [stored[str(j)] for j in range(len(stored))]
 
     def _check_budget(self) -> None:
-        if self._samples_expected is None or self.spill_root is not None:
+        if self._samples_expected is None or self._bytes_per_sample is None:
             return
-        if self._bytes_per_sample * self._samples_expected > self.max_memory:  # type: ignore[operator]
-            raise FeatureCacheError(self._budget_message(self._samples_expected))
+        needed = self._bytes_per_sample * self._samples_expected
+        if self._spill_dir is None:
+            if needed > self.max_memory:
+                raise FeatureCacheError(self._budget_message(self._samples_expected))
+            return
+        spill = needed - self.max_memory
+        free = _free_bytes(self._spill_dir)
+        if spill > 0 and free is not None and spill > free:
+            raise FeatureCacheError(
+                f"The Stage-1 feature cache needs {human_bytes(spill)} of spill space for {self._samples_expected:,} "
+                f"samples ({human_bytes(self._bytes_per_sample)} each, {human_bytes(self.max_memory)} kept in memory), "
+                f"but {self._spill_dir} has {human_bytes(free)} free. Point `spill_dir=` at a disk with room, raise "
+                "`max_memory`, or remove the cache."
+            )
 
     def _budget_message(self, samples: int) -> str:
         per = self._bytes_per_sample or 0
@@ -319,23 +405,32 @@ class Stage1FeatureCache(Callback):
         )
 
 
-def parse_bytes(value: int | str) -> int:
-    """``4096``, ``"512MiB"``, ``"4GiB"``, ``"2GB"`` -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"A size in bytes is an int or a string like '4GiB', got {value!r}.")
+def parse_bytes(value: int | str, name: str = "max_memory") -> int:
+    """``4096``, ``"512MiB"``, ``"4GiB"``, ``"2GB"`` -> bytes.
+
+    Raises:
+        ConfigError: a negative, non-finite or unreadable size, or a bool; the message names ``name``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"`{name}` is a size in bytes: an int or a string like '4GiB', got {value!r}.")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"A size in bytes must be >= 0, got {value}.")
+            raise ConfigError(f"`{name}` must be >= 0 bytes, got {value}.")
         return value
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    text = str(value).strip().upper().replace(" ", "")
+    text = value.strip().upper().replace(" ", "")
     for unit, factor in units.items():
         if text.endswith(unit):
             try:
-                return int(float(text[: -len(unit)]) * factor)
+                number = float(text[: -len(unit)])
             except ValueError:
                 break
-    raise ValueError(f"Cannot read {value!r} as a size: use an int (bytes) or a string like '512MiB' or '4GiB'.")
+            if not math.isfinite(number) or number < 0:
+                raise ConfigError(f"`{name}`={value!r} must be a finite size >= 0, e.g. '512MiB' or '4GiB'.")
+            return int(number * factor)
+    raise ConfigError(
+        f"Cannot read `{name}`={value!r} as a size: use an int (bytes) or a string like '512MiB' or '4GiB'."
+    )
 
 
 def human_bytes(size: int) -> str:
@@ -346,6 +441,56 @@ def human_bytes(size: int) -> str:
             return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def sample_ids(ids: Any, key: str = "sample_id") -> list[int]:
+    """The per-sample identities of a batch as ints: a (B,) integer tensor or a list/tuple of ints.
+
+    Raises:
+        FeatureCacheError: for float or bool ids (which collide through ``int()``), strings, or a tensor that is not
+            1-D, naming the key and the fix.
+    """
+    fix = f"Return an int per sample (the dataset index) as `{key}`: `torch.tensor(index)` collates to a (B,) tensor."
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise FeatureCacheError(
+                f"Batch `{key}` is a {ids.dtype} tensor: float or bool identities collide when read as ints (1.2 and "
+                f"1.7 are both 1). {fix}"
+            )
+        if ids.ndim != 1:
+            raise FeatureCacheError(
+                f"Batch `{key}` has shape {tuple(ids.shape)}; the cache needs one identity per sample, shape (B,). "
+                f"Squeeze it (`ids.view(-1)` for (B, 1)) or {fix[0].lower() + fix[1:]}"
+            )
+        return [int(i) for i in ids.tolist()]
+    if isinstance(ids, (list, tuple)):
+        values = [i.item() if isinstance(i, torch.Tensor) and i.numel() == 1 else i for i in ids]
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+            return [int(v) for v in values]
+    kinds = sorted({type(i).__name__ for i in ids}) if isinstance(ids, (list, tuple)) else type(ids).__name__
+    raise FeatureCacheError(f"Batch `{key}` holds {kinds}, not integer identities. {fix}")
+
+
+def _check_spill_dir(path: Path) -> None:
+    """Create ``path`` and prove it writable at fit start, not at the first overflow in the middle of Stage 1."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".apt_probe_", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise FeatureCacheError(
+            f"Stage1FeatureCache(spill_dir=...) cannot write to {path} ({type(error).__name__}: {error}). Give "
+            "`spill_dir` a writable directory (not a file, not read-only), or `spill_dir=None` to keep everything in "
+            "memory."
+        ) from error
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -188,7 +188,7 @@ class GatedFusionLayer(nn.Module):
 
     The host model calls this wrapper exactly as it called the original module, so the expert's forward code
     needs no edit. While ``active`` is False (Stage 1, joint) the block is skipped entirely. Context comes from
-    :meth:`set_context`, which :meth:`APTMixin.apt_fusion_context` calls for every site at once.
+    :meth:`set_context`, which :meth:`APT.fusion_context` calls for every site at once.
 
     Every call checks (shapes only, no host sync) that the wrapped module returns hidden states the block can
     read; an inactive site records the problem in :attr:`output_problem` (so Stage 1 reports every bad site

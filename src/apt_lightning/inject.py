@@ -11,7 +11,7 @@ import re
 
 from torch import nn
 
-from apt_lightning.config import FusionConfig
+from apt_lightning.config import FusionConfig, check_pattern
 from apt_lightning.errors import NoMatchingTargetError
 from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
 from apt_lightning.structure import fusion_sites, original_named_modules
@@ -41,9 +41,12 @@ def resolve_targets(
     """Names of the modules of ``model`` matched by ``targets`` and not by ``exclude``.
 
     Raises:
+        ConfigError: ``targets`` or ``exclude`` is a str that is not a valid regular expression.
         NoMatchingTargetError: nothing matched (the message lists the closest existing names), every match
             was excluded, or a match lies inside ``forbidden_prefix`` (the VLM: fusion belongs to the expert).
     """
+    check_pattern("target_modules", targets)  # an invalid regex is named here, not raised as re.error
+    check_pattern("exclude_modules", exclude)
     names = [n for n, _ in original_named_modules(model) if n]
     hits = [n for n in names if target_matches(targets, n)]
     if not hits:

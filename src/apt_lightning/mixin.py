@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from apt_lightning.checksum import add_checkpoint_digest
 from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.controller import APT
 from apt_lightning.errors import ContractError
@@ -95,6 +96,7 @@ class APTMixin:
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
+        add_checkpoint_digest(checkpoint)  # last: covers the weights as written (apt_lightning.checksum)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the saved structure before weights load and restore the saved step (see

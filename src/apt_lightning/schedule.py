@@ -8,8 +8,11 @@ so a baseline runs through exactly the same code, data and optimiser groups as A
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from apt_lightning.errors import ConfigError
 
 Stage = Literal[0, 1, 2]
 JOINT: Stage = 0
@@ -25,11 +28,15 @@ def parse_stage(value: Any, name: str = "stage") -> Stage:
         >>> parse_stage("joint"), parse_stage(2)
         (0, 2)
     """
-    if value == "joint":
+    if isinstance(value, str) and value == "joint":
         return JOINT
-    if isinstance(value, bool) or value not in (JOINT, 1, 2):
-        hint = " (a bool is ambiguous: write stage='joint' for the baseline)" if isinstance(value, bool) else ""
-        raise ValueError(f"`{name}` must be 1, 2 or 'joint' (0), got {value!r}{hint}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in (JOINT, 1, 2):
+        hint = ""
+        if isinstance(value, bool):
+            hint = " (a bool is ambiguous: write stage='joint' for the baseline)"
+        elif isinstance(value, (float, str)):
+            hint = f" (a {type(value).__name__} is not a stage: write the int {name}=1 or {name}=2)"
+        raise ConfigError(f"`{name}` must be 1, 2 or 'joint' (0), got {value!r}{hint}.")
     return int(value)  # type: ignore[return-value]
 
 
@@ -59,9 +66,9 @@ class StagePlan:
         object.__setattr__(self, "first_stage", parse_stage(self.first_stage, "first_stage"))
         if self.switch_step is not None:
             if self.first_stage != 1:
-                raise ValueError("`switch_step` only applies to a plan that starts in Stage 1.")
+                raise ConfigError("`switch_step` only applies to a plan that starts in Stage 1.")
             if isinstance(self.switch_step, bool) or not isinstance(self.switch_step, int) or self.switch_step < 0:
-                raise ValueError(f"`switch_step` must be an int >= 0, got {self.switch_step!r}.")
+                raise ConfigError(f"`switch_step` must be an int >= 0, got {self.switch_step!r}.")
 
     @property
     def name(self) -> str:
@@ -105,7 +112,7 @@ class StageLRFactor:
 
     def __init__(self, plan: StagePlan, group: str, warmup_steps: int) -> None:
         if group not in GROUP_STAGES:
-            raise ValueError(f"Unknown parameter group {group!r}; expected one of {sorted(GROUP_STAGES)}.")
+            raise ConfigError(f"Unknown parameter group {group!r}; expected one of {sorted(GROUP_STAGES)}.")
         self.first_stage, self.switch_step = plan.first_stage, plan.switch_step
         self.group, self.warmup_steps = group, warmup_steps
 

@@ -41,12 +41,35 @@ from lightning.pytorch.cli import LightningCLI
 from apt_lightning.bench.datamodule import TabletopDataModule
 from apt_lightning.bench.language import InstructionResolutionError
 from apt_lightning.bench.user_file import InstructionFileError
-from apt_lightning.models.base import FlowMatchingPolicy, PolicyCheckpointError
+from apt_lightning.errors import AptError
+from apt_lightning.models.base import FlowMatchingPolicy, PolicyCheckpointError, read_checkpoint
 
-__all__ = ["USER_ERRORS", "APTLightningCLI", "evaluate_entry", "evaluate_main", "main", "model_vlm_width"]
+__all__ = [
+    "USER_ERRORS",
+    "APTLightningCLI",
+    "ModelDataMismatchError",
+    "cli_entry",
+    "evaluate_entry",
+    "evaluate_main",
+    "main",
+    "model_vlm_width",
+]
 
-USER_ERRORS: tuple[type[Exception], ...] = (InstructionFileError, InstructionResolutionError, PolicyCheckpointError)
-"""Errors caused by the command's inputs: ``apt-evaluate`` prints them as one line, not a traceback."""
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+"""``--ckpt_path`` values Lightning resolves itself (not files)."""
+
+
+class ModelDataMismatchError(AptError, ValueError):
+    """The model's chunk size or vocabulary does not match the data module's (checked before step 0)."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    InstructionFileError,
+    InstructionResolutionError,
+    PolicyCheckpointError,
+    ModelDataMismatchError,
+)
+"""Errors caused by the command's inputs: the console scripts print them as one line, not a traceback."""
 
 
 class APTLightningCLI(LightningCLI):
@@ -75,8 +98,32 @@ class APTLightningCLI(LightningCLI):
         )
         model["init_args"]["vlm_pretrained"] = str(path)
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (readable, weights pass their content digest) before LightningCLI reads the
+        file's hyper-parameters (a raw ``torch.load`` there) and before any class is built from them."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
+            _check_resume_checkpoint(Path(ckpt_path))
+        super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         _check_model_matches_data(self.model, self.datamodule)
+
+
+def _check_resume_checkpoint(path: Path) -> None:
+    """``--ckpt_path`` names a readable checkpoint whose weights pass their content check, before the fit starts.
+
+    Raises:
+        PolicyCheckpointError: a directory, a missing file, not a checkpoint, or a failed content check.
+    """
+    if path.is_dir():
+        raise PolicyCheckpointError(f"--ckpt_path {path} is a directory; pass the .ckpt file inside it.")
+    if not path.is_file():
+        raise PolicyCheckpointError(
+            f"--ckpt_path {path} does not exist; check the path (e.g. .../checkpoints/last.ckpt)."
+        )
+    read_checkpoint(path)
 
 
 def model_vlm_width(model: Any) -> int:
@@ -114,17 +161,22 @@ def _check_model_matches_data(model: FlowMatchingPolicy, data: Any) -> None:
         return
     problems = []
     if model.chunk_size != data.hparams.chunk_size:
-        problems.append(f"model chunk size {model.chunk_size} != data.chunk_size {data.hparams.chunk_size}")
-    problems += data.tokenizer.vlm_mismatches(model.apt.vlm_module.config)
-    if problems:
-        raise ValueError(
-            "Model and data do not match: " + "; ".join(problems) + ". Set the model config to the data "
-            "(see configs/*.yaml) or change --data.chunk_size."
+        problems.append(
+            f"model chunk size {model.chunk_size} != data.chunk_size {data.hparams.chunk_size} (set "
+            f"--model.init_args.chunk_size {data.hparams.chunk_size} or --data.chunk_size {model.chunk_size})"
         )
+    vocabulary = data.tokenizer.vlm_mismatches(model.apt.vlm_module.config)
+    if vocabulary:
+        problems.append(
+            "; ".join(vocabulary) + " (build the model's VLM config from the data's tokenizer: see configs/*.yaml, or "
+            "`tiny_*_config(**data.tokenizer.vlm_vocabulary)` in Python)"
+        )
+    if problems:
+        raise ModelDataMismatchError("Model and data do not match: " + "; ".join(problems) + ".")
 
 
 def main(args: list[str] | None = None) -> None:
-    """``apt-lightning``: LightningCLI over any reference policy and the tabletop data."""
+    """LightningCLI over any reference policy and the tabletop data (raises; :func:`cli_entry` is the script)."""
     APTLightningCLI(
         FlowMatchingPolicy,
         TabletopDataModule,
@@ -132,6 +184,20 @@ def main(args: list[str] | None = None) -> None:
         args=args,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def cli_entry(argv: list[str] | None = None) -> None:
+    """Console script ``apt-lightning``: input errors (a model that does not match the data, a bad
+    ``--ckpt_path``) print as ``apt-lightning: error: ...`` and exit with status 2, as ``apt-evaluate`` does."""
+    _one_line_errors("apt-lightning", main, argv)
+
+
+def _one_line_errors(prog: str, run: Any, argv: list[str] | None) -> None:
+    try:
+        run(argv)
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -205,12 +271,8 @@ def evaluate_entry(argv: list[str] | None = None) -> None:
     """
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
-        try:
-            evaluate_main(argv)
-        except USER_ERRORS as error:
-            print(f"apt-evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
-            raise SystemExit(2) from None
+        _one_line_errors("apt-evaluate", evaluate_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    cli_entry()

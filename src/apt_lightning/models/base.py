@@ -20,8 +20,10 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 
+from apt_lightning.checksum import verify_checkpoint_digest
 from apt_lightning.config import APTConfig
-from apt_lightning.errors import PolicyCheckpointError
+from apt_lightning.errors import LanguageMaskError, PolicyCheckpointError
+from apt_lightning.masking import check_language_mask
 from apt_lightning.mixin import APTMixin
 
 _POLICY_CLASSES: dict[str, type[FlowMatchingPolicy]] = {}
@@ -63,21 +65,16 @@ def as_apt_config(value: APTConfig | dict[str, Any] | None) -> APTConfig:
     return value if isinstance(value, APTConfig) else APTConfig(**value)
 
 
-def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> FlowMatchingPolicy:
-    """Load a reference policy saved by a ``Trainer`` checkpoint, whichever class it is, in its saved stage.
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+    """A Lightning checkpoint's content, read without unpickling code and checked against its content digest.
 
-    The checkpoint is self-contained: the model config and APT settings are in its hyper-parameters and the
-    weights in its state dict. Loading it is safe against a crafted file:
-
-    * its ``policy_class`` is looked up among the subclasses of :class:`FlowMatchingPolicy` already defined
-      (:func:`registered_policies`); no module the checkpoint names is ever imported;
-    * every constructor argument that would download weights (``pretrained_arguments``, e.g. ``pretrained``,
-      ``vlm_pretrained``) is set to ``None``, so no hub or path of the checkpoint's choosing is contacted;
-    * tensors are read with ``weights_only=True``.
+    What :func:`load_policy` and ``apt-lightning fit --ckpt_path`` read first: a file that is missing, not a
+    checkpoint, not a dict, or whose weights fail their digest (:mod:`apt_lightning.checksum`) is refused here,
+    before any model is built from it. ``verify=False`` leaves the digest to the caller
+    (:func:`~apt_lightning.checksum.verify_checkpoint_digest`).
 
     Raises:
-        PolicyCheckpointError: If ``path`` is not a readable checkpoint, holds no ``policy_class`` or names a
-            class that is not a registered policy (the message lists the known ones).
+        PolicyCheckpointError: naming ``path``, with what is wrong and what to pass instead.
     """
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -92,7 +89,38 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
             f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {reason}). "
             "Pass a .ckpt file written by a Lightning Trainer."
         ) from error
-    name = checkpoint.get("policy_class") if isinstance(checkpoint, dict) else None
+    if not isinstance(checkpoint, dict):
+        raise PolicyCheckpointError(
+            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict: pass a .ckpt file written by a "
+            "Lightning Trainer."
+        )
+    if verify:
+        verify_checkpoint_digest(checkpoint, path)
+    return checkpoint
+
+
+def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> FlowMatchingPolicy:
+    """Load a reference policy saved by a ``Trainer`` checkpoint, whichever class it is, in its saved stage.
+
+    The checkpoint is self-contained: the model config and APT settings are in its hyper-parameters and the
+    weights in its state dict. Loading it is safe against a crafted file:
+
+    * its ``policy_class`` is looked up among the subclasses of :class:`FlowMatchingPolicy` already defined
+      (:func:`registered_policies`); no module the checkpoint names is ever imported;
+    * every constructor argument that would download weights (``pretrained_arguments``, e.g. ``pretrained``,
+      ``vlm_pretrained``) is set to ``None``, so no hub or path of the checkpoint's choosing is contacted;
+    * tensors are read with ``weights_only=True``;
+    * the weights are checked against the content digest the module recorded when it saved
+      (:mod:`apt_lightning.checksum`) before anything is built: a modified or corrupted file is never loaded.
+      A checkpoint without a digest (older versions) loads with an
+      :class:`~apt_lightning.errors.UnverifiedCheckpointWarning`.
+
+    Raises:
+        PolicyCheckpointError: If ``path`` is not a readable checkpoint, holds no ``policy_class``, names a
+            class that is not a registered policy (the message lists the known ones), or fails its content check.
+    """
+    checkpoint = read_checkpoint(path, map_location, verify=False)
+    name = checkpoint.get("policy_class")
     if name is None:
         raise PolicyCheckpointError(
             f"{path} holds no `policy_class`: it was not saved from a reference policy of apt_lightning.models. "
@@ -105,6 +133,7 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
             f"process; known classes: {sorted(_POLICY_CLASSES)}. A checkpoint never chooses code to import: if "
             "the class is your own, import the module that defines it before calling `load_policy`."
         )
+    verify_checkpoint_digest(checkpoint, path)  # before anything is built from the weights
     parameters = inspect.signature(cls.__init__).parameters
     offline = {arg: None for arg in cls.pretrained_arguments if arg in parameters}
     # `_instantiator=None` also keeps Lightning from building the class through an instantiator the file names.
@@ -178,6 +207,45 @@ def pad_last_dim(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
+def check_prompt_batch(batch: Mapping[str, Any]) -> torch.Tensor:
+    """``batch["input_ids"]`` after checking the text prompt's three tensors agree (the batch layout above).
+
+    Runs before a policy prepends its image tokens, so a 1-D, transposed or numpy mask is named here instead of
+    failing inside ``torch.cat``. Reads no values (no host sync); the rows are checked by ``apt_masks``.
+
+    Raises:
+        LanguageMaskError: naming the key, what it is and the fix.
+    """
+    if not isinstance(batch, Mapping):
+        raise LanguageMaskError(
+            f"The batch must be a dict of tensors (see the batch layout), got {type(batch).__name__}."
+        )
+    missing = [key for key in ("input_ids", "attention_mask", "language_mask") if key not in batch]
+    if missing:
+        raise LanguageMaskError(
+            f"The batch has no {missing} (keys: {sorted(batch)}): a reference policy needs the text prompt's "
+            "`input_ids`, `attention_mask` and `language_mask` (B, L), the last True on instruction tokens."
+        )
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        what = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise LanguageMaskError(
+            f"`input_ids` must be a (B, L) torch.Tensor, got {what}. Convert with `torch.as_tensor` in your collate "
+            "function and keep one row per sample."
+        )
+    attention = batch["attention_mask"]
+    if isinstance(attention, torch.Tensor) and attention.shape != ids.shape:
+        raise LanguageMaskError(
+            f"`attention_mask` has shape {tuple(attention.shape)} but `input_ids` {tuple(ids.shape)}: give one mask "
+            "value per token, shape (B, L)."
+        )
+    language = batch["language_mask"]
+    if not isinstance(language, torch.Tensor) or language.ndim != 2 or language.shape[0] != ids.shape[0]:
+        # would fail inside torch.cat; a mask of the right rank is checked against the full prompt by apt_masks
+        check_language_mask(language, attention, check_rows=False)
+    return ids
+
+
 class FlowMatchingPolicy(APTMixin, pl.LightningModule):
     """Base of the reference policies: they differ in how they condition, not in how they train."""
 
@@ -216,8 +284,12 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         """Full VLM prompt: ``input_ids``, ``attention_mask``, ``language_mask`` with image tokens first.
 
         A batch that already holds image tokens (from a PaliGemma processor) is used as it is.
+
+        Raises:
+            LanguageMaskError: a missing prompt key, a non-tensor (numpy) mask, or masks whose shape is not
+                ``input_ids``' (B, L) (1-D, transposed), before any tensor is concatenated.
         """
-        ids = batch["input_ids"]
+        ids = check_prompt_batch(batch)
         if (ids == self.image_token_id).any():
             return {k: batch[k] for k in ("input_ids", "attention_mask", "language_mask")}
         image = torch.full(
