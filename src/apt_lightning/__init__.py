@@ -9,10 +9,12 @@ from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.controller import APT
 from apt_lightning.errors import (
     AptError,
+    ConfigError,
     ContractError,
     ExportError,
     FeatureCacheError,
     FusionContextError,
+    GuidanceScaleError,
     LanguageMaskError,
     NoMatchingTargetError,
     NonFiniteError,
@@ -21,6 +23,7 @@ from apt_lightning.errors import (
     NotPreparedError,
     PolicyCheckpointError,
     StageMismatchError,
+    UnverifiedCheckpointWarning,
     UnverifiedExportWarning,
 )
 from apt_lightning.export import (
@@ -54,6 +57,7 @@ __all__ = [
     "APTMixin",
     "APTStageScheduler",
     "AptError",
+    "ConfigError",
     "ContractError",
     "ExportError",
     "FeatureCacheError",
@@ -62,6 +66,7 @@ __all__ = [
     "GateMonitor",
     "GatedCrossAttentionBlock",
     "GatedFusionLayer",
+    "GuidanceScaleError",
     "LanguageMaskError",
     "NoMatchingTargetError",
     "NonFiniteError",
@@ -76,6 +81,7 @@ __all__ = [
     "StageLRFactor",
     "StageMismatchError",
     "StagePlan",
+    "UnverifiedCheckpointWarning",
     "UnverifiedExportWarning",
     "__version__",
     "check_language_mask",

@@ -1,4 +1,4 @@
-"""Validation of the language context a model hands to its fusion sites (``apt_fusion_context``).
+"""Validation of the language context a model hands to its fusion sites (``apt.fusion_context``).
 
 Pure functions, no module state: :func:`per_site_contexts` turns what a model passes (one tensor for every
 site, or one per site) into one checked ``(features, bool mask)`` pair per site, and :func:`check_contexts`
@@ -41,20 +41,20 @@ def _as_list(value: torch.Tensor | Sequence[torch.Tensor], count: int, what: str
         if value.ndim == stacked and count > 1 and value.shape[0] == count:
             shape = "(N, B, S, D)" if what == "feature tensors" else "(N, B, S)"
             raise FusionContextError(
-                f"`apt_fusion_context` got one stacked {shape} tensor {tuple(value.shape)} as {what}: a single tensor "
+                f"`apt.fusion_context` got one stacked {shape} tensor {tuple(value.shape)} as {what}: a single tensor "
                 f"is shared by every site. Pass a list with one tensor per site (`list(x)` or `x.unbind(0)`), in "
                 f"this order: {names}."
             )
         return [value] * count
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise FusionContextError(
-            f"`apt_fusion_context` {what}: expected a tensor or a list/tuple of tensors (one per site), got "
+            f"`apt.fusion_context` {what}: expected a tensor or a list/tuple of tensors (one per site), got "
             f"{type(value).__name__}."
         )
     items = list(value)
     if len(items) != count:
         raise FusionContextError(
-            f"`apt_fusion_context` got {len(items)} {what} for {count} fusion sites: pass one tensor for all "
+            f"`apt.fusion_context` got {len(items)} {what} for {count} fusion sites: pass one tensor for all "
             f"sites or one per site, in this order: {names}."
         )
     return items
@@ -114,7 +114,7 @@ def per_site_contexts(
     """
     if features is None or mask is None:
         raise FusionContextError(
-            "Stage 2 needs language features and their mask in `apt_fusion_context(features, mask)`; got "
+            "Stage 2 needs language features and their mask in `apt.fusion_context(features, mask)`; got "
             f"features={_describe(features)}, mask={_describe(mask)}."
         )
     names = list(sites)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from apt_lightning.checksum import add_checkpoint_digest
+from apt_lightning.checksum import DIGEST_KEY, add_checkpoint_digest, verify_checkpoint_digest
 from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.controller import APT
 from apt_lightning.errors import ContractError
@@ -100,7 +100,10 @@ class APTMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the saved structure before weights load and restore the saved step (see
-        :meth:`APT.on_load_checkpoint`)."""
+        :meth:`APT.on_load_checkpoint`). A checkpoint that records a content digest is verified first, so a
+        corrupted file fails here (``fit(ckpt_path=...)``, ``load_from_checkpoint``) before any weight loads."""
+        if DIGEST_KEY in checkpoint:
+            verify_checkpoint_digest(checkpoint, "The checkpoint being loaded")
         self.apt.on_load_checkpoint(checkpoint)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:

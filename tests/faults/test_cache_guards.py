@@ -173,7 +173,7 @@ def test_the_no_op_cache_is_warned_about_after_the_first_stage_1_batch_not_at_an
     policy, cache = make_policy("groot"), Stage1FeatureCache()
     policy.apt.prepare(StagePlan(first_stage=1, switch_step=2))
     cache.on_train_batch_start(None, policy, {}, 0)
-    with pytest.warns(UserWarning, match=r"served no sample in the first Stage-1 training batch.*apt_cached_vlm"):
+    with pytest.warns(UserWarning, match=r"served no sample in the first Stage-1 training batch.*apt\.cached_vlm"):
         cache.on_train_batch_end(None, policy, None, {}, 0)
     cache.on_train_batch_start(None, policy, {}, 1)
     with warnings.catch_warnings():

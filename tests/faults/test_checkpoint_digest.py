@@ -129,3 +129,15 @@ def test_cli_fit_with_a_bad_ckpt_path_prints_one_line_and_exits_2(saved, tmp_pat
     assert err[-1].startswith(f"apt-lightning: error: {bad}") and expected in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "ckpt").exists()  # no step ran, nothing was written
+
+
+def test_resuming_a_fit_from_a_corrupted_checkpoint_is_refused_before_any_weight_loads(saved, tmp_path):
+    path, _ = saved
+    bad = tmp_path / "flipped.ckpt"
+    flip_weight_byte(path, bad)
+    policy = make_policy("groot")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.raises(PolicyCheckpointError, match=r"The checkpoint being loaded failed its content check"):
+        trainer(4, [APTStageScheduler(switch_at_step=1)]).fit(policy, loader(8), ckpt_path=str(bad))
+    after = policy.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)

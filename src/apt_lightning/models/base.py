@@ -211,7 +211,7 @@ def check_prompt_batch(batch: Mapping[str, Any]) -> torch.Tensor:
     """``batch["input_ids"]`` after checking the text prompt's three tensors agree (the batch layout above).
 
     Runs before a policy prepends its image tokens, so a 1-D, transposed or numpy mask is named here instead of
-    failing inside ``torch.cat``. Reads no values (no host sync); the rows are checked by ``apt_masks``.
+    failing inside ``torch.cat``. Reads no values (no host sync); the rows are checked by ``apt.masks``.
 
     Raises:
         LanguageMaskError: naming the key, what it is and the fix.
@@ -241,7 +241,7 @@ def check_prompt_batch(batch: Mapping[str, Any]) -> torch.Tensor:
         )
     language = batch["language_mask"]
     if not isinstance(language, torch.Tensor) or language.ndim != 2 or language.shape[0] != ids.shape[0]:
-        # would fail inside torch.cat; a mask of the right rank is checked against the full prompt by apt_masks
+        # would fail inside torch.cat; a mask of the right rank is checked against the full prompt by apt.masks
         check_language_mask(language, attention, check_rows=False)
     return ids
 
