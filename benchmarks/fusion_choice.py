@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from fusion_options import FUSION_OPTIONS
 
 from apt_lightning.bench.evaluation import evaluate_validation
 from apt_lightning.bench.study import StudyConfig, build_policy, prepare_vlm, study_data
 from apt_lightning.callbacks import GateMonitor
-from fusion_options import FUSION_OPTIONS
 
 SPLITS = ("counterfactual", "paraphrase", "seen")
 

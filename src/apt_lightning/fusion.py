@@ -90,6 +90,11 @@ class GatedCrossAttentionBlock(nn.Module):
         self._kv_memo = None if torch.is_grad_enabled() else (context, dtype, k, v)
         return k, v
 
+    def precompute_context(self, context: torch.Tensor, dtype: torch.dtype) -> None:
+        """Memoise the keys/values of ``context`` now (without autograd), as the first denoising step would."""
+        with torch.no_grad():
+            self._context_keys_values(context, dtype)
+
     def clear_context_memo(self) -> None:
         """Forget the memoised context keys/values (called whenever a site's context changes)."""
         self._kv_memo = None
@@ -122,8 +127,8 @@ class GatedCrossAttentionBlock(nn.Module):
     def gate_values(self) -> dict[str, float]:
         """The factors that actually scale the branches (``tanh`` or ``sigmoid`` of the gates; the mean over
         channels for per-channel gates); no ``"ff"`` entry without a feed-forward branch."""
-        names = ("attn", "ff")
-        return {name: float(self.gate_factor(g.detach()).mean()) for name, g in zip(names, self.gate_parameters())}
+        gates = zip(("attn", "ff"), self.gate_parameters(), strict=False)  # no "ff" gate without the branch
+        return {name: float(self.gate_factor(g.detach()).mean()) for name, g in gates}
 
     @property
     def dim(self) -> int:
@@ -221,6 +226,14 @@ class GatedFusionLayer(nn.Module):
     def set_context(self, context: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         self._context = None if context is None else (context, mask)
         self.apt_fusion.clear_context_memo()
+
+    def precompute_context(self, dtype: torch.dtype) -> None:
+        """Compute the block's context keys/values once for the current context (sampling: every denoising step
+        reuses them). A no-op while the site is inactive, has no context or autograd is on."""
+        if self.active and self._context is not None and not torch.is_grad_enabled():
+            context = self._context[0]
+            if context.shape[1]:
+                self.apt_fusion.precompute_context(context, dtype)
 
     def __getattr__(self, name: str) -> Any:
         try:
