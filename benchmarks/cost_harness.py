@@ -118,9 +118,17 @@ def groot_vlm_config(scale: int = 1, vocab_size: int | None = None):
     )
 
 
-def build(arch: str, mode: str, scale: int, vocab_size: int | None = None, ff_mult: int = 4) -> FlowMatchingPolicy:
+def build(
+    arch: str,
+    mode: str,
+    scale: int,
+    vocab_size: int | None = None,
+    ff_mult: int = 4,
+    fusion_options: dict[str, Any] | None = None,
+) -> FlowMatchingPolicy:
     """A reference policy of ``arch``'s geometry, prepared for ``mode`` (random weights); ``ff_mult`` is the
-    fusion blocks' feed-forward expansion."""
+    fusion blocks' feed-forward expansion, ``fusion_options`` any other :class:`~apt_lightning.FusionConfig`
+    fields (they win over ``ff_mult``)."""
     joint = mode == "joint"
     apt_config = APTConfig(vlm_mode="full" if joint else "frozen")
     if arch == "pi0":
@@ -136,13 +144,13 @@ def build(arch: str, mode: str, scale: int, vocab_size: int | None = None, ff_mu
             action_dim=32,
             state_dim=64,
             chunk_size=16,
-            head_dim=_div(1536, scale),
+            head_width=_div(1536, scale),
             head_depth=16,
             head_heads=_div(32, max(1, scale // 4)),
             vl_self_attention_depth=4,
             apt_config=apt_config,
         )
-    policy.apt.fusion = dataclasses.replace(policy.apt.fusion, ff_mult=ff_mult)
+    policy.apt.fusion = dataclasses.replace(policy.apt.fusion, **{"ff_mult": ff_mult, **(fusion_options or {})})
     first = JOINT if joint else 2 if mode.startswith("stage2") else 1
     policy.apt.prepare(StagePlan(first_stage=first))
     return policy
@@ -271,11 +279,11 @@ def measure_mode(
             policy = build(arch, mode, scale, ff_mult=ff_mult).to(dtype)
         policy.train()
         if mode == "stage1_cached":
-            policy.apt.attach_feature_cache(
-                Stage1FeatureCache(max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu")
+            policy._apt_feature_cache = Stage1FeatureCache(
+                max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu"
             )
         elif mode == "expert_only":
-            policy.apt.attach_feature_cache(HeldFeatures())  # type: ignore[arg-type]
+            policy.apt.attach_feature_cache(HeldFeatures())  # type: ignore[assignment]
         if mode == "stage2_bypassed":
             for site in policy.apt.sites.values():
                 site.active = False

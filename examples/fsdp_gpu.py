@@ -80,7 +80,7 @@ def build(arch: str, width: int, layers: int) -> pl.LightningModule:
         config = tiny_pi0_config(hidden_size=width, num_layers=layers, image_size=224, chunk_size=16, vocab_size=1024)
         return PI0Policy(config, apt_config=apt, fusion_heads=8)
     vlm = tiny_paligemma_config(vocab_size=1024, image_size=224, hidden_size=width, num_layers=layers)
-    return GR00TStylePolicy(vlm, chunk_size=16, head_dim=width, head_depth=layers, head_heads=8, apt_config=apt)
+    return GR00TStylePolicy(vlm, chunk_size=16, head_width=width, head_depth=layers, head_heads=8, apt_config=apt)
 
 
 def fit(args: argparse.Namespace, check_finite: bool) -> tuple[float, float, int]:

@@ -50,7 +50,7 @@ if args.arch == "pi0":
 else:
     config = tiny_paligemma_config(**vocabulary, hidden_size=64)
     policy = GR00TStylePolicy(
-        config, vlm_pretrained=vlm_pretrained, chunk_size=8, head_dim=64, head_depth=4, apt_config=apt_config
+        config, vlm_pretrained=vlm_pretrained, chunk_size=8, head_width=64, head_depth=4, apt_config=apt_config
     )
 trainer = pl.Trainer(
     max_steps=args.steps,

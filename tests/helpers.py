@@ -84,7 +84,7 @@ def make_policy(arch: str, **apt: Any) -> PI0Policy | GR00TStylePolicy:
     config = APTConfig(lr=apt.pop("lr", 3e-3), **apt)
     if arch == "pi0":
         return PI0Policy(tiny_pi0_config(), apt_config=config)
-    return GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_dim=32, head_depth=2, apt_config=config)
+    return GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_width=32, head_depth=2, apt_config=config)
 
 
 class LossRecorder(Callback):

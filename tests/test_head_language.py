@@ -19,7 +19,7 @@ def head_policy(**apt) -> GR00TStylePolicy:
     return GR00TStylePolicy(
         tiny_paligemma_config(),
         select_layer=1,
-        head_dim=32,
+        head_width=32,
         head_depth=2,
         apt_config=APTConfig(lr=3e-3, **apt),
         head_reads_language=True,

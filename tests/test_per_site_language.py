@@ -20,7 +20,7 @@ def build(arch: str, per_site: bool):
         return PI0Policy(tiny_pi0_config(), apt_config=config, per_site_language=per_site)
     vlm = tiny_paligemma_config()
     return GR00TStylePolicy(
-        vlm, select_layer=1, head_dim=32, head_depth=4, apt_config=config, per_site_language=per_site
+        vlm, select_layer=1, head_width=32, head_depth=4, apt_config=config, per_site_language=per_site
     )
 
 

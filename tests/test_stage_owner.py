@@ -216,7 +216,7 @@ def _groot(cls, **kwargs):
     from apt_lightning.models import tiny_paligemma_config
 
     torch.manual_seed(0)
-    return cls(tiny_paligemma_config(), select_layer=1, head_dim=32, head_depth=2, **kwargs)
+    return cls(tiny_paligemma_config(), select_layer=1, head_width=32, head_depth=2, **kwargs)
 
 
 def test_own_configure_optimizers_is_warned_about_and_the_one_liner_keeps_apt_groups():

@@ -55,7 +55,7 @@ class FusionConfig:
             different widths.
         num_heads: attention heads of each block.
         head_dim: width per head; ``hidden_dim // num_heads`` when ``None``.
-        ff_mult: expansion of the gated feed-forward branch.
+        ff_mult: expansion of the gated feed-forward branch; ``0``: no feed-forward branch (cross-attention only).
         dropout: dropout on attention and feed-forward outputs (before the gate).
         gate: ``"tanh"`` (default; zero-initialised, the Stage-2 model starts as exactly the Stage-1 model) or
             ``"sigmoid"`` (initialised at 0.5 as in APT's released code: the switch changes the outputs).
@@ -108,9 +108,12 @@ class FusionConfig:
         for name in ("num_heads", "ff_mult"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.num_heads <= 0 or self.ff_mult <= 0:
-            raise ConfigError(f"`num_heads` and `ff_mult` must be positive, got {self.num_heads!r}, {self.ff_mult!r}.")
+                raise ConfigError(f"`{name}` must be an integer, got {value!r}.")
+        if self.num_heads <= 0 or self.ff_mult < 0:
+            raise ConfigError(
+                f"`num_heads` must be positive and `ff_mult` >= 0 (0: no feed-forward branch), got {self.num_heads!r}, "
+                f"{self.ff_mult!r}."
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
 

@@ -21,7 +21,7 @@ def _policy(arch: str) -> PI0Policy | GR00TStylePolicy:
         policy = PI0Policy(tiny_pi0_config(chunk_size=6, **TOKENIZER.vlm_vocabulary))
     else:
         policy = GR00TStylePolicy(
-            tiny_paligemma_config(**TOKENIZER.vlm_vocabulary), select_layer=1, chunk_size=6, head_dim=32, head_depth=2
+            tiny_paligemma_config(**TOKENIZER.vlm_vocabulary), select_layer=1, chunk_size=6, head_width=32, head_depth=2
         )
     policy.apt.prepare(StagePlan(first_stage=JOINT))
     return policy.eval()

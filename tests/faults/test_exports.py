@@ -78,7 +78,7 @@ def test_fusion_export_into_a_model_without_sites_says_to_inject_first(tmp_path)
 def test_prior_with_other_expert_heads_but_equal_shapes_is_refused(tmp_path):
     def policy(heads: int) -> GR00TStylePolicy:
         torch.manual_seed(0)
-        return GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_dim=32, head_depth=2, head_heads=heads)
+        return GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_width=32, head_depth=2, head_heads=heads)
 
     path = export_va_prior(policy(2), tmp_path / "prior.safetensors")
     with pytest.raises(

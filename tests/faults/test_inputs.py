@@ -135,7 +135,7 @@ def test_a_batch_without_its_prompt_keys_is_named():
 def _groot(per_site: bool, select_layer: int = 1) -> GR00TStylePolicy:
     torch.manual_seed(0)
     policy = GR00TStylePolicy(
-        tiny_paligemma_config(), select_layer=select_layer, head_dim=32, head_depth=2, per_site_language=per_site
+        tiny_paligemma_config(), select_layer=select_layer, head_width=32, head_depth=2, per_site_language=per_site
     )
     policy.apt.prepare(StagePlan(first_stage=2))
     return policy

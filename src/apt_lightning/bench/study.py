@@ -323,7 +323,7 @@ def build_policy(
             tiny_paligemma_config(hidden_size=hidden_size, **vocabulary),
             vlm_pretrained=vlm,
             chunk_size=chunk_size,
-            head_dim=hidden_size,
+            head_width=hidden_size,
             head_depth=4,
             apt_config=apt_config,
             head_reads_language=head_reads_language,

@@ -23,8 +23,10 @@ import torch
 from apt_lightning.checksum import verify_checkpoint_digest
 from apt_lightning.config import APTConfig
 from apt_lightning.errors import LanguageMaskError, PolicyCheckpointError
+from apt_lightning.guidance import PriorGuidance
 from apt_lightning.masking import check_language_mask
 from apt_lightning.mixin import APTMixin
+from apt_lightning.models.sampling import SamplingCondition, pad_prompt, prime_fusion_context
 
 _POLICY_CLASSES: dict[str, type[FlowMatchingPolicy]] = {}
 """Every subclass of :class:`FlowMatchingPolicy`, by ``module.qualname``: the only classes a checkpoint can name."""
@@ -311,7 +313,8 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
     def sample_time(self, batch_size: int) -> torch.Tensor:
         """Flow-matching time (B,) in the model's own convention."""
 
-    @abstractmethod
+    # ------------------------------------------------------------------ sampling (one loop for every policy)
+    @torch.no_grad()
     def sample_actions(
         self,
         batch: dict[str, torch.Tensor],
@@ -320,7 +323,79 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """Action chunk (B, T, action_dim) by Euler integration from ``noise``; ``guidance_scale`` > 1 contrasts
-        the conditional velocity with the model's own vision-action prior (:mod:`apt_lightning.guidance`)."""
+        the conditional velocity with the model's own vision-action prior (:mod:`apt_lightning.guidance`).
+
+        Conditions once (:meth:`sampling_condition`), primes the fusion blocks' context keys/values once, then
+        runs :meth:`denoising_step` (compiled after :meth:`compile_sampling`) at every step of
+        :meth:`sampling_times`.
+        """
+        num_steps = num_steps or self.default_sampling_steps
+        if self._apt_sampling_bucket is not None:
+            batch = pad_prompt(batch, self._apt_sampling_bucket)
+        b = batch["state"].shape[0]
+        if noise is None:
+            noise = torch.randn(b, self.chunk_size, self.noise_dim, device=self.device)
+        x = pad_last_dim(noise.to(self.dtype), self.noise_dim)  # the weights' dtype (bf16-true samples in bf16)
+        condition = self.sampling_condition(batch)
+        with self.apt.fusion_context(condition.features, condition.language_mask, guidance_scale) as guide:
+            prime_fusion_context(self, self.dtype)  # the context is the same at every step: keys/values once
+            inputs = self.denoising_inputs(batch, condition.encoded, guide)
+            step = self._apt_compiled_step or self.denoising_step
+            times, dt = self.sampling_times(num_steps)
+            rows = b * 2 if guide.active else b
+            for time in times:
+                t = torch.full((rows,), time, device=x.device)
+                x = x + dt * guide.combine(step(guide.expand(x), t, *inputs))
+        return x[..., : self.action_dim]
+
+    @property
+    def default_sampling_steps(self) -> int:
+        """Euler steps of :meth:`sample_actions` when ``num_steps`` is not given."""
+        raise NotImplementedError(f"{type(self).__name__} does not define `default_sampling_steps`.")
+
+    def sampling_times(self, num_steps: int) -> tuple[list[float], float]:
+        """The flow-matching times of the Euler steps, in order, and the step ``dt`` (the model's convention)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define `sampling_times`.")
+
+    def sampling_condition(self, batch: dict[str, torch.Tensor]) -> SamplingCondition:
+        """One VLM pass for a sampling call: fusion context, its key mask and the policy's own conditioning."""
+        raise NotImplementedError(f"{type(self).__name__} does not define `sampling_condition`.")
+
+    def denoising_inputs(self, batch: dict[str, torch.Tensor], encoded: Any, guide: PriorGuidance) -> tuple[Any, ...]:
+        """The per-call inputs of :meth:`denoising_step` after ``x`` and ``t`` (expanded for guidance)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define `denoising_inputs`.")
+
+    def denoising_step(self, x: torch.Tensor, time: torch.Tensor, *inputs: Any) -> torch.Tensor:
+        """Velocity (B', T, A) at ``x`` (B', T, A) and ``time`` (B',): one expert pass, what compilation covers."""
+        raise NotImplementedError(f"{type(self).__name__} does not define `denoising_step`.")
+
+    def compile_sampling(self, bucket: int | None = 16, **compile_kwargs: Any) -> FlowMatchingPolicy:
+        """Compile the denoising step with ``torch.compile`` (full graph, static shapes) for :meth:`sample_actions`.
+
+        The step compiles on first use and again only when a guard changes: the number of rows (batch size,
+        doubled under guidance), the prompt length after padding to a multiple of ``bucket`` tokens (``None``: no
+        padding, every length compiles once), the stage (fusion sites active or not), the dtype or the device.
+        Within one bucket every instruction length reuses one graph. Returns ``self``.
+
+        Args:
+            bucket: pad text prompts to a multiple of this many tokens (masked out: the same actions up to
+                floating-point summation order).
+            compile_kwargs: passed to ``torch.compile`` (``backend``, ``mode`` ...); ``fullgraph=True`` and
+                ``dynamic=False`` unless given.
+        """
+        options = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        self._apt_compiled_step = torch.compile(self.denoising_step, **options)
+        self._apt_sampling_bucket = bucket
+        return self
+
+    def eager_sampling(self) -> FlowMatchingPolicy:
+        """Undo :meth:`compile_sampling`: eager steps, prompts as given. Returns ``self``."""
+        self._apt_compiled_step = None
+        self._apt_sampling_bucket = None
+        return self
+
+    _apt_compiled_step: Any = None
+    _apt_sampling_bucket: int | None = None
 
     @property
     def noise_dim(self) -> int:

@@ -9,6 +9,7 @@ is unmasked in GR00T), and Stage 2 adds language through gated cross-attention a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PaliGemmaConfig, PretrainedConfig
 
 from apt_lightning.attention import masked_attention
-from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.config import APTConfig, fusion_config_with_options
 from apt_lightning.controller import APT
 from apt_lightning.feature_cache import gather_tokens, visible_first
 from apt_lightning.guidance import PriorGuidance
@@ -29,6 +30,7 @@ from apt_lightning.models.base import (
     tiny_siglip,
 )
 from apt_lightning.models.dit import DiTActionHead
+from apt_lightning.models.sampling import SamplingCondition
 
 
 def tiny_paligemma_config(
@@ -99,7 +101,9 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             argument name as :class:`PI0Policy`'s.
         select_layer: hidden-states index the features are taken from (GR00T N1.5 uses 12).
         action_dim, state_dim, chunk_size: data dimensions.
-        head_dim, head_depth, head_heads: DiT size.
+        head_width, head_depth, head_heads: DiT size: width of the head's hidden states (not the width per
+            attention head, which is ``head_width // head_heads``), blocks, attention heads.
+        head_dim: deprecated name of ``head_width`` (it read as a per-attention-head width); still accepted.
         vl_self_attention_depth: layers of the masked self-attention stack over VL tokens.
         causal_vlm: ``True`` for decoder-only VLMs (Qwen-VL, Eagle); ``False`` for PaliGemma's bidirectional prefix.
         num_inference_steps: Euler steps (GR00T uses 4).
@@ -114,7 +118,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
 
     Example::
 
-        >>> policy = GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_dim=16, head_depth=2)
+        >>> policy = GR00TStylePolicy(tiny_paligemma_config(), select_layer=1, head_width=16, head_depth=2)
         >>> policy.apt.fusion.target_modules
         'action_head\\\\.blocks\\\\.\\\\d+'
     """
@@ -132,7 +136,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         action_dim: int = 2,
         state_dim: int = 2,
         chunk_size: int = 4,
-        head_dim: int = 64,
+        head_width: int = 64,
         head_depth: int = 4,
         head_heads: int = 4,
         vl_self_attention_depth: int = 1,
@@ -142,15 +146,24 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         head_reads_language: bool = False,
         fusion_options: dict[str, Any] | None = None,
         per_site_language: bool = False,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if head_dim is not None:
+            warnings.warn(
+                "GR00TStylePolicy(head_dim=...) is deprecated: it is the DiT head's width, now `head_width` (the width "
+                "per attention head is head_width // head_heads).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            head_width = head_dim
         if vlm_pretrained is not None:
             self.backbone = AutoModel.from_pretrained(vlm_pretrained)
         else:
             self.backbone = AutoModel.from_config(_vlm_config(vlm_config))
         config = self.backbone.config
         width = config.get_text_config().hidden_size
-        self.save_policy_hyperparameters(vlm_config=config.to_dict())
+        self.save_policy_hyperparameters(vlm_config=config.to_dict(), head_width=head_width, head_dim=None)
         self.select_layer = select_layer
         self.causal_vlm = causal_vlm
         self.action_dim, self.chunk_size, self.num_inference_steps = action_dim, chunk_size, num_inference_steps
@@ -165,13 +178,13 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             state_dim,
             chunk_size,
             width,
-            head_dim,
+            head_width,
             head_depth,
             head_heads,
             language_gates=head_reads_language,
         )
-        fusion = FusionConfig(
-            target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads, **(fusion_options or {})
+        fusion = fusion_config_with_options(
+            fusion_options, target_modules=r"action_head\.blocks\.\d+", num_heads=head_heads
         )
         self.apt = APT(self, vlm="backbone", fusion=fusion, config=as_apt_config(apt_config))
 
@@ -246,25 +259,30 @@ class GR00TStylePolicy(FlowMatchingPolicy):
             )
         return chunk_mse(velocity, actions - noise, batch.get("action_pad_mask"))
 
-    @torch.no_grad()
-    def sample_actions(
-        self,
-        batch: dict[str, torch.Tensor],
-        noise: torch.Tensor | None = None,
-        num_steps: int | None = None,
-        guidance_scale: float = 1.0,
-    ) -> torch.Tensor:
-        num_steps = num_steps or self.num_inference_steps
-        b = batch["state"].shape[0]
-        if noise is None:
-            noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device)
-        x = noise.to(self.dtype)  # the weights' dtype (bf16-true models sample in bf16)
+    # ------------------------------------------------------------------ sampling (loop in FlowMatchingPolicy)
+    @property
+    def default_sampling_steps(self) -> int:
+        return self.num_inference_steps
+
+    def sampling_times(self, num_steps: int) -> tuple[list[float], float]:
+        """GR00T integrates from t = 0 (noise) up to 1 (actions)."""
+        return [step / num_steps for step in range(num_steps)], 1.0 / num_steps
+
+    def sampling_condition(self, batch: dict[str, torch.Tensor]) -> SamplingCondition:
         encoded = self.encode(batch)  # once per chunk
-        with self.apt.fusion_context(encoded.language, encoded.language_mask, guidance_scale) as guide:
-            state, vl_tokens = guide.expand(batch["state"]), guide.expand(encoded.vl_tokens)
-            visible, language = guide.expand(encoded.visible), self._head_language(encoded, guide)
-            for step in range(num_steps):
-                time = torch.full((state.shape[0],), step / num_steps, device=x.device)
-                velocity = self.action_head(guide.expand(x), time, state, vl_tokens, visible, language)
-                x = x + guide.combine(velocity) / num_steps
-        return x
+        return SamplingCondition(encoded.language, encoded.language_mask, encoded)
+
+    def denoising_inputs(self, batch: dict[str, torch.Tensor], encoded: Any, guide: PriorGuidance) -> tuple[Any, ...]:
+        state, vl_tokens = guide.expand(batch["state"]), guide.expand(encoded.vl_tokens)
+        return state, vl_tokens, guide.expand(encoded.visible), self._head_language(encoded, guide)
+
+    def denoising_step(
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        state: torch.Tensor,
+        vl_tokens: torch.Tensor,
+        visible: torch.Tensor,
+        language: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        return self.action_head(x, time, state, vl_tokens, visible, language)

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from transformers import AutoModel, DynamicCache, PI0Config, PI0ForConditionalGeneration
 
-from apt_lightning.config import APTConfig, FusionConfig
+from apt_lightning.config import APTConfig, fusion_config_with_options
 from apt_lightning.controller import APT
 from apt_lightning.feature_cache import gather_tokens, visible_first
+from apt_lightning.guidance import PriorGuidance
 from apt_lightning.models.base import (
     FlowMatchingPolicy,
     as_apt_config,
@@ -30,6 +31,7 @@ from apt_lightning.models.base import (
     tiny_gemma,
     tiny_siglip,
 )
+from apt_lightning.models.sampling import SamplingCondition
 
 
 def tiny_pi0_config(
@@ -132,8 +134,8 @@ class PI0Policy(FlowMatchingPolicy):
         cfg = self.pi0.config
         self.save_policy_hyperparameters(config=cfg.to_dict())
         self.per_site_language = per_site_language
-        fusion = FusionConfig(
-            target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads, **(fusion_options or {})
+        fusion = fusion_config_with_options(
+            fusion_options, target_modules=r"pi0\.model\.dit\.layers\.\d+", num_heads=fusion_heads
         )
         self.apt = APT(self, vlm="pi0.model.vlm", fusion=fusion, config=as_apt_config(apt_config))
         self.chunk_size = cfg.chunk_size
@@ -221,30 +223,41 @@ class PI0Policy(FlowMatchingPolicy):
             velocity[..., : self.action_dim], (noise - actions)[..., : self.action_dim], batch.get("action_pad_mask")
         )
 
-    @torch.no_grad()
-    def sample_actions(
-        self,
-        batch: dict[str, torch.Tensor],
-        noise: torch.Tensor | None = None,
-        num_steps: int | None = None,
-        guidance_scale: float = 1.0,
-    ) -> torch.Tensor:
-        num_steps = num_steps or self.pi0.config.num_inference_steps
-        b = batch["state"].shape[0]
-        if noise is None:
-            noise = torch.randn(b, self.chunk_size, self.noise_dim, device=self.device)
-        x = noise.to(self.dtype)  # the weights' dtype (bf16-true models sample in bf16)
-        x = pad_last_dim(x, self.noise_dim)
-        cache, features, masks = self.encode_prefix(batch)
+    # ------------------------------------------------------------------ sampling (loop in FlowMatchingPolicy)
+    @property
+    def default_sampling_steps(self) -> int:
+        return self.pi0.config.num_inference_steps
+
+    def sampling_times(self, num_steps: int) -> tuple[list[float], float]:
+        """openpi integrates from t = 1 (noise) down to 0 (actions)."""
         dt = -1.0 / num_steps
-        with self.apt.fusion_context(features, masks.language, guidance_scale) as guide:  # set once for all steps
-            if guide.active:
-                cache.batch_repeat_interleave(2)  # the prior rows share the (language-blind) prefix
-            state = guide.expand(pad_last_dim(batch["state"], self.pi0.config.max_state_dim))
-            expert_mask = guide.expand(masks.expert_attention)
-            prefix_length = cache.get_seq_length()
-            for step in range(num_steps):
-                time = torch.full((state.shape[0],), 1.0 + step * dt, device=x.device)
-                x = x + dt * guide.combine(self._velocity(state, guide.expand(x), time, cache, expert_mask))
-                cache.crop(prefix_length - cache.get_seq_length())  # drop this step's action tokens
-        return x[..., : self.action_dim]
+        return [1.0 + step * dt for step in range(num_steps)], dt
+
+    def sampling_condition(self, batch: dict[str, torch.Tensor]) -> SamplingCondition:
+        cache, features, masks = self.encode_prefix(batch)
+        return SamplingCondition(features, masks.language, (cache, masks.expert_attention))
+
+    def denoising_inputs(self, batch: dict[str, torch.Tensor], encoded: Any, guide: PriorGuidance) -> tuple[Any, ...]:
+        cache, expert_mask = encoded
+        if guide.active:
+            cache.batch_repeat_interleave(2)  # the prior rows share the (language-blind) prefix
+        state = guide.expand(pad_last_dim(batch["state"], self.pi0.config.max_state_dim))
+        prefix = tuple((layer.keys, layer.values) for layer in cache.layers)
+        return state, guide.expand(expert_mask), cache, prefix
+
+    def denoising_step(
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        state: torch.Tensor,
+        expert_mask: torch.Tensor,
+        cache: Any,
+        prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    ) -> torch.Tensor:
+        """One expert pass over the prefix cache; the cache is then put back to the prefix's own tensors (each
+        step appends its action tokens by concatenation, so the prefix tensors are untouched), which keeps every
+        step's inputs identical in shape and stride: one compiled graph for all steps."""
+        velocity = self._velocity(state, x, time, cache, expert_mask)
+        for layer, (keys, values) in zip(cache.layers, prefix, strict=True):
+            layer.keys, layer.values = keys, values
+        return velocity

@@ -1,0 +1,143 @@
+"""Per-chunk sampling latency: the model without fusion vs APT Stage 2, eager vs compiled, batch 1 and 32.
+
+One ``sample_actions`` call is one action chunk (VLM prefix once, then every denoising step). Both reference
+policies are built at the harness's real proportions (``cost_harness.build``, widths divided by ``--scale``); the
+model without fusion is the same Stage-2 model with every fusion site bypassed (exactly the Stage-1 computation).
+Compiled runs use :meth:`~apt_lightning.models.base.FlowMatchingPolicy.compile_sampling` (``torch.compile`` of the
+denoising step, full graph, static shapes, prompts padded to 16-token buckets); compilation happens in the warm-up
+calls and is reported separately. Every cell is the median, min and max over ``--repeats`` calls after warm-up,
+all in one run, side by side:
+
+    python benchmarks/latency.py [--scale 32] [--batches 1 32] [--repeats 10] [--archs pi0 groot]
+        [--fusion-option ff4] [--modes eager compiled] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+from cost_harness import build, make_batch
+from fusion_options import FUSION_OPTIONS
+
+from apt_lightning.models.base import FlowMatchingPolicy
+
+
+def cpu_name() -> str:
+    """The CPU model as the kernel reports it (``platform.processor()`` is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def timed_calls(fn: Any, repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Seconds of the warm-up (compilation included) and median/min/max of ``repeats`` timed calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tic = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    sync()
+    warm = time.perf_counter() - tic
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - tic)
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "min_ms": min(times) * 1e3,
+        "max_ms": max(times) * 1e3,
+        "warmup_s": warm,
+    }
+
+
+def set_fusion(policy: FlowMatchingPolicy, active: bool) -> None:
+    for site in policy.apt.sites.values():
+        site.active = active
+
+
+def measure(
+    arch: str,
+    scale: int,
+    batches: list[int],
+    repeats: int,
+    modes: list[str],
+    option: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[dict[str, Any]]:
+    """One row per (mode, batch, variant) of ``arch``."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        policy = build(arch, "stage2", scale, fusion_options=FUSION_OPTIONS[option]).to(dtype).eval()
+    with torch.no_grad():  # open gates: APT's fusion path runs as after training
+        for site in policy.apt.sites.values():
+            for gate in site.apt_fusion.gate_parameters():
+                gate.fill_(0.1)
+    rows = []
+    for mode in modes:
+        if mode == "compiled":
+            torch._dynamo.reset()
+            policy.compile_sampling(bucket=16)
+        else:
+            policy.eager_sampling()
+        for batch_size in batches:
+            batch = make_batch(policy, batch_size, device, dtype)
+            noise = torch.randn(batch_size, policy.chunk_size, policy.noise_dim, device=device, dtype=dtype)
+            for variant, active in (("no_fusion", False), ("apt_stage2", True)):
+                set_fusion(policy, active)
+                stats = timed_calls(lambda: policy.sample_actions(batch, noise), repeats, 2, device)  # noqa: B023
+                row = {"model": arch, "mode": mode, "batch": batch_size, "variant": variant, **stats}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=int, default=32, help="divide every width by this (1 = real size)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--archs", nargs="+", default=["pi0", "groot"], choices=["pi0", "groot"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--fusion-option", default="ff4", choices=list(FUSION_OPTIONS))
+    parser.add_argument("--precision", default="32", choices=["32", "bf16-true"])
+    parser.add_argument("--json", default=None, help="also write every row to this file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32
+    card = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
+    print(f"{card}, {torch.get_num_threads()} threads, torch {torch.__version__}, widths / {args.scale}", flush=True)
+    rows = []
+    for arch in args.archs:
+        rows += measure(arch, args.scale, args.batches, args.repeats, args.modes, args.fusion_option, device, dtype)
+    print(f"\nms per chunk, median [min, max] of {args.repeats} calls; fusion option {args.fusion_option}")
+    print(f"{'model':6} {'mode':9} {'batch':>5} {'no fusion':>26} {'APT Stage 2':>26} {'APT / no fusion':>16}")
+    for arch in args.archs:
+        for mode in args.modes:
+            for b in args.batches:
+                cell = {r["variant"]: r for r in rows if (r["model"], r["mode"], r["batch"]) == (arch, mode, b)}
+                base, apt = cell["no_fusion"], cell["apt_stage2"]
+                text = [f"{c['median_ms']:8.1f} [{c['min_ms']:.1f}, {c['max_ms']:.1f}]" for c in (base, apt)]
+                ratio = apt["median_ms"] / base["median_ms"]
+                print(f"{arch:6} {mode:9} {b:5d} {text[0]:>26} {text[1]:>26} {ratio:16.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": card, "threads": torch.get_num_threads(), "scale": args.scale, "rows": rows}, f, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()
