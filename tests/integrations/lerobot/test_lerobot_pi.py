@@ -28,14 +28,6 @@ KINDS = ["pi0", "pi05"]
 SWITCH, TOTAL = 3, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_joint_plan_reproduces_lerobot_loss(kind):
     adapter = make_adapter(kind)

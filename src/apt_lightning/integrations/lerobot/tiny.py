@@ -15,14 +15,14 @@ width 4 (and 1 key-value head), as the real ones do.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from apt_lightning.integrations.lerobot._compat import lerobot_module
 
-__all__ = ["TINY_IMAGE_SIZE", "tiny_builds", "tiny_pi_config", "tiny_pi_policy"]
+__all__ = ["TINY_IMAGE_SIZE", "tiny_builds", "tiny_pi_config", "tiny_pi_policy", "tiny_tokenizer"]
 
 TINY_IMAGE_SIZE = 16
 """Image side of the tiny policies: 16 px images in 8 px patches give 4 image tokens per camera."""
@@ -106,3 +106,25 @@ def tiny_pi_policy(
     torch.manual_seed(seed)
     with tiny_builds(kind, vlm_width, expert_width, depth):
         return cls(config)
+
+
+def tiny_tokenizer(words: Sequence[str] = (), max_digits: int = 256) -> Any:
+    """An offline word-level "fast" tokenizer (``PreTrainedTokenizerFast``) over ``words``, the integers
+    ``0..max_digits-1`` (PI05 writes the discretised state as numbers) and the words of PI05's prompt.
+
+    It gives character offsets, which :class:`~apt_lightning.integrations.lerobot.LeRobotDataModule` needs to mark
+    the instruction. Ids stay far below the tiny policies' (PaliGemma-sized) vocabulary.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    prompt_words = ["task", "state", "action", ":", ",", ";", "."]
+    vocabulary = list(dict.fromkeys([*specials, *prompt_words, *(str(i) for i in range(max_digits)), *words]))
+    model = models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>")
+    backend = Tokenizer(model)
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
