@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,13 +13,25 @@ from torch.utils.data import Dataset
 
 from apt_lightning import APTConfig
 from apt_lightning.data import ResumableDataLoader
-from apt_lightning.integrations.lerobot import PI0APT, PI05APT
-from apt_lightning.integrations.lerobot.tiny import tiny_pi_policy
+from apt_lightning.integrations.lerobot import PI0APT, PI05APT, SmolVLAAPT
+from apt_lightning.integrations.lerobot.tiny import tiny_pi_policy, tiny_smolvla_policy, write_tiny_smolvlm
 
 L_TOKENS = 12
 # PI05-like prompt layout: [bos, "Task", ":", <instruction>, ",", "State", <state tokens>, pad ...]
 INSTRUCTIONS = {"left": [30, 31], "right": [40, 41, 42]}
-ADAPTERS = {"pi0": PI0APT, "pi05": PI05APT}
+ADAPTERS = {"pi0": PI0APT, "pi05": PI05APT, "smolvla": SmolVLAAPT}
+_SMOLVLM: list[Path] = []
+
+
+def smolvlm_directory() -> Path:
+    """One tiny SmolVLM directory per test session (SmolVLA builds its VLM from a local directory)."""
+    if not _SMOLVLM:
+        _SMOLVLM.append(write_tiny_smolvlm(Path(tempfile.mkdtemp(prefix="tiny_smolvlm_"))))
+    return _SMOLVLM[0]
+
+
+def tiny_policy(kind: str) -> Any:
+    return tiny_smolvla_policy(smolvlm_directory()) if kind == "smolvla" else tiny_pi_policy(kind)
 
 
 def make_batch(words: str | list[str] = "left", batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,7 +76,7 @@ def loader(size: int = 8, batch_size: int = 2) -> ResumableDataLoader:
 
 
 def make_adapter(kind: str, **apt: Any) -> PI0APT:
-    policy = tiny_pi_policy(kind)
+    policy = tiny_policy(kind)
     return ADAPTERS[kind](policy, apt_config=APTConfig(lr=apt.pop("lr", 3e-3), **apt))
 
 

@@ -1,7 +1,7 @@
 """APT on LeRobot's own policies and datasets (``pip install "apt_lightning[lerobot]"``, Python >= 3.12).
 
 Adapters (LightningModules around the user's LeRobot ``PreTrainedPolicy``; they train LeRobot's modules in place):
-:class:`PI0APT`, :class:`PI05APT`. Data: :class:`LeRobotDataModule` (a local ``LeRobotDataset`` root to the
+:class:`PI0APT`, :class:`PI05APT`, :class:`SmolVLAAPT`. Data: :class:`LeRobotDataModule` (a local ``LeRobotDataset`` root to the
 batches the adapters take). Importing this package needs no LeRobot; using it checks for LeRobot
 ``LEROBOT_VERSION`` (0.6.1) and names the fix when it is missing.
 """
@@ -21,6 +21,7 @@ __all__ = [
     "LeRobotAPTModule",
     "LeRobotDataModule",
     "LeRobotUnavailableError",
+    "SmolVLAAPT",
     "require_lerobot",
 ]
 
@@ -29,6 +30,7 @@ _LAZY = {
     "INSTRUCTION_MASK": "base",
     "LeRobotAPTModule": "base",
     "PI0APT": "pi",
+    "SmolVLAAPT": "smolvla",
     "PI05APT": "pi",
     "LeRobotDataModule": "data",
 }

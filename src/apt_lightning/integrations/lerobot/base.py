@@ -65,6 +65,8 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         self.apt_config = apt_config or APTConfig(lr=float(getattr(policy.config, "optimizer_lr", 1e-4)))
         self.chunk_size = int(policy.config.chunk_size)
         self.action_dim = int(policy.config.output_features["action"].shape[0])
+        config = policy.config  # PI0/PI05 name their Euler steps `num_inference_steps`, SmolVLA `num_steps`
+        self.num_steps = int(getattr(config, "num_inference_steps", None) or config.num_steps)
 
     # ------------------------------------------------------------------ hooks of each policy family
     def encode(self, batch: dict[str, Any]) -> Any:
@@ -99,7 +101,11 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         prefix = self.encode(batch)
         with self.apt_fusion_context(*self.fusion_context(prefix)):
             v_t = self.velocity(prefix, batch, x_t, time)
-        losses = nn.functional.mse_loss(noise - actions, v_t, reduction="none")
+        return self.reduce_loss(nn.functional.mse_loss(noise - actions, v_t, reduction="none"), batch)
+
+    def reduce_loss(self, losses: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The policy's reduction of the (B, chunk, max_action_dim) squared errors: PI0/PI05 average the real
+        action dimensions (padded chunk steps included, as LeRobot does)."""
         return losses[:, :, : self.action_dim].mean()
 
     @torch.no_grad()
@@ -121,7 +127,7 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
             actions = euler_integrate(
                 lambda x_t, t: self.velocity(prefix, batch, x_t, t),
                 noise,
-                num_steps or config.num_inference_steps,
+                num_steps or self.num_steps,
             )
         return actions[:, :, : self.action_dim]
 

@@ -16,13 +16,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from apt_lightning.integrations.lerobot._compat import lerobot_module
 
-__all__ = ["TINY_IMAGE_SIZE", "tiny_builds", "tiny_pi_config", "tiny_pi_policy", "tiny_tokenizer"]
+__all__ = [
+    "TINY_IMAGE_SIZE",
+    "tiny_builds",
+    "tiny_pi_config",
+    "tiny_pi_policy",
+    "tiny_smolvla_config",
+    "tiny_smolvla_policy",
+    "tiny_tokenizer",
+    "write_tiny_smolvlm",
+]
 
 TINY_IMAGE_SIZE = 16
 """Image side of the tiny policies: 16 px images in 8 px patches give 4 image tokens per camera."""
@@ -128,3 +138,94 @@ def tiny_tokenizer(words: Sequence[str] = (), max_digits: int = 256) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
     )
+
+
+SMOLVLM_SPECIAL = {
+    "fake_image_token": "<fake_token_around_image>",
+    "global_image_token": "<global-img>",
+    "image_token": "<image>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+
+
+def write_tiny_smolvlm(directory: str | Path, words: Sequence[str] = ()) -> Path:
+    """Write a tiny SmolVLM (config, processor, word-level tokenizer) to ``directory`` for
+    ``SmolVLAConfig(vlm_model_name=directory, load_vlm_weights=False)``: 4 text layers of width 32, a 1-layer
+    SigLIP on 32 px images in 8 px patches, 2x2 pixel shuffle (4 image tokens per camera). Returns the path."""
+    from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    directory = Path(directory)
+    words_tokenizer = tiny_tokenizer(words)
+    backend = words_tokenizer.backend_tokenizer
+    backend.add_special_tokens(list(SMOLVLM_SPECIAL.values()))
+    tokenizer = type(words_tokenizer)(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        extra_special_tokens=SMOLVLM_SPECIAL,
+    )
+    config = SmolVLMConfig(
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=8,
+            image_size=32,
+        ),
+        scale_factor=2,
+        image_token_id=tokenizer.image_token_id,
+    )
+    config.save_pretrained(directory)
+    images = SmolVLMImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+    processor = SmolVLMProcessor(
+        image_processor=images, tokenizer=tokenizer, video_processor=SmolVLMVideoProcessor(), image_seq_len=4
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
+def tiny_smolvla_config(vlm_directory: str | Path, state_dim: int = 2, action_dim: int = 2, **overrides: Any) -> Any:
+    """A ``SmolVLAConfig`` over a :func:`write_tiny_smolvlm` directory: one 32 px camera, chunk 4, CPU."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    configuration = lerobot_module("policies.smolvla.configuration_smolvla")
+    options: dict[str, Any] = dict(
+        vlm_model_name=str(vlm_directory),
+        load_vlm_weights=False,
+        input_features={
+            "observation.images.top": PolicyFeature(FeatureType.VISUAL, (3, 32, 32)),
+            "observation.state": PolicyFeature(FeatureType.STATE, (state_dim,)),
+        },
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (action_dim,))},
+        chunk_size=4,
+        n_action_steps=4,
+        max_state_dim=8,
+        max_action_dim=8,
+        resize_imgs_with_padding=(32, 32),
+        num_vlm_layers=4,
+        tokenizer_max_length=12,
+        num_steps=3,
+        device="cpu",
+    )
+    options.update(overrides)
+    return configuration.SmolVLAConfig(**options)
+
+
+def tiny_smolvla_policy(vlm_directory: str | Path, config: Any = None, seed: int = 0) -> Any:
+    """LeRobot's own ``SmolVLAPolicy``, tiny and random (seeded), over a :func:`write_tiny_smolvlm` directory."""
+    modeling = lerobot_module("policies.smolvla.modeling_smolvla")
+    torch.manual_seed(seed)
+    return modeling.SmolVLAPolicy(config if config is not None else tiny_smolvla_config(vlm_directory))

@@ -1,9 +1,10 @@
-"""APT on LeRobot's own PI0 and PI05 policy objects (tiny, random, offline): the adapter reproduces LeRobot's
+"""APT on LeRobot's own PI0, PI05 and SmolVLA policy objects (tiny, random, offline): the adapter reproduces LeRobot's
 loss in the joint plan, Stage 1 is blind to the instruction, the VLM stays bit-identical, the switch and resume
 are exact, LoRA trains only adapters, and what it saves loads into LeRobot unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ from apt_lightning import APTStageScheduler, LanguageMaskError, StagePlan
 from apt_lightning.integrations.lerobot import FUSION_FILE
 from apt_lightning.integrations.lerobot.tiny import tiny_builds
 
-KINDS = ["pi0", "pi05"]
+KINDS = ["pi0", "pi05", "smolvla"]
 SWITCH, TOTAL = 3, 6
 
 
@@ -62,8 +63,8 @@ def test_stage1_actions_ignore_the_instruction(kind):
 def test_stage1_fit_leaves_the_vlm_bit_identical(kind):
     adapter = make_adapter(kind)
     vlm_before = copy.deepcopy(adapter.apt_vlm_module.state_dict())
-    expert = adapter.policy.model.paligemma_with_expert.gemma_expert
-    expert_before = {id(p): p.detach().clone() for p in expert.parameters()}  # keys gain `.base_layer.`
+    expert = [(n, p) for n, p in adapter.named_parameters() if not n.startswith(adapter.apt_vlm + ".")]
+    expert_before = {id(p): p.detach().clone() for _, p in expert}  # keys gain `.base_layer.`
     fit = trainer(3, [APTStageScheduler(stage=1)])
     fit.fit(adapter, loader())
     assert fit.global_step == 3 and adapter.apt_stage == 1
@@ -71,7 +72,7 @@ def test_stage1_fit_leaves_the_vlm_bit_identical(kind):
         assert torch.equal(value, vlm_before[name]), name
     assert all(p.grad is None for p in adapter.apt_vlm_module.parameters())
     assert not any(m.training for m in adapter.apt_vlm_module.modules())
-    assert [n for n, p in expert.named_parameters() if not torch.equal(p, expert_before.get(id(p), p))]
+    assert [n for n, p in expert if not torch.equal(p, expert_before[id(p)])]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -82,7 +83,7 @@ def test_switch_is_exact(kind):
     batch = make_batch(["left", "right"])
     stage1 = adapter.sample_actions(batch, noise())
     adapter.apt_set_step(SWITCH)
-    assert adapter.apt_stage == 2 and len(adapter.apt_sites()) == 2
+    assert adapter.apt_stage == 2 and len(adapter.apt_sites()) > 0
     assert torch.equal(adapter.sample_actions(batch, noise()), stage1)
     for site in adapter.apt_sites().values():  # open gates: language now reaches the actions
         torch.nn.init.constant_(site.apt_fusion.apt_gate_attn, 0.5)
@@ -133,7 +134,7 @@ def test_save_pretrained_loads_into_lerobot_unchanged(kind, tmp_path):
     adapter.save_pretrained(tmp_path)
     assert (tmp_path / FUSION_FILE).is_file() and (tmp_path / "model.safetensors").is_file()
     policy_cls = type(adapter.policy)
-    with tiny_builds(kind):
+    with tiny_builds(kind) if kind != "smolvla" else contextlib.nullcontext():
         reloaded = policy_cls.from_pretrained(tmp_path)  # LeRobot's own loader, strict keys
     clean = adapter.lerobot_policy().state_dict()
     assert set(reloaded.state_dict()) == set(clean)
@@ -156,12 +157,12 @@ def test_pi05_needs_the_instruction_span():
 
 
 def test_adapter_lines_that_touch_apt():
-    """What a user would write to adopt APT on PI0 and PI05 (the adapter ships, so they write none)."""
+    """What a user would write to adopt APT on PI0/PI05 and SmolVLA (the adapters ship, so they write none)."""
     source = Path(__file__).parents[3] / "src/apt_lightning/integrations/lerobot"
     pattern = re.compile(r"apt_|masks\.|APTMixin|APTConfig|FusionConfig")
     counts = {}
-    for name in ("base.py", "pi.py"):
+    for name in ("base.py", "pi.py", "smolvla.py"):
         code = [line for line in (source / name).read_text().splitlines() if not line.strip().startswith(("#", '"'))]
         counts[name] = sum(1 for line in code if pattern.search(line) and "import" not in line)
     print(f"lines touching APT: {counts}")
-    assert counts["pi.py"] <= 20
+    assert counts["pi.py"] <= 20 and counts["smolvla.py"] <= 20
