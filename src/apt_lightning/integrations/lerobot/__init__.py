@@ -1,9 +1,9 @@
 """APT on LeRobot's own policies and datasets (``pip install "apt_lightning[lerobot]"``, Python >= 3.12).
 
 Adapters (LightningModules around the user's LeRobot ``PreTrainedPolicy``; they train LeRobot's modules in place):
-:class:`PI0APT`, :class:`PI05APT`, :class:`SmolVLAAPT`. Data: :class:`LeRobotDataModule` (a local ``LeRobotDataset`` root to the
-batches the adapters take). Importing this package needs no LeRobot; using it checks for LeRobot
-``LEROBOT_VERSION`` (0.6.1) and names the fix when it is missing.
+:class:`PI0APT`, :class:`PI05APT`, :class:`SmolVLAAPT`. Data: :class:`LeRobotDataModule` (a local
+``LeRobotDataset`` root to the batches the adapters take). Importing this package needs no LeRobot; using it
+checks for LeRobot ``LEROBOT_VERSION`` (0.6.1) and names the fix when it is missing.
 """
 
 from __future__ import annotations
