@@ -54,6 +54,7 @@ def make_batch(words: str | list[str] = "left", batch_size: int = 2, seed: int =
         "observation.language.tokens": tokens,
         "observation.language.attention_mask": valid,
         "observation.language.instruction_mask": instruction,
+        "action_is_pad": torch.arange(4).expand(b, 4) >= 4 - torch.arange(b)[:, None],  # row i: last i steps padded
     }
 
 
