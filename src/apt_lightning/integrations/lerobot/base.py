@@ -1,0 +1,170 @@
+"""What every LeRobot adapter shares: the LightningModule around the user's ``PreTrainedPolicy``, exact-resume
+noise, sampling and saving back to LeRobot's own format.
+
+The adapter *holds* the policy (``self.policy``): the parameters it trains are LeRobot's own modules, and
+:meth:`LeRobotAPTModule.save_pretrained` writes a directory that ``<Policy>.from_pretrained`` loads unchanged. The
+Stage-2 fusion blocks are not part of LeRobot's model: they go to their own file beside it,
+``apt_fusion.safetensors`` (:func:`apt_lightning.export_fusion`), which :meth:`LeRobotAPTModule.load_fusion_from`
+reads back into an adapter around the reloaded policy.
+
+Batches are LeRobot's processed batches (what its pre-processor returns, or
+:class:`~apt_lightning.integrations.lerobot.data.LeRobotDataModule` yields): ``observation.images.<camera>``,
+``observation.state``, ``action``, ``observation.language.tokens``/``attention_mask``, plus
+``observation.language.instruction_mask`` (bool, True on the instruction's tokens) where the prompt holds more
+than the instruction (PI05's prompt embeds the discretised state).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+from apt_lightning import APTConfig, APTMixin, export_fusion, load_fusion, unload_fusion
+from apt_lightning.integrations.lerobot._compat import require_lerobot
+
+__all__ = ["FUSION_FILE", "INSTRUCTION_MASK", "LeRobotAPTModule"]
+
+FUSION_FILE = "apt_fusion.safetensors"
+"""File name of the Stage-2 fusion weights that :meth:`LeRobotAPTModule.save_pretrained` writes beside LeRobot's."""
+INSTRUCTION_MASK = "observation.language.instruction_mask"
+"""Batch key of the (B, L) bool mask of instruction tokens within ``observation.language.tokens``."""
+
+
+def _without_lora(module: nn.Module) -> None:
+    """Merge every peft LoRA adapter of ``module`` into its base weight and put the base layer back (in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoraLayer):
+            child.merge()
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, child.get_base_layer())
+
+
+class LeRobotAPTModule(APTMixin, L.LightningModule):
+    """APT on a LeRobot ``PreTrainedPolicy``; subclasses say where its VLM, expert and prompt are.
+
+    Subclasses declare ``apt_vlm`` / ``apt_fusion`` / :meth:`apt_language_mask` and implement three hooks:
+    :meth:`encode` (the VLM pass, once per batch), :meth:`fusion_context` (the language it offers Stage 2) and
+    :meth:`velocity` (one expert pass over the batch).
+
+    Args:
+        policy: the LeRobot policy (built from its config or ``from_pretrained``); trained in place.
+        apt_config: APT settings; the policy's own ``optimizer_lr`` is the expert learning rate when ``None``.
+    """
+
+    def __init__(self, policy: nn.Module, apt_config: APTConfig | None = None) -> None:
+        require_lerobot()
+        super().__init__()
+        self.policy = policy
+        self.apt_config = apt_config or APTConfig(lr=float(getattr(policy.config, "optimizer_lr", 1e-4)))
+        self.chunk_size = int(policy.config.chunk_size)
+        self.action_dim = int(policy.config.output_features["action"].shape[0])
+        config = policy.config  # PI0/PI05 name their Euler steps `num_inference_steps`, SmolVLA `num_steps`
+        self.num_steps = int(getattr(config, "num_inference_steps", None) or config.num_steps)
+
+    # ------------------------------------------------------------------ hooks of each policy family
+    def encode(self, batch: dict[str, Any]) -> Any:
+        """The VLM pass: whatever :meth:`velocity` needs, computed once per batch (and once per sampling call)."""
+        raise NotImplementedError
+
+    def velocity(self, prefix: Any, batch: dict[str, Any], x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """The expert's (B, chunk, max_action_dim) velocity at ``x_t``, ``time``; called inside the fusion context."""
+        raise NotImplementedError
+
+    def fusion_context(self, prefix: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Language features and their key mask for :meth:`apt_fusion_context`, from :meth:`encode`'s output."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ flow matching (the policy's conventions)
+    def padded_actions(self, batch: dict[str, Any]) -> torch.Tensor:
+        from lerobot.policies.common.vla_utils import pad_vector
+
+        return pad_vector(batch["action"], self.policy.config.max_action_dim)
+
+    def draw_noise_and_time(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise, then time, drawn by the policy's own samplers in the order its ``forward`` draws them."""
+        model = self.policy.model
+        noise = model.sample_noise(actions.shape, actions.device)
+        return noise, model.sample_time(actions.shape[0], actions.device)
+
+    def flow_loss(self, batch: dict[str, Any], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """LeRobot's loss (mean squared velocity error over the real action dimensions) under APT's stage."""
+        actions = self.padded_actions(batch)
+        t = time[:, None, None]
+        x_t = t * noise + (1 - t) * actions
+        prefix = self.encode(batch)
+        with self.apt_fusion_context(*self.fusion_context(prefix)):
+            v_t = self.velocity(prefix, batch, x_t, time)
+        return self.reduce_loss(nn.functional.mse_loss(noise - actions, v_t, reduction="none"), batch)
+
+    def reduce_loss(self, losses: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The policy's reduction of the (B, chunk, max_action_dim) squared errors: PI0/PI05 average the real
+        action dimensions (padded chunk steps included, as LeRobot does)."""
+        return losses[:, :, : self.action_dim].mean()
+
+    @torch.no_grad()
+    def sample_actions(
+        self, batch: dict[str, Any], noise: torch.Tensor | None = None, num_steps: int | None = None
+    ) -> torch.Tensor:
+        """(B, chunk, action_dim) actions by the policy's Euler steps from ``noise`` (t = 1) to t = 0; the VLM
+        pass runs once and its cache is reused by every step. ``noise`` may have the real or the padded width."""
+        from lerobot.policies.common.flow_matching import euler_integrate
+        from lerobot.policies.common.vla_utils import pad_vector
+
+        config = self.policy.config
+        b = batch["observation.state"].shape[0]
+        if noise is None:
+            noise = self.policy.model.sample_noise((b, self.chunk_size, config.max_action_dim), self.device)
+        noise = pad_vector(noise.to(self.device, torch.float32), config.max_action_dim)
+        prefix = self.encode(batch)
+        with self.apt_fusion_context(*self.fusion_context(prefix)):
+            actions = euler_integrate(
+                lambda x_t, t: self.velocity(prefix, batch, x_t, t),
+                noise,
+                num_steps or self.num_steps,
+            )
+        return actions[:, :, : self.action_dim]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        actions = self.padded_actions(batch)
+        with self.apt_rng(batch_idx):  # noise and time depend on the step only: exact resume
+            noise, time = self.draw_noise_and_time(actions)
+        loss = self.flow_loss(batch, noise, time)
+        self.log("train/loss", loss, batch_size=actions.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        actions = self.padded_actions(batch)
+        with self.apt_rng(batch_idx, 1):
+            noise, time = self.draw_noise_and_time(actions)
+        loss = self.flow_loss(batch, noise, time)
+        self.log("val/loss", loss, batch_size=actions.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ LeRobot's format
+    def lerobot_policy(self) -> nn.Module:
+        """A copy of the policy as LeRobot builds it: fusion wrappers removed, LoRA merged into the VLM weights."""
+        clean = copy.deepcopy(self.policy)
+        unload_fusion(clean)
+        _without_lora(clean)
+        return clean
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the policy with LeRobot's ``save_pretrained`` (loads with ``<Policy>.from_pretrained`` unchanged)
+        and, once fusion blocks exist, :data:`FUSION_FILE` beside it."""
+        directory = Path(directory)
+        self.lerobot_policy().save_pretrained(directory)
+        if self.apt_sites():
+            export_fusion(self, directory / FUSION_FILE)
+        return directory
+
+    def load_fusion_from(self, directory: str | Path) -> None:
+        """Load :data:`FUSION_FILE` from a :meth:`save_pretrained` directory into this adapter's fusion blocks
+        (call :meth:`apt_prepare` with a plan that has Stage 2 first, so the blocks exist)."""
+        load_fusion(self, Path(directory) / FUSION_FILE)
