@@ -84,7 +84,7 @@ def main() -> dict:
         sensitivity_episodes=8,
         action_error_episodes=4,
     )
-    results["stage"] = int(adapter.apt_stage)
+    results["stage"] = int(adapter.apt.stage)
     print(json.dumps(results, indent=2, sort_keys=True))
     return results
 

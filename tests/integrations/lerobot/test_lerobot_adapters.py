@@ -33,7 +33,7 @@ SWITCH, TOTAL = 3, 6
 @pytest.mark.parametrize("kind", KINDS)
 def test_joint_plan_reproduces_lerobot_loss(kind):
     adapter = make_adapter(kind)
-    adapter.apt_prepare(StagePlan(first_stage="joint"))
+    adapter.apt.prepare(StagePlan(first_stage="joint"))
     batch = make_batch(["left", "right"])
     torch.manual_seed(3)
     expected, _ = adapter.policy.forward(batch)
@@ -47,7 +47,7 @@ def test_joint_plan_reproduces_lerobot_loss(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_stage1_actions_ignore_the_instruction(kind):
     adapter = make_adapter(kind)
-    adapter.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH))
+    adapter.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))
     adapter.eval()
     left, right = make_batch("left"), make_batch("right")  # 2 vs 3 instruction tokens, same images and state
     assert not torch.equal(left["observation.language.tokens"], right["observation.language.tokens"])
@@ -55,7 +55,7 @@ def test_stage1_actions_ignore_the_instruction(kind):
     other = make_batch("left", seed=5)  # the observation still matters
     assert not torch.equal(adapter.sample_actions(left, noise()), adapter.sample_actions(other, noise()))
     joint = make_adapter(kind)  # without APT the instruction reaches the actions
-    joint.apt_prepare(StagePlan(first_stage="joint"))
+    joint.apt.prepare(StagePlan(first_stage="joint"))
     joint.eval()
     assert not torch.equal(joint.sample_actions(left, noise()), joint.sample_actions(right, noise()))
 
@@ -63,30 +63,30 @@ def test_stage1_actions_ignore_the_instruction(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_stage1_fit_leaves_the_vlm_bit_identical(kind):
     adapter = make_adapter(kind)
-    vlm_before = copy.deepcopy(adapter.apt_vlm_module.state_dict())
-    expert = [(n, p) for n, p in adapter.named_parameters() if not n.startswith(adapter.apt_vlm + ".")]
+    vlm_before = copy.deepcopy(adapter.apt.vlm_module.state_dict())
+    expert = [(n, p) for n, p in adapter.named_parameters() if not n.startswith(adapter.apt.vlm + ".")]
     expert_before = {id(p): p.detach().clone() for _, p in expert}  # keys gain `.base_layer.`
     fit = trainer(3, [APTStageScheduler(stage=1)])
     fit.fit(adapter, loader())
-    assert fit.global_step == 3 and adapter.apt_stage == 1
-    for name, value in adapter.apt_vlm_module.state_dict().items():
+    assert fit.global_step == 3 and adapter.apt.stage == 1
+    for name, value in adapter.apt.vlm_module.state_dict().items():
         assert torch.equal(value, vlm_before[name]), name
-    assert all(p.grad is None for p in adapter.apt_vlm_module.parameters())
-    assert not any(m.training for m in adapter.apt_vlm_module.modules())
+    assert all(p.grad is None for p in adapter.apt.vlm_module.parameters())
+    assert not any(m.training for m in adapter.apt.vlm_module.modules())
     assert [n for n, p in expert if not torch.equal(p, expert_before[id(p)])]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_switch_is_exact(kind):
     adapter = make_adapter(kind)
-    adapter.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH - 1)
+    adapter.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH - 1)
     adapter.eval()
     batch = make_batch(["left", "right"])
     stage1 = adapter.sample_actions(batch, noise())
-    adapter.apt_set_step(SWITCH)
-    assert adapter.apt_stage == 2 and len(adapter.apt_sites()) > 0
+    adapter.apt.set_step(SWITCH)
+    assert adapter.apt.stage == 2 and len(adapter.apt.sites) > 0
     assert torch.equal(adapter.sample_actions(batch, noise()), stage1)
-    for site in adapter.apt_sites().values():  # open gates: language now reaches the actions
+    for site in adapter.apt.sites.values():  # open gates: language now reaches the actions
         torch.nn.init.constant_(site.apt_fusion.apt_gate_attn, 0.5)
         torch.nn.init.normal_(site.apt_fusion.to_out.weight)
     assert not torch.equal(
@@ -118,10 +118,10 @@ def test_resume_mid_stage1_and_mid_stage2_is_exact(kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_lora_mode_trains_only_adapters_in_the_vlm(kind):
     adapter = make_adapter(kind, vlm_mode="lora", lora_rank=2, vlm_lr=1e-2)
-    base = {id(p): p.detach().clone() for p in adapter.apt_vlm_module.parameters()}  # keys gain `.base_layer.`
+    base = {id(p): p.detach().clone() for p in adapter.apt.vlm_module.parameters()}  # keys gain `.base_layer.`
     fit = trainer(SWITCH + 2, [APTStageScheduler(switch_at_step=SWITCH)])
     fit.fit(adapter, loader())
-    params = dict(adapter.apt_vlm_module.named_parameters())
+    params = dict(adapter.apt.vlm_module.named_parameters())
     assert all(torch.equal(p, base[id(p)]) for p in params.values() if id(p) in base)  # base weights untouched
     lora_b = [p for n, p in params.items() if ".lora_B." in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # adapters trained (they start at zero)
@@ -131,7 +131,7 @@ def test_lora_mode_trains_only_adapters_in_the_vlm(kind):
 def test_save_pretrained_loads_into_lerobot_unchanged(kind, tmp_path):
     adapter = make_adapter(kind)
     trainer(SWITCH + 2, [APTStageScheduler(switch_at_step=SWITCH)]).fit(adapter, loader())
-    assert any(site.apt_fusion.apt_gate_attn.item() != 0 for site in adapter.apt_sites().values())
+    assert any(site.apt_fusion.apt_gate_attn.item() != 0 for site in adapter.apt.sites.values())
     adapter.save_pretrained(tmp_path)
     assert (tmp_path / FUSION_FILE).is_file() and (tmp_path / "model.safetensors").is_file()
     policy_cls = type(adapter.policy)
@@ -141,7 +141,7 @@ def test_save_pretrained_loads_into_lerobot_unchanged(kind, tmp_path):
     assert set(reloaded.state_dict()) == set(clean)
     assert all(torch.equal(v, clean[k]) for k, v in reloaded.state_dict().items())
     again = ADAPTERS[kind](reloaded)
-    again.apt_prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH + 2)
+    again.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH + 2)
     again.load_fusion_from(tmp_path)
     adapter.eval(), again.eval()
     batch = make_batch(["left", "right"])
@@ -150,7 +150,7 @@ def test_save_pretrained_loads_into_lerobot_unchanged(kind, tmp_path):
 
 def test_pi05_needs_the_instruction_span():
     adapter = make_adapter("pi05")
-    adapter.apt_prepare(StagePlan(first_stage=1))
+    adapter.apt.prepare(StagePlan(first_stage=1))
     batch = make_batch()
     del batch["observation.language.instruction_mask"]
     with pytest.raises(LanguageMaskError, match="instruction_mask"):

@@ -97,7 +97,7 @@ def test_adapter_trains_on_the_dataset_and_evaluates_on_the_benchmark(kind, root
     config = _config(kind, root)
     data = LeRobotDataModule(root, config, tokenizer, repo_id=REPO_ID, batch_size=4)
     adapter = ADAPTERS[kind](tiny_pi_policy(kind, config), APTConfig(lr=1e-3))
-    adapter.apt_prepare(StagePlan(first_stage=1))
+    adapter.apt.prepare(StagePlan(first_stage=1))
     batch = next(iter(data.train_dataloader()))
     loss = adapter.training_step(batch, 0)
     loss.backward()

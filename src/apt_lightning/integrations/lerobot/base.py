@@ -24,7 +24,7 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-from apt_lightning import APTConfig, APTMixin, export_fusion, load_fusion, unload_fusion
+from apt_lightning import APT, APTConfig, APTMixin, FusionConfig, export_fusion, load_fusion, unload_fusion
 from apt_lightning.integrations.lerobot._compat import require_lerobot
 
 __all__ = ["FUSION_FILE", "INSTRUCTION_MASK", "LeRobotAPTModule"]
@@ -49,7 +49,8 @@ def _without_lora(module: nn.Module) -> None:
 class LeRobotAPTModule(APTMixin, L.LightningModule):
     """APT on a LeRobot ``PreTrainedPolicy``; subclasses say where its VLM, expert and prompt are.
 
-    Subclasses declare ``apt_vlm`` / ``apt_fusion`` / :meth:`apt_language_mask` and implement three hooks:
+    Subclasses name their VLM and fusion targets (passed to :class:`~apt_lightning.APT` here), give
+    :meth:`language_mask` and implement three hooks:
     :meth:`encode` (the VLM pass, once per batch), :meth:`fusion_context` (the language it offers Stage 2) and
     :meth:`velocity` (one expert pass over the batch).
 
@@ -58,17 +59,22 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         apt_config: APT settings; the policy's own ``optimizer_lr`` is the expert learning rate when ``None``.
     """
 
-    def __init__(self, policy: nn.Module, apt_config: APTConfig | None = None) -> None:
+    def __init__(self, policy: nn.Module, apt_config: APTConfig | None, vlm: str, fusion: FusionConfig) -> None:
         require_lerobot()
         super().__init__()
         self.policy = policy
-        self.apt_config = apt_config or APTConfig(lr=float(getattr(policy.config, "optimizer_lr", 1e-4)))
+        config = apt_config or APTConfig(lr=float(getattr(policy.config, "optimizer_lr", 1e-4)))
+        self.apt = APT(self, vlm=vlm, fusion=fusion, config=config)
         self.chunk_size = int(policy.config.chunk_size)
         self.action_dim = int(policy.config.output_features["action"].shape[0])
         config = policy.config  # PI0/PI05 name their Euler steps `num_inference_steps`, SmolVLA `num_steps`
         self.num_steps = int(getattr(config, "num_inference_steps", None) or config.num_steps)
 
     # ------------------------------------------------------------------ hooks of each policy family
+    def language_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, L) bool over the whole VLM prefix, True on the instruction's tokens."""
+        raise NotImplementedError
+
     def encode(self, batch: dict[str, Any]) -> Any:
         """The VLM pass: whatever :meth:`velocity` needs, computed once per batch (and once per sampling call)."""
         raise NotImplementedError
@@ -99,7 +105,7 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         t = time[:, None, None]
         x_t = t * noise + (1 - t) * actions
         prefix = self.encode(batch)
-        with self.apt_fusion_context(*self.fusion_context(prefix)):
+        with self.apt.fusion_context(*self.fusion_context(prefix)):
             v_t = self.velocity(prefix, batch, x_t, time)
         return self.reduce_loss(nn.functional.mse_loss(noise - actions, v_t, reduction="none"), batch)
 
@@ -123,7 +129,7 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
             noise = self.policy.model.sample_noise((b, self.chunk_size, config.max_action_dim), self.device)
         noise = pad_vector(noise.to(self.device, torch.float32), config.max_action_dim)
         prefix = self.encode(batch)
-        with self.apt_fusion_context(*self.fusion_context(prefix)):
+        with self.apt.fusion_context(*self.fusion_context(prefix)):
             actions = euler_integrate(
                 lambda x_t, t: self.velocity(prefix, batch, x_t, t),
                 noise,
@@ -133,7 +139,7 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         actions = self.padded_actions(batch)
-        with self.apt_rng(batch_idx):  # noise and time depend on the step only: exact resume
+        with self.apt.rng(batch_idx):  # noise and time depend on the step only: exact resume
             noise, time = self.draw_noise_and_time(actions)
         loss = self.flow_loss(batch, noise, time)
         self.log("train/loss", loss, batch_size=actions.shape[0])
@@ -141,7 +147,7 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         actions = self.padded_actions(batch)
-        with self.apt_rng(batch_idx, 1):
+        with self.apt.rng(batch_idx, 1):
             noise, time = self.draw_noise_and_time(actions)
         loss = self.flow_loss(batch, noise, time)
         self.log("val/loss", loss, batch_size=actions.shape[0])
@@ -160,7 +166,7 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         and, once fusion blocks exist, :data:`FUSION_FILE` beside it."""
         directory = Path(directory)
         self.lerobot_policy().save_pretrained(directory)
-        if self.apt_sites():
+        if self.apt.sites:
             export_fusion(self, directory / FUSION_FILE)
         return directory
 

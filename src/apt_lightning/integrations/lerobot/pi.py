@@ -68,11 +68,9 @@ class PI0APT(LeRobotAPTModule):
         adapter.save_pretrained("out/")  # LeRobot's files + apt_fusion.safetensors
     """
 
-    apt_vlm = "policy.model.paligemma_with_expert.paligemma"
-
     def __init__(self, policy: Any, apt_config: Any = None, fusion_heads: int = 2) -> None:
-        super().__init__(policy, apt_config)
-        self.apt_fusion = FusionConfig(target_modules=_EXPERT, num_heads=fusion_heads)
+        fusion = FusionConfig(target_modules=_EXPERT, num_heads=fusion_heads)
+        super().__init__(policy, apt_config, vlm="policy.model.paligemma_with_expert.paligemma", fusion=fusion)
         experts = self.policy.model.paligemma_with_expert
         for part in (experts.paligemma.model.language_model, experts.gemma_expert.model):
             part.config._attn_implementation = "eager"  # as LeRobot's own inference and joint forward run
@@ -84,14 +82,14 @@ class PI0APT(LeRobotAPTModule):
         mask = batch.get(INSTRUCTION_MASK)
         return batch[TOKEN_MASK].bool() if mask is None else mask.bool()
 
-    def apt_language_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+    def language_mask(self, batch: dict[str, Any]) -> torch.Tensor:
         """Instruction tokens over the whole prefix: image tokens first (never language), then the prompt."""
         language = self.instruction_mask(batch)
         images = self._num_image_tokens(batch)
         return torch.cat([language.new_zeros(language.shape[0], images), language], dim=1)
 
     def _num_image_tokens(self, batch: dict[str, Any]) -> int:
-        vision = self.apt_vlm_module.config.vision_config
+        vision = self.apt.vlm_module.config.vision_config
         per_camera = (vision.image_size // vision.patch_size) ** 2
         return per_camera * len(self.policy.config.image_features)
 
@@ -101,9 +99,9 @@ class PI0APT(LeRobotAPTModule):
 
         model = self.policy.model
         images, image_masks = self.policy._preprocess_images(batch)
-        with self.apt_vlm_context():
+        with self.apt.vlm_context():
             embeddings, valid, _ = model.embed_prefix(images, image_masks, batch[TOKENS], batch[TOKEN_MASK])
-            masks = self.apt_masks(valid, self.apt_language_mask(batch))
+            masks = self.apt.masks(valid, self.language_mask(batch))
             order = visible_first(masks.expert_attention)
             rows = order[:, :, None].expand(-1, -1, order.shape[1])
             attention = masks.vlm_attention[:, 0].gather(1, rows).gather(2, rows.transpose(1, 2))

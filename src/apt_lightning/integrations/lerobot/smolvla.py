@@ -33,18 +33,16 @@ class SmolVLAAPT(LeRobotAPTModule):
         fusion_heads: attention heads of each Stage-2 fusion block.
     """
 
-    apt_vlm = "policy.model.vlm_with_expert.vlm"
-
     def __init__(self, policy: Any, apt_config: Any = None, fusion_heads: int = 2) -> None:
-        super().__init__(policy, apt_config)
+        fusion = FusionConfig(target_modules=_EXPERT_MLP, num_heads=fusion_heads)
+        super().__init__(policy, apt_config, vlm="policy.model.vlm_with_expert.vlm", fusion=fusion)
         if policy.config.prefix_length > 0 or policy.config.adapt_to_pi_aloha:
             raise ContractError(
                 "SmolVLAAPT supports SmolVLAConfig(prefix_length<=0, adapt_to_pi_aloha=False), got "
                 f"prefix_length={policy.config.prefix_length}, adapt_to_pi_aloha={policy.config.adapt_to_pi_aloha}."
             )
-        self.apt_fusion = FusionConfig(target_modules=_EXPERT_MLP, num_heads=fusion_heads)
 
-    def apt_language_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+    def language_mask(self, batch: dict[str, Any]) -> torch.Tensor:
         """Over the prefix: image tokens, then the prompt (instruction tokens), then the state token."""
         language = batch.get(INSTRUCTION_MASK, batch[TOKEN_MASK]).bool()
         zeros = language.new_zeros
@@ -53,7 +51,7 @@ class SmolVLAAPT(LeRobotAPTModule):
 
     def _image_tokens(self, batch: dict[str, Any]) -> int:
         """Prefix tokens before the prompt: SmolVLM's pixel-shuffled patches (and special tokens) per camera."""
-        config, vlm = self.policy.config, self.apt_vlm_module.config
+        config, vlm = self.policy.config, self.apt.vlm_module.config
         per_camera = (vlm.vision_config.image_size // vlm.vision_config.patch_size) ** 2 // vlm.scale_factor**2
         present = sum(key in batch for key in config.image_features)
         cameras = present + min(len(config.image_features) - present, config.empty_cameras)
@@ -64,17 +62,17 @@ class SmolVLAAPT(LeRobotAPTModule):
 
         model = self.policy.model
         images, image_masks = self.policy.prepare_images(batch)
-        with self.apt_vlm_context():
+        with self.apt.vlm_context():
             embeddings, valid, blocks = model.embed_prefix(
                 images, image_masks, batch[TOKENS], batch[TOKEN_MASK], state=self.policy.prepare_state(batch)
             )
-            language = self.apt_language_mask(batch)
+            language = self.language_mask(batch)
             if language.shape != valid.shape:
                 raise ContractError(
                     f"SmolVLA's prefix has {valid.shape[1]} tokens but the adapter expects {language.shape[1]} "
                     "(images, prompt, state): a SmolVLM layout this adapter does not know."
                 )
-            masks = self.apt_masks(valid, language)
+            masks = self.apt.masks(valid, language)
             order = visible_first(masks.expert_attention)
             rows = order[:, :, None].expand(-1, -1, order.shape[1])
             allowed = masks.vlm_attention[:, 0] & make_att_2d_masks(valid, blocks)  # keep the state token's block
