@@ -41,6 +41,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
 from transformers import PaliGemmaConfig
 
 from apt_lightning.bench.determinism import STUDY_THREADS, fixed_threads
@@ -77,8 +79,14 @@ def _cache_key(vlm_config: PaliGemmaConfig, tokenizer: WordTokenizer, config: VL
             "config": dataclasses.asdict(config),
             "format_version": FORMAT_VERSION,
             "threads": STUDY_THREADS,
+            "versions": _versions(),
         }
     )
+
+
+def _versions() -> dict[str, str]:
+    """Library versions whose kernels or initialisers shape the weights (another version: another VLM)."""
+    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
 
 
 def pretrained_vlm(
@@ -91,9 +99,9 @@ def pretrained_vlm(
     """Directory of the pretrained VLM for these arguments, training it only if it is not cached yet.
 
     The directory is ``<cache_dir>/vlm-<key>/`` where the key hashes the architecture, the tokenizer's
-    vocabulary, the pretraining config, :data:`FORMAT_VERSION` and the thread count it is trained with
-    (:data:`~apt_lightning.bench.determinism.STUDY_THREADS`, fixed whatever the caller's torch settings); it
-    holds ``save_pretrained`` output and
+    vocabulary, the pretraining config, :data:`FORMAT_VERSION`, the thread count it is trained with
+    (:data:`~apt_lightning.bench.determinism.STUDY_THREADS`, fixed whatever the caller's torch settings) and the
+    torch and transformers versions; it holds ``save_pretrained`` output and
     ``pretraining.json`` (config and metrics). It is written atomically (:func:`~apt_lightning.bench.disk_cache.
     cached_directory`): an interrupted run never leaves a directory that a later call would accept, and a
     directory missing any file is retrained and replaced.
