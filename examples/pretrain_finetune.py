@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from apt_lightning.bench.pretrain_goal import format_goal_table, goal_check
 from apt_lightning.bench.report import aggregate, format_outcome_table, format_table, plot_outcomes, plot_success
 from apt_lightning.bench.study import ARCHS, METHOD_NAMES, PRETRAIN_METHODS, StudyConfig, run_study
 
@@ -37,22 +38,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-episodes", type=int, default=defaults.eval_episodes)
     parser.add_argument("--cache-dir", type=Path, help="pretrained VLM and policies (default: the bench cache)")
     parser.add_argument("--combine", nargs="+", type=Path, help="merge these results.json files instead of running")
+    parser.add_argument(
+        "--task-results",
+        type=Path,
+        default=Path("docs/study_results.json"),
+        help="with --combine: the task-only study, the 'no pretraining' arm (its baselines enter the goal check)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/pretrain_study"))
     return parser.parse_args(argv)
 
 
-def write_tables(study: dict, out: Path, plots: bool) -> str:
+NO_PRETRAINING = ("baseline", "baseline_frozen", "apt", "apt_stage2_only")
+"""Rows of the task-only study shown beside this regime's (as ``<method> (no pretraining)``)."""
+
+
+def write_tables(study: dict, out: Path, task_runs: list[dict] | None = None) -> str:
     summary = aggregate(study["runs"])
     study["summary"] = summary
-    (out / "results.json").write_text(json.dumps(study, indent=1))
     text = (
         f"{format_table(summary, fmt='markdown')}\n\nCounterfactual episodes, where they ended:\n\n"
         f"{format_outcome_table(summary, fmt='markdown')}\n"
     )
-    (out / "table.md").write_text(text)
-    if plots:
-        plot_success(summary, out / "success.png")
+    if task_runs is not None:
+        goal = goal_check(study["runs"], task_runs)
+        study["goal"] = goal
+        text += f"\nGoal check (docs/study.md, section 1):\n\n{format_goal_table(goal)}\n"
+        shown = [
+            {**r, "method": f"{r['method']} (no pretraining)"}
+            for r in task_runs
+            if r["method"] in NO_PRETRAINING and r["arch"] in summary
+        ]
+        both = aggregate([*study["runs"], *shown])
+        text += f"\nWith the task-only study's rows:\n\n{format_table(both, fmt='markdown')}\n"
+        plot_success(both, out / "success.png")
         plot_outcomes(summary, out / "outcomes.png")
+    (out / "results.json").write_text(json.dumps(study, indent=1))
+    (out / "table.md").write_text(text)
     return text
 
 
@@ -84,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         study = run_study(config, out=args.out, cache_dir=args.cache_dir)
         study["command"] = " ".join(["python", *sys.argv])
-    print(write_tables(study, args.out, plots=bool(args.combine)))
+    task_runs = json.loads(args.task_results.read_text())["runs"] if args.combine else None
+    print(write_tables(study, args.out, task_runs))
     print(f"Wall time {study['wall_s']:.0f} s. Wrote {args.out}/results.json and table.md.")
     return study
 

@@ -45,3 +45,29 @@ def test_goal_uses_the_strongest_baseline_of_both_regimes() -> None:
     only_pretrain = goal_check(pretrain)["pi0"]
     assert only_pretrain["baseline"] == "pretrain:baseline" and only_pretrain["met"]
     assert "| pi0 | `apt` | `pretrain:baseline` | 0.90 |" in format_goal_table({"pi0": only_pretrain})
+
+
+def test_example_combines_results_and_checks_the_goal(tmp_path) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_finetune", Path(__file__).parents[2] / "examples" / "pretrain_finetune.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for arch in ("pi0", "groot"):
+        runs = [_run(m, s, 0.6, 0.7, 0.9, 0.6, 0.9, arch) for m in ("apt", "baseline") for s in range(2)]
+        (tmp_path / f"{arch}.json").write_text(
+            json.dumps({"config": {}, "pretraining": None, "runs": runs, "wall_s": 1})
+        )
+    task = [_run(m, s, 0.3, 0.4, 0.9, 0.0, 0.0, a) for m in ("baseline", "apt") for s in range(2) for a in ("pi0",)]
+    (tmp_path / "task.json").write_text(json.dumps({"runs": task}))
+    args = ["--combine", str(tmp_path / "pi0.json"), str(tmp_path / "groot.json"), "--out", str(tmp_path / "all")]
+    study = module.main([*args, "--task-results", str(tmp_path / "task.json")])
+    assert len(study["runs"]) == 8 and set(study["goal"]) == {"pi0", "groot"}
+    assert study["goal"]["pi0"]["baseline"] == "pretrain:baseline" and not study["goal"]["pi0"]["met"]
+    table = (tmp_path / "all" / "table.md").read_text()
+    assert "baseline (no pretraining)" in table and "Goal check" in table
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["runs"] == study["runs"]
