@@ -60,9 +60,13 @@ def write_tables(study: dict, out: Path, task_runs: list[dict] | None = None) ->
         f"{format_outcome_table(summary, fmt='markdown')}\n"
     )
     if task_runs is not None:
-        goal = goal_check(study["runs"], task_runs)
+        complete = len({r["seed"] for r in study["runs"]})  # the rule compares methods that ran every seed
+        goal = goal_check(study["runs"], task_runs, min_seeds=complete)
         study["goal"] = goal
-        text += f"\nGoal check (docs/study.md, section 1):\n\n{format_goal_table(goal)}\n"
+        text += (
+            f"\nGoal check (docs/study.md, section 1; APT candidates with all {complete} seeds):\n\n"
+            f"{format_goal_table(goal)}\n"
+        )
         shown = [
             {**r, "method": f"{r['method']} (no pretraining)"}
             for r in task_runs

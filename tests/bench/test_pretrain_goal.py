@@ -25,6 +25,10 @@ def test_best_apt_is_chosen_on_validation_with_a_seen_floor() -> None:
     assert choice["method"] == "apt" and choice["qualified"]
     assert choice["validation"]["apt_ft_vlm"] == {"counterfactual": 0.9, "seen": 0.6, "n": 2}
     none_qualify = [_run("apt", 0, 0.5, 0.5, 0.9, 0.7, 0.1), _run("apt_s1_0", 0, 0.5, 0.5, 0.9, 0.8, 0.1)]
+    extra = _run("apt_s1_quarter", 0, 0.1, 0.1, 0.9, 0.95, 0.9)  # one seed only: left out at min_seeds=2
+    assert choose_best_apt([*runs, extra], "pi0", 2)["method"] == "apt"
+    tie = [_run("apt_ft_vlm", s, 0.1, 0.1, 0.9, v, 0.9) for s, v in enumerate((0.83, 0.75, 0.76))]
+    assert choose_best_apt([*tie, _run("apt_s1_0", 0, 0.1, 0.1, 0.9, 0.78, 0.9)], "pi0")["method"] == "apt_ft_vlm"
     assert choose_best_apt(none_qualify, "pi0") == {
         "method": "apt_s1_0",
         "qualified": False,

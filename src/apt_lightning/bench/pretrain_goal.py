@@ -42,8 +42,11 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
 
 
-def choose_best_apt(runs: Sequence[Mapping[str, Any]], arch: str) -> dict[str, Any]:
+def choose_best_apt(runs: Sequence[Mapping[str, Any]], arch: str, min_seeds: int = 1) -> dict[str, Any]:
     """The rule's APT variant for ``arch`` from runs holding ``validation`` (``{"counterfactual", "seen"}``).
+
+    Candidates with fewer than ``min_seeds`` seeds are left out (a study that did not finish every seed of a
+    method compares only the complete ones). Means are compared at 9 decimals, so float noise never breaks a tie.
 
     Returns:
         ``{"method": name or None, "qualified": bool, "validation": {method: {"counterfactual", "seen", "n"}}}``.
@@ -51,7 +54,7 @@ def choose_best_apt(runs: Sequence[Mapping[str, Any]], arch: str) -> dict[str, A
     table: dict[str, dict[str, float]] = {}
     for method in APT_CANDIDATES:
         group = [r for r in runs if r["arch"] == arch and r["method"] == method and r.get("validation")]
-        if group:
+        if len(group) >= min_seeds:
             table[method] = {
                 "counterfactual": _mean([r["validation"]["counterfactual"] for r in group]),
                 "seen": _mean([r["validation"]["seen"] for r in group]),
@@ -59,7 +62,7 @@ def choose_best_apt(runs: Sequence[Mapping[str, Any]], arch: str) -> dict[str, A
             }
     qualified = [m for m in table if table[m]["seen"] >= SEEN_FLOOR]
     pool = qualified or list(table)
-    best = max(pool, key=lambda m: (table[m]["counterfactual"], -APT_CANDIDATES.index(m)), default=None)
+    best = max(pool, key=lambda m: (round(table[m]["counterfactual"], 9), -APT_CANDIDATES.index(m)), default=None)
     return {"method": best, "qualified": bool(qualified), "validation": table}
 
 
@@ -85,9 +88,9 @@ def strongest_baseline(
 
 
 def goal_check(
-    pretrain_runs: Sequence[Mapping[str, Any]], task_runs: Sequence[Mapping[str, Any]] = ()
+    pretrain_runs: Sequence[Mapping[str, Any]], task_runs: Sequence[Mapping[str, Any]] = (), min_seeds: int = 1
 ) -> dict[str, dict[str, Any]]:
-    """Apply the choice rule and the goal per arch.
+    """Apply the choice rule (candidates with at least ``min_seeds`` seeds) and the goal per arch.
 
     Returns:
         ``{arch: {"best_apt", "qualified", "baseline", "apt": {split: mean}, "baseline_success": {split: mean},
@@ -97,7 +100,7 @@ def goal_check(
     task_summary = aggregate(task_runs) if task_runs else {}
     result: dict[str, dict[str, Any]] = {}
     for arch in pretrain_summary:
-        choice = choose_best_apt(pretrain_runs, arch)
+        choice = choose_best_apt(pretrain_runs, arch, min_seeds)
         base = strongest_baseline(pretrain_summary, task_summary, arch)
         if choice["method"] is None or base is None:
             continue
