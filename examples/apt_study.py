@@ -19,8 +19,10 @@ architecture and seed, rolls every policy out on every evaluation split, and wri
     python examples/apt_study.py --curve-every 100 --curve-episodes 50   # + learning curves (curves.png/.json)
 
 ``--language-dropout`` and ``--guidance-scale`` default to the values chosen on validation episodes by
-``examples/choose_settings.py``; never choose them on this script's output. On a machine whose cores are
-shared, run with ``OMP_NUM_THREADS=1``.
+``examples/choose_settings.py``; never choose them on this script's output. The numbers are a function of the
+command alone: the study runs with ``--threads`` torch threads (default 1, whatever ``OMP_NUM_THREADS`` or the
+machine says) and deterministic algorithms, and the cached VLM's key holds its thread count and library versions.
+The pretraining regime (pretrain on a broad corpus, then fine-tune) is ``examples/pretrain_finetune.py``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, Path]:
     )
     parser.add_argument(
         "--curve-episodes", type=int, help=f"rollouts per split per curve point (default {defaults.curve_episodes})"
+    )
+    parser.add_argument(
+        "--threads", type=int, help=f"torch threads of the whole run; results depend on it (default {defaults.threads})"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     args = parser.parse_args(argv)

@@ -127,3 +127,4 @@ def test_cli_passes_curve_options():
     assert module.parse_args([])[0].curve_every is None
     chosen, _ = module.parse_args(["--language-dropout", "0.25", "--guidance-scale", "1.5", "--gate-lr", "0.02"])
     assert (chosen.language_dropout, chosen.guidance_scale, chosen.gate_lr) == (0.25, 1.5, 0.02)  # were ignored
+    assert module.parse_args(["--threads", "2"])[0].threads == 2 and module.parse_args([])[0].threads == 1

@@ -49,14 +49,20 @@ def test_method_catalogue_derives_each_run():
         "apt_per_site",
         "apt_stage2_only",
         "apt_head",
+        "apt_ft_vlm",
+        "apt_s1_0",
+        "apt_s1_quarter",
+        "baseline_habit",
+        "apt_habit",
     )
     assert set(DEFAULT_METHODS) <= set(METHOD_NAMES) and all(type(m).__dataclass_params__.frozen for m in METHODS)
-    config = StudyConfig(methods=METHOD_NAMES, language_dropout=0.25, guidance_scale=1.5)
+    task_methods = tuple(m.name for m in METHODS if not m.pretrain_only)
+    config = StudyConfig(methods=task_methods, language_dropout=0.25, guidance_scale=1.5)
     frozen = config.apt_config("pi0", "baseline_frozen", 0)
     assert (frozen.vlm_mode, frozen.language_dropout) == ("frozen", 0.0)
     assert config.apt_config("pi0", "apt", 0).language_dropout == 0.0
     assert config.apt_config("pi0", "apt_dropout", 0).language_dropout == 0.25
-    assert [config.eval_guidance(m) for m in METHOD_NAMES] == [1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert [config.eval_guidance(m) for m in task_methods] == [1.0] * 5 + [1.5] + [1.0] * 6
     assert config.scheduler("apt_stage2_only").plan.first_stage == 2 and config.scheduler("apt").plan.first_stage != 2
     assert config.trained_as("pi0", "apt_stage2_only") == "apt_stage2_only"
     blind = config.apt_config("groot", "baseline_blind", 0)

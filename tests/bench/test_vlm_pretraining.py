@@ -179,3 +179,28 @@ def test_default_cache_dir(monkeypatch, tmp_path: Path) -> None:
     assert vp.default_cache_dir() == tmp_path
     monkeypatch.delenv("APT_LIGHTNING_CACHE")
     assert vp.default_cache_dir() == Path.home() / ".cache" / "apt_lightning"
+
+
+def test_cache_is_built_with_fixed_threads_and_keyed_on_versions(
+    tmp_path: Path, tokenizer, vlm_config, monkeypatch
+) -> None:
+    config = vp.VLMPretrainingConfig(**TINY, distill_weight=0.0, seed_embeddings=False, patch_weight=0.0)
+    seen: list[tuple[int, bool]] = []
+    real = vp.pretrain_vlm
+
+    def spy(*args: Any, **kwargs: Any):
+        seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vp, "pretrain_vlm", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's setting must not reach the weights
+    try:
+        directory, _ = vp.pretrained_vlm(vlm_config, tokenizer, config, cache_dir=tmp_path, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(vp.STUDY_THREADS, True)] and not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(vp, "_versions", lambda: {"torch": "0.0", "transformers": "0.0"})
+    other, _ = vp.pretrained_vlm(vlm_config, tokenizer, config, cache_dir=tmp_path, progress=False)
+    assert other != directory and len(seen) == 2

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from apt_lightning.bench.determinism import fixed_threads
 from apt_lightning.bench.evaluation import evaluate_validation, validation_seed
 from apt_lightning.bench.study import StudyConfig, prepare_vlm, study_data, train_method
 
@@ -96,33 +97,34 @@ def select_settings(
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)
     try:
-        vocabulary, vlm_dir, _ = prepare_vlm(config, progress, cache_dir)
-        records: list[dict[str, Any]] = []
-        data = {seed: study_data(config, seed) for seed in config.seeds}
-        for p in dropouts:
-            run_config = dataclasses.replace(config, language_dropout=p)
-            for arch in config.archs:
-                for seed in config.seeds:
-                    policy, _, _, train_s = train_method(
-                        run_config, arch, "apt_dropout", seed, vocabulary, vlm_dir, data[seed]
-                    )
-                    tic = time.perf_counter()
-                    results = evaluate_validation(policy, seed, episodes, (1.0, *scales))
-                    eval_s = time.perf_counter() - tic
-                    for w, result in results.items():
-                        records.append(
-                            {
-                                "arch": arch,
-                                "seed": seed,
-                                "language_dropout": p,
-                                "guidance_scale": w,
-                                **result,
-                                "train_s": train_s,
-                                "eval_s": eval_s,
-                            }
+        with fixed_threads(config.threads):  # as in run_study: the choice must not depend on the machine
+            vocabulary, vlm_dir, _ = prepare_vlm(config, progress, cache_dir)
+            records: list[dict[str, Any]] = []
+            data = {seed: study_data(config, seed) for seed in config.seeds}
+            for p in dropouts:
+                run_config = dataclasses.replace(config, language_dropout=p)
+                for arch in config.archs:
+                    for seed in config.seeds:
+                        policy, _, _, train_s = train_method(
+                            run_config, arch, "apt_dropout", seed, vocabulary, vlm_dir, data[seed]
                         )
-                        if progress:
-                            print(f"p={p} {arch} seed {seed} w={w}: {result['success']}", flush=True)
+                        tic = time.perf_counter()
+                        results = evaluate_validation(policy, seed, episodes, (1.0, *scales))
+                        eval_s = time.perf_counter() - tic
+                        for w, result in results.items():
+                            records.append(
+                                {
+                                    "arch": arch,
+                                    "seed": seed,
+                                    "language_dropout": p,
+                                    "guidance_scale": w,
+                                    **result,
+                                    "train_s": train_s,
+                                    "eval_s": eval_s,
+                                }
+                            )
+                            if progress:
+                                print(f"p={p} {arch} seed {seed} w={w}: {result['success']}", flush=True)
     finally:
         lightning_log.setLevel(level)
     return {

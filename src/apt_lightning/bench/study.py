@@ -18,6 +18,14 @@ checkpoint with guidance, and GR00T's ``baseline_frozen`` is its ``baseline`` (G
 default).
 * **Same pretrained VLM** for every run: a PaliGemma pretrained once on diverse vision-language data from
   the environment (:mod:`apt_lightning.bench.vlm_pretraining`), cached on disk.
+
+Two regimes (:attr:`StudyConfig.regime`): ``"task"`` trains every method on the task's demonstrations only (the
+paper's "w/o pretraining" setting); ``"pretrain"`` is APT's own recipe: every method first pretrains
+``pretrain_steps`` on a broad corpus of other layouts (:mod:`apt_lightning.bench.pretrain_corpus`; APT: Stage 1
+for ``stage1_fraction`` of them, Stage 2 after), then fine-tunes ``steps`` on the task (APT: Stage 2 only; the
+baselines: joint), see :mod:`apt_lightning.bench.pretrain_study`. Every run executes under a fixed thread count
+and deterministic algorithms (:func:`~apt_lightning.bench.determinism.fixed_threads`), so its numbers are a
+function of the command alone.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from apt_lightning.bench.datamodule import TabletopDataModule
-from apt_lightning.bench.evaluation import evaluate_policy
+from apt_lightning.bench.determinism import STUDY_THREADS, fixed_threads
+from apt_lightning.bench.evaluation import evaluate_policy, evaluate_validation
 from apt_lightning.bench.splits import EVAL_SPLITS
 from apt_lightning.bench.vlm_pretraining import VLMPretrainingConfig, pretrained_vlm
 from apt_lightning.callbacks import APTStageScheduler, GateMonitor
@@ -88,6 +97,11 @@ class Method:
             (``APTConfig.joint_prefix``), so image tokens never see the instruction.
         stage1: two-stage only: ``False`` skips Stage 1 (``APTStageScheduler(stage=2)``: the gated fusion path
             from step 0, no language-free prior phase), which separates what Stage 1 does from what the path does.
+        vlm_lr_factor: with ``vlm_mode="full"`` or ``"lora"`` on a two-stage method, the VLM learning rate as a
+            fraction of the expert's (``apt_ft_vlm``: 0.1, APT's released code's 1e-5 against 1e-4).
+        corpus: ``"pretrain"`` regime only: pretrain on the ``"balanced"`` corpus or the ``"habit"``-biased one.
+        stage1_fraction: ``"pretrain"`` regime only, two-stage: share of pretraining spent in Stage 1 (``None``:
+            :attr:`StudyConfig.stage1_fraction`).
     """
 
     name: str
@@ -101,6 +115,14 @@ class Method:
     per_site: bool = False
     joint_prefix: str = "full"
     stage1: bool = True
+    vlm_lr_factor: float | None = None
+    corpus: str = "balanced"
+    stage1_fraction: float | None = None
+
+    @property
+    def pretrain_only(self) -> bool:
+        """Whether the method only exists in the ``"pretrain"`` regime (a corpus or Stage-1 share of its own)."""
+        return self.corpus != "balanced" or self.stage1_fraction is not None
 
     def __post_init__(self) -> None:
         if self.vlm_mode not in ("default", "frozen", "lora", "full"):
@@ -111,6 +133,10 @@ class Method:
             raise ValueError(f"Method {self.name!r}: `joint_prefix` applies to single-stage (joint) training only.")
         if not (self.stage1 or self.two_stage):
             raise ValueError(f"Method {self.name!r}: `stage1=False` applies to APT (two-stage) methods only.")
+        if self.corpus not in ("balanced", "habit"):
+            raise ValueError(f"Method {self.name!r}: `corpus` must be 'balanced' or 'habit', got {self.corpus!r}.")
+        if self.stage1_fraction is not None and not (self.two_stage and 0.0 <= self.stage1_fraction < 1.0):
+            raise ValueError(f"Method {self.name!r}: `stage1_fraction` needs a two-stage method and a value in [0, 1).")
 
 
 METHODS: tuple[Method, ...] = (
@@ -163,11 +189,53 @@ METHODS: tuple[Method, ...] = (
         True,
         head_language=True,
     ),
+    Method(
+        "apt_ft_vlm",
+        "APT with the VLM fully fine-tuned in Stage 2 at 0.1 x the expert's learning rate (the paper's Ft VLM)",
+        True,
+        vlm_mode="full",
+        vlm_lr_factor=0.1,
+    ),
+    Method(
+        "apt_s1_0",
+        "pretrain regime: APT pretraining with no Stage 1 (Stage 2 on the whole corpus), then Stage-2 fine-tuning",
+        True,
+        stage1_fraction=0.0,
+    ),
+    Method(
+        "apt_s1_quarter",
+        "pretrain regime: APT pretraining with Stage 1 on the first quarter of the steps",
+        True,
+        stage1_fraction=0.25,
+    ),
+    Method(
+        "baseline_habit",
+        "pretrain regime: the baseline pretrained on the habit-biased corpus (control)",
+        False,
+        corpus="habit",
+    ),
+    Method(
+        "apt_habit",
+        "pretrain regime: APT pretrained on the habit-biased corpus (control)",
+        True,
+        corpus="habit",
+    ),
 )
 """The study's methods, in table order."""
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
 DEFAULT_METHODS: tuple[str, ...] = ("baseline", "apt", "apt_dropout")
 """What ``python examples/apt_study.py`` runs (``--methods`` selects any of :data:`METHOD_NAMES`)."""
+PRETRAIN_METHODS: tuple[str, ...] = (
+    "baseline",
+    "apt",
+    "apt_ft_vlm",
+    "apt_s1_0",
+    "apt_s1_quarter",
+    "baseline_habit",
+    "apt_habit",
+)
+"""The methods of the ``"pretrain"`` regime's study (``examples/pretrain_finetune.py``)."""
+REGIMES: tuple[str, ...] = ("task", "pretrain")
 _BY_NAME = {m.name: m for m in METHODS}
 
 
@@ -200,6 +268,15 @@ class StudyConfig:
             episodes (:func:`~apt_lightning.bench.evaluation.evaluate_policy`, seed = the run's seed). Recording
             does not change training (the RNG state and module modes are restored). ``None``: no curve.
         curve_episodes: rollouts per split and curve point.
+        regime: ``"task"`` (train on the task only) or ``"pretrain"`` (pretrain on a corpus, then fine-tune on the
+            task for ``steps``; see the module docstring).
+        pretrain_steps: ``"pretrain"`` regime: optimiser steps on the corpus, equal for every method.
+        stage1_fraction: ``"pretrain"`` regime: APT's share of ``pretrain_steps`` in Stage 1 (the paper's 1/2).
+        corpus_layouts, corpus_episodes_per_layout: the corpus (:func:`~apt_lightning.bench.pretrain_corpus.
+            make_corpus`; its episodes are drawn with the study seed, its layouts are fixed).
+        corpus_habit: habit fraction of the ``"habit"`` corpus (the task's own 0.9).
+        threads: torch intra-op threads of the whole run (:func:`~apt_lightning.bench.determinism.fixed_threads`):
+            results depend on it, so it is fixed instead of taken from the machine.
     """
 
     archs: tuple[str, ...] = ARCHS
@@ -225,6 +302,13 @@ class StudyConfig:
     save_checkpoints: bool = True
     curve_every: int | None = None
     curve_episodes: int = 50
+    regime: str = "task"
+    pretrain_steps: int = 800
+    stage1_fraction: float = 0.5
+    corpus_layouts: int = 64
+    corpus_episodes_per_layout: int = 10
+    corpus_habit: float = 0.9
+    threads: int = STUDY_THREADS
 
     def __post_init__(self) -> None:
         self.archs, self.methods, self.seeds = tuple(self.archs), tuple(self.methods), tuple(self.seeds)
@@ -237,12 +321,24 @@ class StudyConfig:
             raise ValueError(f"`language_dropout` must be in (0, 1), got {self.language_dropout!r}.")
         if not self.guidance_scale > 0:
             raise ValueError(f"`guidance_scale` must be > 0, got {self.guidance_scale!r}.")
-        if not 0 < self.switch_step < self.steps:
+        if self.regime != "pretrain" and not 0 < self.switch_step < self.steps:  # unused when fine-tuning
             raise ValueError(f"`switch_step` must be in (0, steps={self.steps}), got {self.switch_step!r}.")
         if self.curve_every is not None and (isinstance(self.curve_every, bool) or self.curve_every < 1):
             raise ValueError(f"`curve_every` must be None or an int >= 1, got {self.curve_every!r}.")
         if self.curve_episodes < 1:
             raise ValueError(f"`curve_episodes` must be >= 1, got {self.curve_episodes!r}.")
+        if self.regime not in REGIMES:
+            raise ValueError(f"`regime` must be one of {REGIMES}, got {self.regime!r}.")
+        only = [m for m in self.methods if _BY_NAME[m].pretrain_only]
+        if self.regime == "task" and only:
+            raise ValueError(f"Methods {only} exist in the 'pretrain' regime only; pass regime='pretrain'.")
+        if self.regime == "pretrain" and (self.pretrain_steps < 1 or not 0.0 <= self.stage1_fraction < 1.0):
+            raise ValueError(
+                f"`pretrain_steps` must be >= 1 and `stage1_fraction` in [0, 1), got {self.pretrain_steps!r} and "
+                f"{self.stage1_fraction!r}."
+            )
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"`threads` must be a positive integer, got {self.threads!r}.")
         missing = [a for a in self.archs if a not in self.baseline_vlm_mode]
         if missing:
             raise ValueError(f"`baseline_vlm_mode` has no entry for {missing}; give 'frozen', 'lora' or 'full'.")
@@ -254,13 +350,23 @@ class StudyConfig:
         if entry.two_stage:
             mode = self.apt_vlm_mode if entry.vlm_mode == "default" else entry.vlm_mode
             dropout = self.language_dropout if entry.language_dropout else 0.0
-            return APTConfig(vlm_mode=mode, gate_lr=self.gate_lr, language_dropout=dropout, **common)  # type: ignore[arg-type]
+            vlm_lr = None if mode == "frozen" or entry.vlm_lr_factor is None else entry.vlm_lr_factor * self.lr
+            return APTConfig(
+                vlm_mode=mode,  # type: ignore[arg-type]
+                vlm_lr=vlm_lr,
+                gate_lr=self.gate_lr,
+                language_dropout=dropout,
+                **common,  # type: ignore[arg-type]
+            )
         mode = self.baseline_vlm_mode[arch] if entry.vlm_mode == "default" else entry.vlm_mode
         vlm_lr = None if mode == "frozen" else (self.baseline_vlm_lr or self.lr)
         return APTConfig(vlm_mode=mode, vlm_lr=vlm_lr, joint_prefix=entry.joint_prefix, **common)  # type: ignore[arg-type]
 
     def scheduler(self, method: str) -> APTStageScheduler:
+        """The stage plan of ``method``'s training on the task (``"pretrain"`` regime: its fine-tuning)."""
         entry = _BY_NAME[method]
+        if self.regime == "pretrain":  # APT fine-tunes in Stage 2 only (the paper's recipe), baselines jointly
+            return APTStageScheduler(stage=2 if entry.two_stage else "joint")
         if entry.two_stage and not entry.stage1:
             return APTStageScheduler(stage=2)
         if entry.two_stage:
@@ -286,7 +392,21 @@ class StudyConfig:
         entry = _BY_NAME[method]
         head = self.head_language(arch, method)
         key = (entry.two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head, entry.fusion)
-        return (*key, entry.per_site, config.joint_prefix, entry.stage1)
+        return (*key, entry.per_site, config.joint_prefix, entry.stage1, *self.pretraining_key(method))
+
+    def pretraining_key(self, method: str) -> tuple[Any, ...]:
+        """What of ``method``'s corpus pretraining is not in its fine-tuning key (empty in the ``"task"`` regime)."""
+        if self.regime != "pretrain":
+            return ()
+        entry = _BY_NAME[method]
+        return (entry.corpus, self.stage1_share(method))
+
+    def stage1_share(self, method: str) -> float | None:
+        """``"pretrain"`` regime: ``method``'s share of pretraining in Stage 1 (``None`` for the baselines)."""
+        entry = _BY_NAME[method]
+        if not entry.two_stage:
+            return None
+        return self.stage1_fraction if entry.stage1_fraction is None else entry.stage1_fraction
 
     def head_language(self, arch: str, method: str) -> bool:
         """Whether ``method`` builds ``arch``'s head with its own gated language path."""
@@ -428,7 +548,8 @@ def run_study(
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)  # 4 info lines per fit would bury the bar; restored on return
     try:
-        return _run_study(config, out, progress, cache_dir)
+        with fixed_threads(config.threads):  # the numbers depend on the thread count: the config fixes it
+            return _run_study(config, out, progress, cache_dir)
     finally:
         lightning_log.setLevel(level)
 
@@ -521,21 +642,34 @@ def _run_study(
             scales = tuple(config.eval_guidance(m) for m in methods)
             recorder = LearningCurve(config.curve_every, config.curve_episodes, seed, scales, config.steps)
             callbacks.append(recorder)
-        policy, trainer, monitor, train_s = train_method(
-            config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], callbacks
-        )
+        extra: dict[str, Any] = {}
+        if config.regime == "pretrain":
+            from apt_lightning.bench.pretrain_study import finetune_method  # imports this module
+
+            policy, trainer, monitor, train_s, extra = finetune_method(
+                config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], callbacks, cache_dir
+            )
+        else:
+            policy, trainer, monitor, train_s = train_method(
+                config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], callbacks
+            )
         curve_s = recorder.eval_s if recorder is not None else 0.0
         train_s -= curve_s  # the training's own time, comparable with runs without curves
         if out is not None and config.save_checkpoints:
             trainer.save_checkpoint(out / "checkpoints" / f"{arch}-{trained_as}-seed{seed}.ckpt")
         two_stage = _BY_NAME[trained_as].two_stage
         switch = (config.switch_step if _BY_NAME[trained_as].stage1 else 0) if two_stage else None
+        if config.regime == "pretrain":
+            switch = extra.get("pretrain_switch_step")  # fine-tuning is Stage 2 (or joint) from its step 0
         dropout = config.apt_config(arch, trained_as, seed).language_dropout
         for method in methods:
             bar.set_postfix_str(f"{label} evaluating {method}", refresh=True)
             guidance = config.eval_guidance(method)
             tic = time.perf_counter()
             metrics = evaluate_policy(policy, EVAL_SPLITS, config.eval_episodes, seed=seed, guidance_scale=guidance)
+            if config.regime == "pretrain":  # what the study's choices are made on (never the reported splits)
+                validation = evaluate_validation(policy, seed, config.eval_episodes, (guidance,))[guidance]
+                metrics["validation"] = validation["success"]
             runs.append(
                 {
                     "arch": arch,
@@ -551,6 +685,7 @@ def _run_study(
                     "switch_step": switch,
                     "gates": monitor.history,
                     **({"curve": recorder.curves[guidance], "curve_s": curve_s} if recorder is not None else {}),
+                    **extra,
                 }
             )
     bar.close()
@@ -560,4 +695,5 @@ def _run_study(
         "runs": runs,
         "wall_s": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }

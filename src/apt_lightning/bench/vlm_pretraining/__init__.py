@@ -41,8 +41,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
 from transformers import PaliGemmaConfig
 
+from apt_lightning.bench.determinism import STUDY_THREADS, fixed_threads
 from apt_lightning.bench.disk_cache import cache_key, cached_directory, default_cache_dir
 from apt_lightning.bench.tokenizer import WordTokenizer
 from apt_lightning.bench.vlm_pretraining.corpus import EVAL_REGISTERS
@@ -61,8 +64,9 @@ __all__ = [
     "seed_word_embeddings",
 ]
 
-FORMAT_VERSION = 2
-"""Bumped whenever the corpus, objectives or cache layout change, so stale caches are never reused."""
+FORMAT_VERSION = 3
+"""Bumped whenever the corpus, objectives or cache layout change, so stale caches are never reused (3: built
+with a fixed thread count and deterministic algorithms, :func:`~apt_lightning.bench.determinism.fixed_threads`)."""
 
 CACHE_FILES: tuple[str, ...] = ("config.json", "model.safetensors", "pretraining.json")
 
@@ -74,8 +78,15 @@ def _cache_key(vlm_config: PaliGemmaConfig, tokenizer: WordTokenizer, config: VL
             "vocabulary": list(tokenizer.vocabulary),
             "config": dataclasses.asdict(config),
             "format_version": FORMAT_VERSION,
+            "threads": STUDY_THREADS,
+            "versions": _versions(),
         }
     )
+
+
+def _versions() -> dict[str, str]:
+    """Library versions whose kernels or initialisers shape the weights (another version: another VLM)."""
+    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
 
 
 def pretrained_vlm(
@@ -88,7 +99,9 @@ def pretrained_vlm(
     """Directory of the pretrained VLM for these arguments, training it only if it is not cached yet.
 
     The directory is ``<cache_dir>/vlm-<key>/`` where the key hashes the architecture, the tokenizer's
-    vocabulary, the pretraining config and :data:`FORMAT_VERSION`; it holds ``save_pretrained`` output and
+    vocabulary, the pretraining config, :data:`FORMAT_VERSION`, the thread count it is trained with
+    (:data:`~apt_lightning.bench.determinism.STUDY_THREADS`, fixed whatever the caller's torch settings) and the
+    torch and transformers versions; it holds ``save_pretrained`` output and
     ``pretraining.json`` (config and metrics). It is written atomically (:func:`~apt_lightning.bench.disk_cache.
     cached_directory`): an interrupted run never leaves a directory that a later call would accept, and a
     directory missing any file is retrained and replaced.
@@ -110,10 +123,12 @@ def pretrained_vlm(
     directory = root / f"vlm-{key}"
 
     def build(staging: Path) -> None:
-        vlm, metrics = pretrain_vlm(vlm_config, tokenizer, config, progress=progress)
+        with fixed_threads(STUDY_THREADS):  # the weights depend on the thread count: fix it, and key on it
+            vlm, metrics = pretrain_vlm(vlm_config, tokenizer, config, progress=progress)
         vlm.save_pretrained(staging)
         record = {
             "format_version": FORMAT_VERSION,
+            "threads": STUDY_THREADS,
             "key": key,
             "config": dataclasses.asdict(config),
             "metrics": metrics,
