@@ -252,7 +252,7 @@ def finetune_method(
         structure["per_site"],
     )
     if entry.two_stage:
-        policy.apt_prepare(StagePlan(first_stage=2))  # fusion blocks must exist before the weights load into them
+        policy.apt.prepare(StagePlan(first_stage=2))  # fusion blocks must exist before the weights load into them
     policy.load_state_dict(torch.load(directory / "policy.pt", weights_only=True), strict=True)
     policy.train()
     check = _Step0Check(probe, torch.load(directory / "probe_actions.pt", weights_only=True))

@@ -366,7 +366,7 @@ class StudyConfig:
         """The stage plan of ``method``'s training on the task (``"pretrain"`` regime: its fine-tuning)."""
         entry = _BY_NAME[method]
         if self.regime == "pretrain":  # APT fine-tunes in Stage 2 only (the paper's recipe), baselines jointly
-            return APTStageScheduler(stage=2 if entry.two_stage else "joint")
+            return APTStageScheduler(stage=2 if entry.two_stage else "joint", finetune=True)
         if entry.two_stage and not entry.stage1:
             return APTStageScheduler(stage=2)
         if entry.two_stage:
