@@ -14,7 +14,7 @@ The pretrained weights are cached on disk (:func:`~apt_lightning.bench.disk_cach
 everything that determines them, so methods that share a pretraining (``apt`` and ``apt_ft_vlm``) train it once,
 and a rerun of the study reuses it. Fine-tuning starts from a freshly built policy with the method's fine-tuning
 :class:`~apt_lightning.APTConfig` into which the cached state dict is loaded strictly; fusion blocks are built
-before loading (``apt_prepare`` with the Stage-2 plan) so gates and fusion weights are kept. Each run records the
+before loading (``model.apt.prepare`` with the Stage-2 plan) so gates and fusion weights are kept. Each run records the
 largest difference between the pretrained model's sampled actions and the fine-tuning model's at fine-tuning step
 0 (``step0_max_diff``, on a fixed task batch with fixed noise, both in eval mode): ``0.0`` exactly means the
 fine-tuning started from exactly the pretrained model.
