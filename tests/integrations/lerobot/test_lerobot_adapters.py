@@ -164,7 +164,7 @@ def apt_lines(path: Path) -> int:
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node):
             docstrings.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
-    pattern = re.compile(r"apt_|masks\.|APTMixin|APTConfig|FusionConfig")
+    pattern = re.compile(r"\bapt[_.]|\.apt\b|masks\.|APTMixin|\bAPT\(|APTConfig|FusionConfig")
     code = [line.split("#")[0] for i, line in enumerate(text.splitlines(), 1) if i not in docstrings]
     return sum(1 for line in code if pattern.search(line) and not line.lstrip().startswith(("import ", "from ")))
 
