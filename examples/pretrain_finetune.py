@@ -7,7 +7,8 @@ task's demonstrations in a fresh ``Trainer``: APT in Stage 2 only (VLM frozen, o
 methods that share them (``apt`` and ``apt_ft_vlm``). The protocol, the settings and the results are in
 ``docs/study.md``.
 
-    python examples/pretrain_finetune.py --archs pi0 --methods baseline apt apt_ft_vlm --out runs/pre/pi0-a
+    python examples/pretrain_finetune.py                  # the README's main job: baseline vs apt_ft_vlm, seed 0
+    python examples/pretrain_finetune.py --archs pi0 --methods baseline apt apt_ft_vlm --seeds 0 1 2 --out runs/pi0
     python examples/pretrain_finetune.py --combine runs/pre/*/results.json --out runs/pre/all
 
 Writes ``results.json`` (the schema of ``docs/study_results.json``; each run also holds ``validation``, its
@@ -31,8 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = StudyConfig(regime="pretrain")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
-    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(PRETRAIN_METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHOD_NAMES, default=list(MAIN_JOB_METHODS), help=f"all: {PRETRAIN_METHODS}"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps on the task")
     parser.add_argument("--eval-episodes", type=int, default=defaults.eval_episodes)
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+MAIN_JOB_METHODS = ("baseline", "apt_ft_vlm")
+"""The defaults: the strongest baseline and the APT variant chosen on validation episodes (docs/study.md)."""
 NO_PRETRAINING = ("baseline", "baseline_frozen", "apt", "apt_stage2_only")
 """Rows of the task-only study shown beside this regime's (as ``<method> (no pretraining)``)."""
 FIGURE_METHODS = (
@@ -83,9 +88,11 @@ def write_tables(study: dict, out: Path, task_runs: list[dict] | None = None) ->
         ]
         both = aggregate([*study["runs"], *shown])
         text += f"\nWith the task-only study's rows:\n\n{format_table(both, fmt='markdown')}\n"
-        shown_in_figure = [r for r in [*study["runs"], *shown] if r["method"] in FIGURE_METHODS]
-        plot_success(aggregate(shown_in_figure), out / "success.png")
-        plot_outcomes(summary, out / "outcomes.png")
+        figure_rows = [r for r in [*study["runs"], *shown] if r["method"] in FIGURE_METHODS]
+    else:
+        figure_rows = study["runs"]
+    plot_success(aggregate(figure_rows), out / "success.png")
+    plot_outcomes(summary, out / "outcomes.png")
     stored = {k: v for k, v in study.items() if k != "goal"}  # the schema of docs/study_results.json; goal: table.md
     (out / "results.json").write_text(json.dumps(stored, indent=1))
     (out / "table.md").write_text(text)
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         study["command"] = " ".join(["python", *sys.argv])
     task_runs = json.loads(args.task_results.read_text())["runs"] if args.combine else None
     print(write_tables(study, args.out, task_runs))
-    print(f"Wall time {study['wall_s']:.0f} s. Wrote {args.out}/results.json and table.md.")
+    print(f"Wall time {study['wall_s']:.0f} s. Wrote {args.out}/results.json, table.md, success.png, outcomes.png.")
     return study
 
 
