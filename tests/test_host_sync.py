@@ -37,7 +37,7 @@ def host_reads(monkeypatch):
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counted(name))
     # what an accelerator sees: mask values are not free to read, so only the first batches check them
-    monkeypatch.setattr("apt_lightning.mixin.reading_is_free", lambda tensor: False)
+    monkeypatch.setattr("apt_lightning.controller.reading_is_free", lambda tensor: False)
 
     class Step(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -51,7 +51,7 @@ def host_reads(monkeypatch):
 
 @pytest.mark.parametrize("check_finite, per_step", [(True, 1), (False, 0)])
 def test_one_host_read_per_step_across_the_switch(host_reads, check_finite, per_step, monkeypatch):
-    monkeypatch.setattr("apt_lightning.mixin._MASK_ROW_CHECKS", 2)
+    monkeypatch.setattr("apt_lightning.controller._MASK_ROW_CHECKS", 2)
     counts, step = host_reads
     t = trainer(8, [step, APTStageScheduler(switch_at_step=4, check_finite=check_finite)])
     policy = make_policy("groot")

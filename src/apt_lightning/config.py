@@ -108,7 +108,8 @@ class FusionConfig:
         for name in ("num_heads", "ff_mult"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"`{name}` must be an integer, got {value!r}.")
+                kind = "a positive integer" if name == "num_heads" else "an integer >= 0"
+                raise ConfigError(f"`{name}` must be {kind}, got {value!r}.")
         if self.num_heads <= 0 or self.ff_mult < 0:
             raise ConfigError(
                 f"`num_heads` must be positive and `ff_mult` >= 0 (0: no feed-forward branch), got {self.num_heads!r}, "

@@ -326,7 +326,7 @@ class APT:
         joint baseline they hide nothing (``language`` still marks the instruction); with
         ``APTConfig(joint_prefix="blind")`` the joint prefix is language-blind while the expert sees language.
         """
-        check_rows = attention_mask.device.type == "cpu" or self._mask_rows_checked < _MASK_ROW_CHECKS
+        check_rows = reading_is_free(attention_mask) or self._mask_rows_checked < _MASK_ROW_CHECKS
         language = check_language_mask(language_mask, attention_mask, check_rows=check_rows)
         if check_rows:
             self._mask_rows_checked += 1
@@ -554,6 +554,11 @@ class APT:
         vlm_prefix = self.vlm + "."
         if any(k.startswith(vlm_prefix) and ".lora_" in k for k in keys) and not has_lora(self.vlm_module):
             inject_vlm_lora(self.vlm_module, self.config)
+
+
+def reading_is_free(tensor: torch.Tensor) -> bool:
+    """Whether reading ``tensor``'s values on the host costs no device synchronisation (it lives on the CPU)."""
+    return tensor.device.type == "cpu"
 
 
 def saved_plan_and_step(saved: dict[str, Any]) -> tuple[StagePlan | None, int]:

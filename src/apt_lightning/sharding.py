@@ -38,8 +38,8 @@ def fully_shard_apt(module: nn.Module, units: str | list[str] | None = None, **f
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    plan = getattr(module, "_apt_plan", None)
-    if plan is None:
+    controller = getattr(module, "apt", None)
+    if controller is None or not controller.is_prepared:
         raise ContractError(
             f"{type(module).__name__} is not prepared: shard it in `configure_model`, which Lightning calls after "
             "APTStageScheduler's `setup` has built the fusion blocks (and add the scheduler to the callbacks)."
