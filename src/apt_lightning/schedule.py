@@ -12,7 +12,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from apt_lightning.errors import ConfigError
+from apt_lightning.errors import ConfigError, StageMismatchError
 
 Stage = Literal[0, 1, 2]
 JOINT: Stage = 0
@@ -125,3 +125,46 @@ class StageLRFactor:
             return 1.0
         since = step - plan.stage_start(stage)
         return min(1.0, (since + 1) / self.warmup_steps)
+
+
+def saved_plan_and_step(saved: dict[str, Any]) -> tuple[StagePlan | None, int]:
+    """The plan and step a saved record holds; version-1 records stored only the stage."""
+    if saved.get("plan") is not None:
+        return StagePlan(**saved["plan"]), int(saved.get("step", 0))
+    if saved.get("stage") is not None:
+        return StagePlan(first_stage=parse_stage(saved["stage"])), int(saved.get("step", 0))
+    return None, int(saved.get("step", 0))
+
+
+def check_resume(saved: StagePlan, plan: StagePlan, step: int) -> None:
+    """Raise :class:`StageMismatchError` unless a checkpoint trained under ``saved`` to ``step`` may resume
+    under ``plan``."""
+    if saved == plan:
+        return
+    if saved.is_joint != plan.is_joint:
+        was = "the joint baseline (no APT)" if saved.is_joint else f"APT ({saved.name})"
+        raise StageMismatchError(
+            f"This checkpoint was trained with {was}, but this fit runs the {plan.name!r} plan; their modules "
+            "differ (the baseline has no fusion blocks). Resume with the checkpoint's own plan "
+            "(APTStageScheduler(stage='joint') for the baseline), or start the other plan from a fresh model."
+        )
+    trained_stage2 = step > 0 and saved.stage_at(step - 1) == 2
+    if trained_stage2 and not plan.has_stage2:
+        raise StageMismatchError(
+            f"This checkpoint (global step {step}) was trained in Stage 2 under plan {saved.name!r}, but this fit "
+            f"runs the Stage-1-only plan {plan.name!r}. Resume with "
+            f"APTStageScheduler(switch_at_step={saved.switch_step}) (or stage=2 to match the checkpoint's plan), "
+            "or start Stage 1 from a fresh model."
+        )
+    if not trained_stage2 and plan.first_stage == 2:
+        raise StageMismatchError(
+            f"This checkpoint (global step {step}) holds Stage-1 training under plan {saved.name!r}, but this fit "
+            "runs a Stage-2-only plan. To start Stage 2 from it, export the prior with `export_va_prior` and load "
+            "it with `load_va_prior` into a fresh Stage-2 run; to continue this run, resume with the "
+            f"checkpoint's own plan ({saved.to_dict()})."
+        )
+    raise StageMismatchError(
+        f"The checkpoint was trained under stage plan {saved.to_dict()} but this fit uses {plan.to_dict()}. "
+        "Resume with the same APTStageScheduler arguments; the learning-rate schedule and optimizer groups "
+        "depend on them."
+    )
