@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -288,7 +289,6 @@ class APT:
                 "`warm_start=True` (APTStageScheduler(..., finetune=True, warm_start=True)) to use its weights as a "
                 "starting point only."
             )
-        self._step = 0
         self.prepare(plan, step=0)
 
     def set_step(self, step: int, micro_batch: int | None = None) -> None:
@@ -299,9 +299,9 @@ class APT:
         Lightning counts it) keys the per-step random streams of a plain loop; Lightning's is read from the
         Trainer.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"`step` must be a global step (int >= 0), got {step!r}.")
-        self._step = step
+        self._step = int(step)
         if micro_batch is not None:
             self.micro_batch = int(micro_batch)
         stage = self.stage
