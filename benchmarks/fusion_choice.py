@@ -27,6 +27,7 @@ from fusion_options import FUSION_OPTIONS
 
 from apt_lightning.bench.evaluation import evaluate_validation
 from apt_lightning.bench.study import StudyConfig, build_policy, prepare_vlm, study_data
+from apt_lightning.bench.trainer import quiet_trainer
 from apt_lightning.callbacks import GateMonitor
 
 SPLITS = ("counterfactual", "paraphrase", "seen")
@@ -46,17 +47,7 @@ def train(config: StudyConfig, arch: str, seed: int, options: dict[str, Any], vo
         dict(options) or None,
         False,
     )
-    trainer = pl.Trainer(
-        max_steps=config.steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[config.scheduler("apt"), GateMonitor(every_n_steps=50)],
-    )
+    trainer = quiet_trainer(config.steps, [config.scheduler("apt"), GateMonitor(every_n_steps=50)])
     tic = time.perf_counter()
     trainer.fit(policy, data.train_dataloader())
     return policy, time.perf_counter() - tic

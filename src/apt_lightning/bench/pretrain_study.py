@@ -37,6 +37,7 @@ from apt_lightning.bench.data import DemonstrationDataset, collect_demonstration
 from apt_lightning.bench.datamodule import TabletopDataModule, policy_batch
 from apt_lightning.bench.disk_cache import cache_key, cached_directory, default_cache_dir
 from apt_lightning.bench.pretrain_corpus import make_corpus
+from apt_lightning.bench.trainer import quiet_trainer
 from apt_lightning.callbacks import APTStageScheduler, GateMonitor
 from apt_lightning.data import ResumableDataLoader
 from apt_lightning.models.base import FlowMatchingPolicy
@@ -84,20 +85,6 @@ def _sample(policy: FlowMatchingPolicy, probe: tuple[dict[str, torch.Tensor], to
     finally:
         for module, training in modes.items():
             module.training = training
-
-
-def _trainer(steps: int, callbacks: list[Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
 
 
 def _pretraining_config(config: Any, arch: str, method: str, seed: int) -> Any:
@@ -193,7 +180,7 @@ def pretrained_policy(
             data, batch_size=config.batch_size, shuffle=True, seed=seed, collate_fn=policy_batch
         )
         tic = time.perf_counter()
-        _trainer(config.pretrain_steps, [scheduler]).fit(policy, loader)
+        quiet_trainer(config.pretrain_steps, [scheduler]).fit(policy, loader)
         train_s = time.perf_counter() - tic
         torch.save(policy.state_dict(), staging / "policy.pt")
         torch.save(_sample(policy, probe), staging / "probe_actions.pt")
@@ -257,7 +244,7 @@ def finetune_method(
     policy.train()
     check = _Step0Check(probe, torch.load(directory / "probe_actions.pt", weights_only=True))
     monitor = GateMonitor(every_n_steps=10)
-    trainer = _trainer(config.steps, [config.scheduler(method), monitor, check, *(callbacks or [])])
+    trainer = quiet_trainer(config.steps, [config.scheduler(method), monitor, check, *(callbacks or [])])
     tic = time.perf_counter()
     trainer.fit(policy, data.train_dataloader())
     extra = {

@@ -49,6 +49,7 @@ from apt_lightning.bench.datamodule import TabletopDataModule
 from apt_lightning.bench.determinism import STUDY_THREADS, fixed_threads
 from apt_lightning.bench.evaluation import evaluate_policy, evaluate_validation
 from apt_lightning.bench.splits import EVAL_SPLITS
+from apt_lightning.bench.trainer import quiet_trainer
 from apt_lightning.bench.vlm_pretraining import VLMPretrainingConfig, pretrained_vlm
 from apt_lightning.callbacks import APTStageScheduler, GateMonitor
 from apt_lightning.config import APTConfig
@@ -599,17 +600,7 @@ def train_method(
         _BY_NAME[method].per_site,
     )
     monitor = GateMonitor(every_n_steps=10)
-    trainer = pl.Trainer(
-        max_steps=config.steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[config.scheduler(method), monitor, *(callbacks or [])],
-    )
+    trainer = quiet_trainer(config.steps, [config.scheduler(method), monitor, *(callbacks or [])])
     tic = time.perf_counter()
     trainer.fit(policy, data.train_dataloader())
     return policy, trainer, monitor, time.perf_counter() - tic
