@@ -18,7 +18,6 @@ from apt_lightning.guard import NonFiniteGuard, non_finite_entries
 from apt_lightning.optim import has_apt_groups
 from apt_lightning.schedule import Stage, StagePlan, parse_stage
 from apt_lightning.sharding import prime_optimizer_state, unsharded_parameters
-from apt_lightning.structure import fusion_sites
 
 __all__ = ["APTStageScheduler", "GateMonitor", "non_finite_entries"]
 
@@ -40,7 +39,8 @@ def _controller(pl_module: pl.LightningModule) -> APT:
 def check_site_outputs(pl_module: pl.LightningModule) -> None:
     """Every fusion site checked its wrapped module's output in this forward (Stage 1 included): report all that
     cannot take fusion, at the first step, not when the switch comes."""
-    problems = [f"`{site}`: {layer.output_problem}" for site, layer in fusion_sites(pl_module) if layer.output_problem]
+    sites = _controller(pl_module).sites  # found at prepare: no module walk on the per-step path
+    problems = [f"`{site}`: {layer.output_problem}" for site, layer in sites.items() if layer.output_problem]
     if problems:
         raise ContractError(
             f"{len(problems)} fusion site(s) of {type(pl_module).__name__} cannot take gated fusion (found in the "
