@@ -1,7 +1,8 @@
 """The smallest adoption of APT: an existing Lightning VLA, one controller, one callback.
 
 The model below stands for *your* code: a VLM (here a toy transformer over image patches + text) whose
-features condition a flow-matching expert. Lines marked ``# APT`` are everything APT needs.
+features condition a flow-matching expert. Lines marked ``# APT`` are everything APT needs. After training it
+samples action chunks with the expert compiled (``torch.compile``, one graph per stage: docs/performance.md).
 
     python examples/add_apt_to_existing_trainer.py
 """
@@ -42,28 +43,57 @@ class ExpertBlock(nn.Module):
         return x + self.mlp(x)
 
 
+class FlowExpert(nn.Module):
+    """The action expert: one call is one denoising step (what ``torch.compile`` compiles for sampling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action_in = nn.Linear(2 + 1, DIM)
+        self.blocks = nn.ModuleList([ExpertBlock() for _ in range(2)])
+        self.action_out = nn.Linear(DIM, 2)
+
+    def forward(self, x_t, t, features, context_mask):
+        h = self.action_in(torch.cat([x_t, t[:, None, None].expand(-1, x_t.shape[1], 1)], -1))
+        for block in self.blocks:
+            h = block(h, features, context_mask)
+        return self.action_out(h)
+
+
 class MyVLA(APTMixin, pl.LightningModule):  # APT: subclass the mixin
     def __init__(self) -> None:
         super().__init__()
         self.vlm = ToyVLM()
-        self.action_in = nn.Linear(2 + 1, DIM)
-        self.blocks = nn.ModuleList([ExpertBlock() for _ in range(2)])
-        self.action_out = nn.Linear(DIM, 2)
-        fusion = FusionConfig(target_modules=r"blocks\.\d+", num_heads=2, context_dim=DIM)  # APT: where fusion goes
+        self.expert = FlowExpert()
+        fusion = FusionConfig(target_modules=r"expert\.blocks\.\d+", num_heads=2, context_dim=DIM)  # APT
         self.apt = APT(self, vlm="vlm", fusion=fusion)  # APT: which module is the VLM
 
-    def velocity(self, batch, x_t, t):
-        attention = torch.ones(batch["patches"].shape[:2], dtype=torch.long)
-        attention = torch.cat([attention, torch.ones_like(batch["input_ids"])], 1)
+    def condition(self, batch):
+        """One VLM pass: the features the expert reads, and the masks (padding in ``attention_mask`` is optional)."""
+        text = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        attention = torch.cat([torch.ones(batch["patches"].shape[:2], dtype=text.dtype), text], 1)
         image_part = torch.zeros_like(batch["patches"][..., 0], dtype=torch.bool)
         masks = self.apt.masks(attention, torch.cat([image_part, batch["language_mask"]], 1))  # APT
         with self.apt.vlm_context():  # APT
             features = self.vlm(batch["patches"], batch["input_ids"], masks.vlm_attention)
-        h = self.action_in(torch.cat([x_t, t[:, None, None].expand(-1, CHUNK, 1)], -1))
+        return features, masks
+
+    def velocity(self, batch, x_t, t):
+        features, masks = self.condition(batch)
         with self.apt.fusion_context(features, masks.language):  # APT
-            for block in self.blocks:
-                h = block(h, features, masks.expert_attention.bool())
-        return self.action_out(h)
+            return self.expert(x_t, t, features, masks.expert_attention.bool())
+
+    @torch.no_grad()
+    def sample_actions(self, batch, noise, num_steps=10, guidance_scale=1.0):
+        """Euler integration of the flow from ``noise`` (t = 0) to actions (t = 1): the VLM runs once per chunk,
+        the expert once per step (twice the rows under guidance: conditional and language-free prior)."""
+        features, masks = self.condition(batch)
+        x, mask = noise, masks.expert_attention.bool()
+        with self.apt.fusion_context(features, masks.language, guidance_scale) as guide:  # APT
+            features, mask = guide.expand(features), guide.expand(mask)
+            for step in range(num_steps):
+                t = torch.full((x.shape[0],), step / num_steps)
+                x = x + guide.combine(self.expert(guide.expand(x), guide.expand(t), features, mask)) / num_steps
+        return x
 
     def training_step(self, batch, batch_idx):
         with self.apt.rng(batch_idx):  # APT (optional): noise that resumes exactly
@@ -101,3 +131,6 @@ if __name__ == "__main__":
     )
     trainer.fit(model, ResumableDataLoader(toy_data(), batch_size=8, shuffle=True))
     print({site: {k: round(v, 4) for k, v in gates.items()} for site, gates in model.apt.gate_values().items()})
+    batch = {key: torch.stack([item[key] for item in toy_data(4)]) for key in ("patches", "input_ids", "language_mask")}
+    model.expert.compile(fullgraph=True, dynamic=False)  # optional: compiled sampling, one graph per stage
+    print("first sampled action per chunk:", model.eval().sample_actions(batch, torch.randn(4, CHUNK, 2))[:, 0])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -89,3 +93,49 @@ def test_inductor_compiled_sampling_matches_eager(arch: str) -> None:
     torch._dynamo.reset()
     policy.compile_sampling(bucket=16)  # the default backend (inductor)
     torch.testing.assert_close(policy.sample_actions(batch, noise, guidance_scale=1.5), eager, atol=1e-4, rtol=0)
+
+
+def readme_example() -> ModuleType:
+    """``examples/add_apt_to_existing_trainer.py``: the README's adapter pattern, runnable."""
+    path = Path(__file__).parents[1] / "examples" / "add_apt_to_existing_trainer.py"
+    spec = importlib.util.spec_from_file_location("add_apt_to_existing_trainer", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_adapter_pattern_compiles_once_per_stage_and_guidance() -> None:
+    """A user's expert, compiled as a module, inside ``apt.fusion_context``: no graph break, one graph per
+    padded prompt length, guidance and stage, and the same actions as eager."""
+    example = readme_example()
+    torch.manual_seed(0)
+    model = example.MyVLA().eval()
+    model.apt.prepare(StagePlan(first_stage=2))
+    with torch.no_grad():
+        for site in model.apt.sites.values():
+            for gate in site.apt_fusion.gate_parameters():
+                gate.fill_(0.5)
+
+    def batch(length: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(length)
+        ids = torch.randint(3, example.VOCAB, (2, length), generator=g)
+        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "language_mask": ids > 0}
+        return {"patches": torch.randn(2, example.PATCHES, 12, generator=g), **pad_prompt(prompt, 8)}
+
+    noise = torch.randn(2, example.CHUNK, 2)
+    eager = {n: model.sample_actions(batch(n), noise, num_steps=3) for n in (3, 5)}
+    guided_eager = model.sample_actions(batch(3), noise, num_steps=3, guidance_scale=2.0)
+    backend = CountingBackend()
+    model.expert.compile(fullgraph=True, dynamic=False, backend=backend)
+    for n in (3, 5):  # one padded length: one graph for every step of both calls
+        torch.testing.assert_close(model.sample_actions(batch(n), noise, num_steps=3), eager[n], atol=TOLERANCE, rtol=0)
+    assert backend.graphs == 1
+    guided = model.sample_actions(batch(3), noise, num_steps=3, guidance_scale=2.0)
+    torch.testing.assert_close(guided, guided_eager, atol=TOLERANCE, rtol=0)
+    assert backend.graphs == 2
+    for site in model.apt.sites.values():  # Stage 1 / fusion bypassed
+        site.active = False
+    model.sample_actions(batch(3), noise, num_steps=3)
+    model.sample_actions(batch(5), noise, num_steps=3)
+    assert backend.graphs == 3

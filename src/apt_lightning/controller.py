@@ -388,7 +388,9 @@ class APT:
             :class:`~apt_lightning.guidance.PriorGuidance`: pass the expert's per-sample inputs through its
             ``expand`` and the expert's output through its ``combine`` (no-ops unless guidance is on).
 
-        Set it once per forward or sampling call; all denoising steps inside reuse it. Outside Stage 2 it is
+        Set it once per forward or sampling call; all denoising steps inside reuse it (without autograd the
+        context keys/values are computed here, once, so a ``torch.compile``-d denoising step sees the same inputs
+        at every step and compiles once; docs/performance.md). Outside Stage 2 it is
         ignored, so pass the features unconditionally (or skip them when :attr:`needs_language` is False). With
         ``APTConfig.language_dropout`` = p, a fraction p of the training samples get an empty context: they take
         exactly the prior path.
@@ -416,6 +418,8 @@ class APT:
             if keep is not None:
                 key_mask = key_mask & keep[:, None]
             site.set_context(guidance.expand(context), guidance.prior_rows_blind(key_mask))
+            if not torch.is_grad_enabled():  # sampling: keys/values once here, so every denoising step is the same
+                site.precompute_context(site.apt_fusion.to_kv.weight.dtype)  # computation (one compiled graph)
         try:
             yield guidance
         finally:
