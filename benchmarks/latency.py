@@ -6,10 +6,11 @@ model without fusion is the same Stage-2 model with every fusion site bypassed (
 Compiled runs use :meth:`~apt_lightning.models.base.FlowMatchingPolicy.compile_sampling` (``torch.compile`` of the
 denoising step, full graph, static shapes, prompts padded to 16-token buckets); compilation happens in the warm-up
 calls and is reported separately. Every cell is the median, min and max over ``--repeats`` calls after warm-up,
-all in one run, side by side:
+all in one run, side by side, the two variants' calls alternating:
 
     python benchmarks/latency.py [--scale 32] [--batches 1 32] [--repeats 10] [--archs pi0 groot]
-        [--fusion-option ff4] [--modes eager compiled] [--json out.json]
+        [--fusion-option ff4] [--modes eager compiled] [--precision bf16-true] [--compile-mode reduce-overhead]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,25 +41,35 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def timed_calls(fn: Any, repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Seconds of the warm-up (compilation included) and median/min/max of ``repeats`` timed calls."""
+def timed_calls(fns: dict[str, Any], repeats: int, warmup: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Per variant: seconds of the warm-up (compilation included) and median/min/max of ``repeats`` timed calls.
+
+    The variants' calls alternate (A, B, A, B, ...), so a slow spell of a shared machine hits both sides alike
+    instead of only the variant that happened to run during it.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    tic = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    sync()
-    warm = time.perf_counter() - tic
-    times = []
-    for _ in range(repeats):
+    warm: dict[str, float] = {}
+    for name, fn in fns.items():
         tic = time.perf_counter()
-        fn()
+        for _ in range(warmup):
+            fn()
         sync()
-        times.append(time.perf_counter() - tic)
+        warm[name] = time.perf_counter() - tic
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            tic = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - tic)
     return {
-        "median_ms": statistics.median(times) * 1e3,
-        "min_ms": min(times) * 1e3,
-        "max_ms": max(times) * 1e3,
-        "warmup_s": warm,
+        name: {
+            "median_ms": statistics.median(t) * 1e3,
+            "min_ms": min(t) * 1e3,
+            "max_ms": max(t) * 1e3,
+            "warmup_s": warm[name],
+        }
+        for name, t in times.items()
     }
 
 
@@ -76,6 +87,7 @@ def measure(
     option: str,
     device: torch.device,
     dtype: torch.dtype,
+    compile_mode: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (mode, batch, variant) of ``arch``."""
     torch.manual_seed(0)
@@ -89,15 +101,19 @@ def measure(
     for mode in modes:
         if mode == "compiled":
             torch._dynamo.reset()
-            policy.compile_sampling(bucket=16)
+            policy.compile_sampling(bucket=16, **({"mode": compile_mode} if compile_mode else {}))
         else:
             policy.eager_sampling()
         for batch_size in batches:
             batch = make_batch(policy, batch_size, device, dtype)
             noise = torch.randn(batch_size, policy.chunk_size, policy.noise_dim, device=device, dtype=dtype)
-            for variant, active in (("no_fusion", False), ("apt_stage2", True)):
+
+            def chunk(active: bool) -> None:
                 set_fusion(policy, active)
-                stats = timed_calls(lambda: policy.sample_actions(batch, noise), repeats, 2, device)  # noqa: B023
+                policy.sample_actions(batch, noise)  # noqa: B023
+
+            variants = {"no_fusion": lambda: chunk(False), "apt_stage2": lambda: chunk(True)}
+            for variant, stats in timed_calls(variants, repeats, 2, device).items():
                 row = {"model": arch, "mode": mode, "batch": batch_size, "variant": variant, **stats}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -113,6 +129,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--fusion-option", default="ff4", choices=list(FUSION_OPTIONS))
     parser.add_argument("--precision", default="32", choices=["32", "bf16-true"])
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode of the compiled runs (reduce-overhead: CUDA graphs on a GPU)",
+    )
     parser.add_argument("--json", default=None, help="also write every row to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +143,17 @@ def main() -> None:
     print(f"{card}, {torch.get_num_threads()} threads, torch {torch.__version__}, widths / {args.scale}", flush=True)
     rows = []
     for arch in args.archs:
-        rows += measure(arch, args.scale, args.batches, args.repeats, args.modes, args.fusion_option, device, dtype)
+        rows += measure(
+            arch,
+            args.scale,
+            args.batches,
+            args.repeats,
+            args.modes,
+            args.fusion_option,
+            device,
+            dtype,
+            args.compile_mode,
+        )
     print(f"\nms per chunk, median [min, max] of {args.repeats} calls; fusion option {args.fusion_option}")
     print(f"{'model':6} {'mode':9} {'batch':>5} {'no fusion':>26} {'APT Stage 2':>26} {'APT / no fusion':>16}")
     for arch in args.archs:
@@ -135,7 +167,16 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"device": card, "threads": torch.get_num_threads(), "scale": args.scale, "rows": rows}, f, indent=1
+                {
+                    "device": card,
+                    "threads": torch.get_num_threads(),
+                    "scale": args.scale,
+                    "precision": args.precision,
+                    "compile_mode": args.compile_mode,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
             )
 
 

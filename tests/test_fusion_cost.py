@@ -96,3 +96,31 @@ def test_extrapolation_recovers_a_quadratic_in_the_inverse_scale() -> None:
         return {"train_fusion": 7e6 / s**2 + 3e3 / s}
 
     assert extrapolate({16: flops(16), 8: flops(8)})["train_fusion"] == pytest.approx(7_003_000, rel=1e-12)
+
+
+def test_op_cost_mode_counts_each_weight_once_per_op() -> None:
+    from roofline import OpCostMode
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    with OpCostMode(list(net.parameters())) as mode:
+        net(torch.randn(3, 8))
+    assert mode.ops == [(2 * 3 * 8 * 16, 8 * 16 + 16), (2 * 3 * 16 * 4, 16 * 4 + 4)]  # activations are no weights
+
+
+def test_sampling_reads_fusion_weights_every_step_and_context_keys_once(arch: str) -> None:
+    """APT's extra weight traffic per sampling call: each block's query/output/feed-forward weights at every
+    denoising step, its context key/value projection once (the context is the same at every step)."""
+    from roofline import sampling_ops
+
+    policy = build(arch, FUSION_OPTIONS["ff4"])
+    open_gates(policy)
+    batch = make_batch("left")
+    base = sampling_ops(policy, batch, fusion=False)
+    apt = sampling_ops(policy, batch, fusion=True)
+    assert apt == sampling_ops(policy, batch, fusion=True)  # deterministic
+    blocks = [site.apt_fusion for site in policy.apt.sites.values()]
+    per_step = sum(b.to_q.weight.numel() + b.to_out.weight.numel() for b in blocks)
+    per_step += sum(p.numel() for b in blocks for m in b.ff if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    once = sum(b.to_kv.weight.numel() for b in blocks)
+    extra = sum(w for _, w in apt) - sum(w for _, w in base)
+    assert extra == policy.default_sampling_steps * per_step + once
