@@ -50,6 +50,7 @@ def test_method_catalogue_derives_each_run():
         "apt_stage2_only",
         "apt_head",
         "apt_ft_vlm",
+        "apt_ft_vlm_no_ff",
         "apt_s1_0",
         "apt_s1_quarter",
         "baseline_habit",
@@ -62,7 +63,7 @@ def test_method_catalogue_derives_each_run():
     assert (frozen.vlm_mode, frozen.language_dropout) == ("frozen", 0.0)
     assert config.apt_config("pi0", "apt", 0).language_dropout == 0.0
     assert config.apt_config("pi0", "apt_dropout", 0).language_dropout == 0.25
-    assert [config.eval_guidance(m) for m in task_methods] == [1.0] * 5 + [1.5] + [1.0] * 6
+    assert [config.eval_guidance(m) for m in task_methods] == [1.0] * 5 + [1.5] + [1.0] * 7
     assert config.scheduler("apt_stage2_only").plan.first_stage == 2 and config.scheduler("apt").plan.first_stage != 2
     assert config.trained_as("pi0", "apt_stage2_only") == "apt_stage2_only"
     blind = config.apt_config("groot", "baseline_blind", 0)

@@ -198,6 +198,14 @@ METHODS: tuple[Method, ...] = (
         vlm_lr_factor=0.1,
     ),
     Method(
+        "apt_ft_vlm_no_ff",
+        "apt_ft_vlm with gated cross-attention only (FusionConfig(ff_mult=0)): the batch-1 deployment option",
+        True,
+        vlm_mode="full",
+        vlm_lr_factor=0.1,
+        fusion=(("ff_mult", 0),),
+    ),
+    Method(
         "apt_s1_0",
         "pretrain regime: APT pretraining with no Stage 1 (Stage 2 on the whole corpus), then Stage-2 fine-tuning",
         True,
