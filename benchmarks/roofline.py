@@ -22,6 +22,7 @@ the width divisor ``s`` (the op sequence does not depend on ``s``), so counts at
 figures at the real size, op by op, before the ``max``.
 
     python benchmarks/roofline.py [--archs pi0 groot] [--options ff4 ff1 no_ff no_ff_every2] [--json out.json]
+        [--plot out.png] [--rows-from out.json]
 """
 
 from __future__ import annotations
@@ -111,14 +112,54 @@ def roofline_ms(ops: list[dict[str, float]], card: str) -> float:
     return 1e3 * sum(max(op["flops"] / peak, op["weights"] * BYTES_PER_WEIGHT / bandwidth) for op in ops)
 
 
+GOAL = 1.2
+"""Issue 19's goal for APT's batch-1 latency over the model without fusion, drawn on the plot."""
+
+
+def plot_batch1(rows: list[dict[str, Any]], path: str) -> None:
+    """Bars of the predicted batch-1 ratio per fusion option, one group per (model, card), the goal as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if r["batch"] == 1]
+    options = list(dict.fromkeys(r["option"] for r in rows))
+    groups = list(dict.fromkeys((r["model"], r["card"]) for r in rows))
+    fig = Figure(figsize=(8, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(options)
+    for i, option in enumerate(options):
+        heights = [
+            next(r["apt_over_no_fusion"] for r in rows if (r["model"], r["card"], r["option"]) == (*g, option))
+            for g in groups
+        ]
+        label = f"{option} (default)" if option == "ff4" else option
+        bars = ax.bar([j + i * width for j in range(len(groups))], heights, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(GOAL, color="black", linestyle="--", linewidth=1, label=f"goal {GOAL}x")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{m}\n{c}" for m, c in groups])
+    ax.set_ylim(1.0, max(r["apt_over_no_fusion"] for r in rows) + 0.08)
+    ax.set_ylabel("APT / no fusion, batch 1")
+    ax.set_title("Predicted per-chunk latency ratio at batch 1 (roofline, real size, bf16)", fontsize=10)
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["pi0", "groot"], choices=["pi0", "groot"])
     parser.add_argument("--options", nargs="+", default=list(FUSION_OPTIONS), choices=list(FUSION_OPTIONS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--json", default=None, help="also write every row to this file")
+    parser.add_argument("--plot", default=None, help="also draw the batch-1 ratios to this PNG (needs matplotlib)")
+    parser.add_argument("--rows-from", default=None, help="read the rows from this --json file instead of counting")
     args = parser.parse_args()
     rows = []
+    if args.rows_from:
+        with open(args.rows_from) as f:
+            rows = json.load(f)["rows"]
+        args.archs = []
     for arch in args.archs:
         for batch_size in args.batches:
             base = real_size_ops(arch, FUSION_OPTIONS[args.options[0]], batch_size, fusion=False)
@@ -151,6 +192,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python benchmarks/roofline.py", "cards": CARDS, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot_batch1(rows, args.plot)
 
 
 if __name__ == "__main__":
