@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Dataset
 
 from apt_lightning import APTConfig
+from apt_lightning.bench.trainer import quiet_trainer
 from apt_lightning.data import ResumableDataLoader
 from apt_lightning.models import GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
 
@@ -96,18 +97,8 @@ class LossRecorder(Callback):
 
 
 def trainer(max_steps: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    """The studies' quiet CPU ``Trainer`` (``kwargs`` override its arguments)."""
+    return quiet_trainer(max_steps, callbacks, **kwargs)
 
 
 def run_script(script: str, *args: str) -> None:

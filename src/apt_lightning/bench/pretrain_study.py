@@ -136,7 +136,7 @@ def pretrained_policy(
     is identical (``apt``, ``apt_ft_vlm``) therefore share one directory. It holds ``policy.pt`` (state dict),
     ``probe_actions.pt`` (the pretrained model's actions on ``probe``) and ``pretraining.json``.
     """
-    from apt_lightning.bench.study import METHODS, build_policy
+    from apt_lightning.bench.study import METHODS
 
     entry = next(m for m in METHODS if m.name == method)
     apt_config = _pretraining_config(config, arch, method, seed)
@@ -163,18 +163,7 @@ def pretrained_policy(
 
     def build(staging: Path) -> None:
         pl.seed_everything(seed, verbose=False)  # the same expert initialisation as the task regime
-        structure = _structure(config, arch, method)
-        policy = build_policy(
-            arch,
-            vocabulary,
-            apt_config,
-            vlm_dir,
-            config.hidden_size,
-            config.chunk_size,
-            structure["head_language"],
-            dict(entry.fusion) or None,
-            structure["per_site"],
-        )
+        policy = config.method_policy(arch, method, apt_config, vocabulary, vlm_dir)
         data = corpus_data(config, seed, entry.corpus, config.chunk_size)
         loader = ResumableDataLoader(
             data, batch_size=config.batch_size, shuffle=True, seed=seed, collate_fn=policy_batch
@@ -220,24 +209,13 @@ def finetune_method(
         ``(policy, trainer, gate monitor, fine-tuning seconds, record)``; the record holds ``pretrain_steps``,
         ``pretrain_s``, ``pretrain_switch_step``, ``stage1_fraction``, ``corpus`` and ``step0_max_diff``.
     """
-    from apt_lightning.bench.study import METHODS, build_policy
+    from apt_lightning.bench.study import METHODS
 
     entry = next(m for m in METHODS if m.name == method)
     probe = probe_batch(data)
     directory, record = pretrained_policy(config, arch, method, seed, vocabulary, vlm_dir, probe, cache_dir)
     pl.seed_everything(seed, verbose=False)
-    structure = _structure(config, arch, method)
-    policy = build_policy(
-        arch,
-        vocabulary,
-        config.apt_config(arch, method, seed),
-        vlm_dir,
-        config.hidden_size,
-        config.chunk_size,
-        structure["head_language"],
-        dict(entry.fusion) or None,
-        structure["per_site"],
-    )
+    policy = config.method_policy(arch, method, config.apt_config(arch, method, seed), vocabulary, vlm_dir)
     if entry.two_stage:
         policy.apt.prepare(StagePlan(first_stage=2))  # fusion blocks must exist before the weights load into them
     policy.load_state_dict(torch.load(directory / "policy.pt", weights_only=True), strict=True)

@@ -421,6 +421,29 @@ class StudyConfig:
         """Whether ``method`` builds ``arch``'s head with its own gated language path."""
         return _BY_NAME[method].head_language and arch == "groot"
 
+    def method_policy(
+        self,
+        arch: str,
+        method: str,
+        apt_config: APTConfig,
+        vocabulary: Mapping[str, int],
+        vlm_dir: str | Path | None,
+    ) -> FlowMatchingPolicy:
+        """:func:`build_policy` with the structure ``method`` asks for: the head's own language path, its fusion
+        fields and per-site contexts (the same for its pretraining and its fine-tuning)."""
+        entry = _BY_NAME[method]
+        return build_policy(
+            arch,
+            vocabulary,
+            apt_config,
+            vlm_dir,
+            self.hidden_size,
+            self.chunk_size,
+            self.head_language(arch, method),
+            dict(entry.fusion) or None,
+            entry.per_site,
+        )
+
 
 def build_policy(
     arch: str,
@@ -594,19 +617,7 @@ def train_method(
     """Train one (arch, method, seed) of ``config``: ``(policy, trainer, gate monitor, train seconds)``."""
     apt_config = config.apt_config(arch, method, seed)
     pl.seed_everything(seed, verbose=False)  # same expert initialisation for every method
-    head = config.head_language(arch, method)
-    fusion = dict(_BY_NAME[method].fusion) or None
-    policy = build_policy(
-        arch,
-        vocabulary,
-        apt_config,
-        vlm_dir,
-        config.hidden_size,
-        config.chunk_size,
-        head,
-        fusion,
-        _BY_NAME[method].per_site,
-    )
+    policy = config.method_policy(arch, method, apt_config, vocabulary, vlm_dir)
     monitor = GateMonitor(every_n_steps=10)
     trainer = quiet_trainer(config.steps, [config.scheduler(method), monitor, *(callbacks or [])])
     tic = time.perf_counter()

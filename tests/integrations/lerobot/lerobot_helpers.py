@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Dataset
 
 from apt_lightning import APTConfig
+from apt_lightning.bench.trainer import quiet_trainer
 from apt_lightning.data import ResumableDataLoader
 from apt_lightning.integrations.lerobot import PI0APT, PI05APT, SmolVLAAPT
 from apt_lightning.integrations.lerobot.tiny import tiny_pi_policy, tiny_smolvla_policy, write_tiny_smolvlm
@@ -90,18 +91,8 @@ class LossRecorder(Callback):
 
 
 def trainer(max_steps: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    """The studies' quiet CPU ``Trainer`` (``kwargs`` override its arguments)."""
+    return quiet_trainer(max_steps, callbacks, **kwargs)
 
 
 def noise(batch_size: int = 2, seed: int = 7) -> torch.Tensor:
