@@ -2,7 +2,7 @@
 
 Trains the study's ``apt`` method (same data, budget, initialisation) once per (fusion option, arch, seed), with
 the option's :class:`~apt_lightning.FusionConfig` fields passed through the policies' ``fusion_options``, and rolls
-each policy out on the validation episodes of its seed (:func:`~apt_lightning.bench.evaluation.evaluate_validation`,
+each policy out on the validation episodes of its seed (:func:`~apt_studies.evaluation.evaluate_validation`,
 never a reported split). The rule that picks the default is written in ``docs/performance.md`` and was committed
 before this ran:
 
@@ -25,10 +25,10 @@ from typing import Any
 import lightning.pytorch as pl
 from fusion_options import FUSION_OPTIONS
 
-from apt_lightning.bench.evaluation import evaluate_validation
-from apt_lightning.bench.study import StudyConfig, build_policy, prepare_vlm, study_data
-from apt_lightning.bench.trainer import quiet_trainer
 from apt_lightning.callbacks import GateMonitor
+from apt_studies.evaluation import evaluate_validation
+from apt_studies.study import StudyConfig, build_policy, prepare_vlm, study_data
+from apt_studies.trainer import quiet_trainer
 
 SPLITS = ("counterfactual", "paraphrase", "seen")
 

@@ -1,7 +1,7 @@
 """Main job: the baselines against APT on the tabletop benchmark, both reference architectures, every split.
 
 Pretrains (once, then cached) a small PaliGemma on diverse vision-language data from the environment, trains
-each selected method of the catalogue (``apt_lightning.bench.study.METHODS``) at equal steps for each
+each selected method of the catalogue (``apt_studies.study.METHODS``) at equal steps for each
 architecture and seed, rolls every policy out on every evaluation split, and writes to ``--out``:
 
 * ``results.json``: settings, VLM pretraining metrics, every run, and the mean ± std summary;
@@ -33,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-from apt_lightning.bench.report import (
+from apt_studies.report import (
     aggregate,
     curve_records,
     format_curve_table,
@@ -44,7 +44,7 @@ from apt_lightning.bench.report import (
     plot_outcomes,
     plot_success,
 )
-from apt_lightning.bench.study import ARCHS, METHOD_NAMES, StudyConfig, run_study
+from apt_studies.study import ARCHS, METHOD_NAMES, StudyConfig, run_study
 
 FULL = dict(seeds=(0, 1, 2, 3, 4), steps=800, switch_step=400, episodes=600, eval_episodes=200)
 

@@ -2,7 +2,7 @@
 
 Trains ``apt_dropout`` for each p (both archs, the given seeds, the study's default budget), rolls each policy
 out on validation episodes (seeds 20000 + s, never used by a reported split) unguided and with each w, and
-applies the rule of :mod:`apt_lightning.bench.selection`. Writes ``<out>/selection.json`` and prints the
+applies the rule of :mod:`apt_studies.selection`. Writes ``<out>/selection.json`` and prints the
 chosen values, to be recorded in CHANGELOG.md and used as ``StudyConfig`` defaults before the final table.
 
     python examples/choose_settings.py                           # p in {0.1, 0.25, 0.5}, w in {1.25, 1.5, 2}
@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from apt_lightning.bench.selection import select_settings
-from apt_lightning.bench.study import ARCHS, StudyConfig
+from apt_studies.selection import select_settings
+from apt_studies.study import ARCHS, StudyConfig
 
 
 def main(argv: list[str] | None = None) -> dict:

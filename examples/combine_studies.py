@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from apt_lightning.bench.combine import combine_studies, read_study
-from apt_lightning.bench.report import format_outcome_table, format_table, plot_outcomes, plot_success
+from apt_studies.combine import combine_studies, read_study
+from apt_studies.report import format_outcome_table, format_table, plot_outcomes, plot_success
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from apt_lightning.bench.evaluation import EVAL_SEED, evaluation_seeds, policy_fn
-from apt_lightning.bench.language import default_tokenizer
-from apt_lightning.bench.outcomes import nearest_at_timeout, outcome_rates
-from apt_lightning.bench.rollout import rollout
-from apt_lightning.bench.splits import make_episodes
-from apt_lightning.bench.study import StudyConfig
 from apt_lightning.models.base import load_policy
+from apt_studies.evaluation import EVAL_SEED, evaluation_seeds, policy_fn
+from apt_studies.language import default_tokenizer
+from apt_studies.outcomes import nearest_at_timeout, outcome_rates
+from apt_studies.rollout import rollout
+from apt_studies.splits import make_episodes
+from apt_studies.study import StudyConfig
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from apt_lightning.bench import evaluate_policy, load_instruction_file, user_episodes
 from apt_lightning.models import load_policy
+from apt_studies import evaluate_policy, load_instruction_file, user_episodes
 
 checkpoint, instruction_file = sys.argv[1], sys.argv[2]
 instructions = load_instruction_file(instruction_file)

@@ -24,11 +24,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from apt_lightning import APTConfig, APTStageScheduler  # APT
-from apt_lightning.bench.evaluation import evaluate_policy
-from apt_lightning.bench.lerobot_format import LeRobotBenchPolicy, write_lerobot_dataset
-from apt_lightning.bench.vocabulary import vocabulary_words
 from apt_lightning.integrations.lerobot import PI0APT, PI05APT, LeRobotDataModule  # APT
 from apt_lightning.integrations.lerobot.tiny import tiny_pi_config, tiny_pi_policy, tiny_tokenizer
+from apt_studies.evaluation import evaluate_policy
+from apt_studies.lerobot_format import LeRobotBenchPolicy, write_lerobot_dataset
+from apt_studies.vocabulary import vocabulary_words
 
 REPO_ID = "apt_lightning/tabletop"
 

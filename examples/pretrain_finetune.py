@@ -23,9 +23,9 @@ import json
 import sys
 from pathlib import Path
 
-from apt_lightning.bench.pretrain_goal import format_goal_table, goal_check
-from apt_lightning.bench.report import aggregate, format_outcome_table, format_table, plot_outcomes, plot_success
-from apt_lightning.bench.study import ARCHS, METHOD_NAMES, PRETRAIN_METHODS, StudyConfig, run_study
+from apt_studies.pretrain_goal import format_goal_table, goal_check
+from apt_studies.report import aggregate, format_outcome_table, format_table, plot_outcomes, plot_success
+from apt_studies.study import ARCHS, METHOD_NAMES, PRETRAIN_METHODS, StudyConfig, run_study
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,8 +15,8 @@ import argparse
 import lightning.pytorch as pl
 
 from apt_lightning import APTConfig, APTStageScheduler, GateMonitor
-from apt_lightning.bench import TabletopDataModule, VLMPretrainingConfig, evaluate_policy, pretrained_vlm
 from apt_lightning.models import GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
+from apt_studies import TabletopDataModule, VLMPretrainingConfig, evaluate_policy, pretrained_vlm
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--arch", choices=("pi0", "groot"), default="pi0")

@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Dataset
 
 from apt_lightning import APTConfig
-from apt_lightning.bench.trainer import quiet_trainer
 from apt_lightning.data import ResumableDataLoader
 from apt_lightning.models import GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
+from apt_studies.trainer import quiet_trainer
 
 BOS, EOS = 1, 2
 WORDS = {"left": [10, 11], "right": [20, 21, 22]}  # instructions of different lengths

@@ -10,10 +10,10 @@ import torch
 import yaml
 from transformers import AutoModel
 
-from apt_lightning.bench import InstructionResolutionError, vlm_pretraining
-from apt_lightning.bench.cli import APTLightningCLI, _check_model_matches_data, evaluate_main, main, model_vlm_width
-from apt_lightning.bench.datamodule import TabletopDataModule
 from apt_lightning.models import FlowMatchingPolicy, GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
+from apt_studies import InstructionResolutionError, vlm_pretraining
+from apt_studies.cli import APTLightningCLI, _check_model_matches_data, evaluate_main, main, model_vlm_width
+from apt_studies.datamodule import TabletopDataModule
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

@@ -14,7 +14,7 @@ from helpers import loader, make_policy, trainer
 
 READS = ("__bool__", "item", "tolist", "__float__", "__int__", "cpu", "numpy")
 LIBRARY = "apt_lightning."
-NOT_LIBRARY = ("apt_lightning.models", "apt_lightning.bench")  # the reference models are users' code here
+NOT_LIBRARY = ("apt_lightning.models", "apt_studies")  # the reference models are users' code here
 
 
 @pytest.fixture

@@ -82,7 +82,3 @@ class UnverifiedCheckpointWarning(UserWarning):
     """A checkpoint written before checkpoints carried a content digest (or by a strategy whose state dict is
     sharded) was loaded without that check. Turn it into an error with
     ``warnings.simplefilter("error", UnverifiedCheckpointWarning)``."""
-
-
-class StudyFileError(AptError, ValueError):
-    """A ``results.json`` given to ``combine_studies`` is empty, truncated, malformed or lacks a field."""

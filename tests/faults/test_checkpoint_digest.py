@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import APTStageScheduler
-from apt_lightning.bench.cli import _check_resume_checkpoint, cli_entry
 from apt_lightning.checksum import DIGEST_KEY, state_dict_digest, verify_checkpoint_digest
 from apt_lightning.errors import PolicyCheckpointError, UnverifiedCheckpointWarning
 from apt_lightning.models import load_policy
+from apt_studies.cli import _check_resume_checkpoint, cli_entry
 from helpers import loader, make_policy, trainer
 
 

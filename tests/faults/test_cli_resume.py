@@ -55,7 +55,7 @@ def _fit(config: Path, *extra: str) -> subprocess.Popen:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     }
-    command = [sys.executable, "-m", "apt_lightning.bench.cli", "fit", "--config", str(config), *extra]
+    command = [sys.executable, "-m", "apt_studies.cli", "fit", "--config", str(config), *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

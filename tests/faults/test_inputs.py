@@ -15,10 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from apt_lightning import APTConfig, APTStageScheduler, FusionConfig, LanguageMaskError, StagePlan
-from apt_lightning.bench.cli import ModelDataMismatchError, cli_entry
-from apt_lightning.bench.combine import combine_studies, read_study
 from apt_lightning.config import fusion_config_with_options
-from apt_lightning.errors import AptError, ConfigError, ExportError, StudyFileError, UnverifiedExportWarning
+from apt_lightning.errors import AptError, ConfigError, ExportError, UnverifiedExportWarning
 from apt_lightning.export import (
     CONTEXT_SOURCES_KEY,
     HASH_KEY,
@@ -30,6 +28,9 @@ from apt_lightning.export import (
 from apt_lightning.inject import resolve_targets
 from apt_lightning.models import GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
 from apt_lightning.schedule import parse_stage
+from apt_studies.cli import ModelDataMismatchError, cli_entry
+from apt_studies.combine import combine_studies, read_study
+from apt_studies.errors import StudyFileError
 from helpers import make_batch, make_policy
 
 EXAMPLES = Path(__file__).parents[2] / "examples"

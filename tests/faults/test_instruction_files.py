@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from apt_lightning.bench import (
+from apt_studies import (
     InstructionFileError,
     InstructionFormatWarning,
     UnknownWordWarning,
@@ -17,8 +17,8 @@ from apt_lightning.bench import (
     load_instruction_file,
     user_episodes,
 )
-from apt_lightning.bench.cli import evaluate_entry, evaluate_main
-from apt_lightning.bench.user_file import MAX_LINE_CHARS
+from apt_studies.cli import evaluate_entry, evaluate_main
+from apt_studies.user_file import MAX_LINE_CHARS
 
 
 def _write(tmp_path: Path, content: str | bytes, name: str = "mine.txt") -> Path:
@@ -65,7 +65,7 @@ def test_every_unknown_word_is_reported_with_file_and_line(tmp_path):
     assert [u.unknown_words for u in loaded] == [("rød",), (), ("zorbly", "quickly", "🟥")]
 
 
-@pytest.mark.filterwarnings("ignore::apt_lightning.bench.UnknownWordWarning")  # the key 'instruction' is one
+@pytest.mark.filterwarnings("ignore::apt_studies.UnknownWordWarning")  # the key 'instruction' is one
 def test_json_lines_in_a_txt_file_warn_and_name_the_fix(tmp_path):
     path = _write(tmp_path, '{"instruction": "grab the red cube"}\npick up the blue ball\n"fetch the tiny box"\n')
     message = r"mine.txt:1: 2 line\(s\) \(1, 3\) look like JSON.*Rename it to .jsonl"

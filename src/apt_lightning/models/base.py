@@ -1,6 +1,6 @@
 """Shared Lightning plumbing of the reference policies: batch layout, training/validation steps, sampling API.
 
-Batch layout (what :mod:`apt_lightning.bench` produces and what a user's collate should return):
+Batch layout (what :mod:`apt_studies` produces and what a user's collate should return):
 
 * ``pixel_values`` (B, 3, H, W) float, ``state`` (B, S) float, ``actions`` (B, T, A) float;
 * ``input_ids`` (B, L), ``attention_mask`` (B, L) and ``language_mask`` (B, L) bool for the *text* prompt;
@@ -271,7 +271,7 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
 
         Args:
             init_args: The constructor arguments as a plain dict (configs as config objects or dicts); missing
-                ones take their defaults. ``apt_lightning.bench.cli.model_vlm_width`` turns a parsed
+                ones take their defaults. ``apt_studies.cli.model_vlm_width`` turns a parsed
                 LightningCLI ``model`` config into this form.
         """
         raise NotImplementedError(

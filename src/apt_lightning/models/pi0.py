@@ -99,7 +99,7 @@ class PI0Policy(FlowMatchingPolicy):
         per_site_language: each fusion site reads the VLM layer at its own relative depth (expert layer i reads
             VLM layer ceil((i + 1) L_vlm / L_expert)) instead of the last one.
         vlm_pretrained: directory of a pretrained PaliGemma (``save_pretrained``) whose weights replace the VLM's,
-            e.g. from :func:`apt_lightning.bench.pretrained_vlm`.
+            e.g. from :func:`apt_studies.pretrained_vlm`.
 
     Example::
 

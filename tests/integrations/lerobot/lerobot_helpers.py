@@ -12,10 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Dataset
 
 from apt_lightning import APTConfig
-from apt_lightning.bench.trainer import quiet_trainer
 from apt_lightning.data import ResumableDataLoader
 from apt_lightning.integrations.lerobot import PI0APT, PI05APT, SmolVLAAPT
 from apt_lightning.integrations.lerobot.tiny import tiny_pi_policy, tiny_smolvla_policy, write_tiny_smolvlm
+from apt_studies.trainer import quiet_trainer
 
 L_TOKENS = 12
 # PI05-like prompt layout: [bos, "Task", ":", <instruction>, ",", "State", <state tokens>, pad ...]

@@ -19,15 +19,15 @@ from lerobot.utils.feature_utils import dataset_to_policy_features
 from lerobot_helpers import ADAPTERS
 
 from apt_lightning import APTConfig, StagePlan
-from apt_lightning.bench.data import expert_trajectory
-from apt_lightning.bench.evaluation import evaluate_policy
-from apt_lightning.bench.lerobot_format import LeRobotBenchPolicy, write_lerobot_dataset
-from apt_lightning.bench.rollout import rollout
-from apt_lightning.bench.splits import make_episodes
-from apt_lightning.bench.tokenizer import normalise
-from apt_lightning.bench.vocabulary import vocabulary_words
 from apt_lightning.integrations.lerobot import INSTRUCTION_MASK, LeRobotDataModule
 from apt_lightning.integrations.lerobot.tiny import tiny_pi_config, tiny_pi_policy, tiny_tokenizer
+from apt_studies.data import expert_trajectory
+from apt_studies.evaluation import evaluate_policy
+from apt_studies.lerobot_format import LeRobotBenchPolicy, write_lerobot_dataset
+from apt_studies.rollout import rollout
+from apt_studies.splits import make_episodes
+from apt_studies.tokenizer import normalise
+from apt_studies.vocabulary import vocabulary_words
 
 REPO_ID = "apt_lightning/tabletop"
 
