@@ -22,7 +22,7 @@ import torch
 
 from apt_lightning.checksum import verify_checkpoint_digest
 from apt_lightning.config import APTConfig
-from apt_lightning.errors import LanguageMaskError, PolicyCheckpointError
+from apt_lightning.errors import ConfigError, LanguageMaskError, PolicyCheckpointError
 from apt_lightning.guidance import PriorGuidance
 from apt_lightning.masking import check_language_mask
 from apt_lightning.mixin import APTMixin
@@ -141,6 +141,14 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
     # `_instantiator=None` also keeps Lightning from building the class through an instantiator the file names.
     policy = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, _instantiator=None, **offline)
     return policy.eval()
+
+
+def check_bucket(bucket: int | None) -> None:
+    """Refuse a sampling bucket that is not ``None`` or a positive ``int`` (a float would pad to fractions)."""
+    if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
+        raise ConfigError(
+            f"`bucket` must be a positive int number of tokens or None, got {bucket!r}. Pass e.g. `bucket=16`."
+        )
 
 
 def tiny_gemma(hidden_size: int, num_layers: int, **extra: Any) -> dict[str, Any]:
@@ -328,10 +336,19 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         Conditions once (:meth:`sampling_condition`), primes the fusion blocks' context keys/values once, then
         runs :meth:`denoising_step` (compiled after :meth:`compile_sampling`) at every step of
         :meth:`sampling_times`.
+
+        The text prompt is right-padded to a multiple of :attr:`sampling_bucket` tokens (16 unless
+        :meth:`compile_sampling` or :meth:`eager_sampling` says otherwise), eager or compiled. Every instruction
+        length inside one bucket then gives the same tensor shapes, hence the same kernels and the same summation
+        order: in Stage 1 the actions are bit-identical across such instructions on every CPU, in bf16 too (the
+        instruction's tokens are masked, and masked terms add exact zeros). Unpadded, the expert's action keys sit
+        after the prompt, so their position in every reduction moved with the prompt's length, and a vectorised
+        kernel (ATen's AVX2 bf16 path) grouped the sums differently (1.2e-4 apart, issue 26). Prompts in different
+        buckets agree up to summation order (bound in ``tests/faults/test_numerics.py``).
         """
         num_steps = num_steps or self.default_sampling_steps
-        if self._apt_sampling_bucket is not None:
-            batch = pad_prompt(batch, self._apt_sampling_bucket)
+        if self.sampling_bucket is not None:
+            batch = pad_prompt(batch, self.sampling_bucket)
         b = batch["state"].shape[0]
         if noise is None:
             noise = torch.randn(b, self.chunk_size, self.noise_dim, device=self.device)
@@ -383,19 +400,28 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
             compile_kwargs: passed to ``torch.compile`` (``backend``, ``mode`` ...); ``fullgraph=True`` and
                 ``dynamic=False`` unless given.
         """
+        check_bucket(bucket)
         options = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         self._apt_compiled_step = torch.compile(self.denoising_step, **options)
         self._apt_sampling_bucket = bucket
         return self
 
-    def eager_sampling(self) -> FlowMatchingPolicy:
-        """Undo :meth:`compile_sampling`: eager steps, prompts as given. Returns ``self``."""
+    def eager_sampling(self, bucket: int | None = 16) -> FlowMatchingPolicy:
+        """Undo :meth:`compile_sampling`: eager steps, prompts padded to a multiple of ``bucket`` tokens (the
+        default, as compiled; ``None``: prompts as given, whose Stage-1 actions then agree across prompt lengths
+        only up to summation order). Returns ``self``."""
+        check_bucket(bucket)
         self._apt_compiled_step = None
-        self._apt_sampling_bucket = None
+        self._apt_sampling_bucket = bucket
         return self
 
+    @property
+    def sampling_bucket(self) -> int | None:
+        """Text prompts are right-padded to a multiple of this many tokens when sampling (``None``: not padded)."""
+        return self._apt_sampling_bucket
+
     _apt_compiled_step: Any = None
-    _apt_sampling_bucket: int | None = None
+    _apt_sampling_bucket: int | None = 16
 
     @property
     def noise_dim(self) -> int:
