@@ -6,7 +6,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from apt_lightning.errors import AptError
+from apt_lightning.errors import AptError, LanguageMaskError
 
 LEROBOT_VERSION = "0.6.1"
 """The LeRobot release the adapters are written and tested against (``pip install "apt_lightning[lerobot]"``)."""
@@ -14,6 +14,19 @@ LEROBOT_VERSION = "0.6.1"
 
 class LeRobotUnavailableError(AptError, ImportError):
     """LeRobot is missing, or is not the release the adapters were written for."""
+
+
+class LeRobotBatchError(AptError, ValueError):
+    """A LeRobot batch does not fit the policy: an action dimension or chunk length other than the policy's."""
+
+
+class PromptTruncationError(LanguageMaskError):
+    """The tokenizer's ``max_length`` cuts a prompt inside the part Stage 1 sees (PI05's state, ``Action:``)."""
+
+
+class APTPolicyLoadError(AptError, TypeError):
+    """A saved APT policy is being loaded by a class that would drop APT's structure (a plain ``SmolVLAPolicy``
+    on a ``smolvla_apt`` directory), or its files disagree with the APT record in its config."""
 
 
 def require_lerobot() -> None:

@@ -24,8 +24,17 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-from apt_lightning import APT, APTConfig, APTMixin, FusionConfig, export_fusion, load_fusion, unload_fusion
-from apt_lightning.integrations.lerobot._compat import require_lerobot
+from apt_lightning import (
+    APT,
+    APTConfig,
+    APTMixin,
+    FusionConfig,
+    StageMismatchError,
+    export_fusion,
+    load_fusion,
+)
+from apt_lightning.inject import unload_fusion
+from apt_lightning.integrations.lerobot._compat import LeRobotBatchError, require_lerobot
 
 __all__ = ["FUSION_FILE", "INSTRUCTION_MASK", "LeRobotAPTModule"]
 
@@ -89,9 +98,25 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
 
     # ------------------------------------------------------------------ flow matching (the policy's conventions)
     def padded_actions(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's (B, chunk, action_dim) actions padded to ``max_action_dim``, after checking their shape.
+
+        Raises:
+            LeRobotBatchError: the actions' width is not the policy's action dimension (a dataset built for another
+                robot would otherwise train silently on padded or cut vectors), or their chunk length is not the
+                policy's ``chunk_size``.
+        """
         from lerobot.policies.common.vla_utils import pad_vector
 
-        return pad_vector(batch["action"], self.policy.config.max_action_dim)
+        actions = batch["action"]
+        if actions.ndim != 3 or actions.shape[-1] != self.action_dim or actions.shape[1] != self.chunk_size:
+            raise LeRobotBatchError(
+                f"The batch's `action` has shape {tuple(actions.shape)}, but {type(self.policy).__name__} predicts "
+                f"chunks of {self.chunk_size} actions of dimension {self.action_dim} (its config's "
+                f"`output_features['action'].shape` and `chunk_size`): a dataset for another robot or action space. "
+                "Build the policy for this dataset's features (LeRobot's `make_policy(cfg, ds_meta=dataset.meta)` "
+                "does), or select the matching action keys."
+            )
+        return pad_vector(actions, self.policy.config.max_action_dim)
 
     def draw_noise_and_time(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise, then time, drawn by the policy's own samplers in the order its ``forward`` draws them."""
@@ -99,20 +124,36 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         noise = model.sample_noise(actions.shape, actions.device)
         return noise, model.sample_time(actions.shape[0], actions.device)
 
-    def flow_loss(self, batch: dict[str, Any], noise: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """LeRobot's loss (mean squared velocity error over the real action dimensions) under APT's stage."""
+    def flow_loss(
+        self, batch: dict[str, Any], noise: torch.Tensor, time: torch.Tensor, per_sample: bool = False
+    ) -> torch.Tensor:
+        """LeRobot's loss (mean squared velocity error over the real action dimensions) under APT's stage;
+        ``per_sample`` gives the (B,) losses LeRobot's ``forward(batch, reduction="none")`` returns."""
         actions = self.padded_actions(batch)
         t = time[:, None, None]
         x_t = t * noise + (1 - t) * actions
         prefix = self.encode(batch)
         with self.apt.fusion_context(*self.fusion_context(prefix)):
             v_t = self.velocity(prefix, batch, x_t, time)
-        return self.reduce_loss(nn.functional.mse_loss(noise - actions, v_t, reduction="none"), batch)
+        return self.reduce_loss(nn.functional.mse_loss(noise - actions, v_t, reduction="none"), batch, per_sample)
 
-    def reduce_loss(self, losses: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def reduce_loss(self, losses: torch.Tensor, batch: dict[str, Any], per_sample: bool = False) -> torch.Tensor:
         """The policy's reduction of the (B, chunk, max_action_dim) squared errors: PI0/PI05 average the real
-        action dimensions (padded chunk steps included, as LeRobot does)."""
-        return losses[:, :, : self.action_dim].mean()
+        action dimensions (padded chunk steps included, as LeRobot does); ``per_sample`` gives (B,) means."""
+        losses = losses[:, :, : self.action_dim]
+        return losses.mean(dim=(1, 2)) if per_sample else losses.mean()
+
+    def loss(self, batch: dict[str, Any], micro_batch: int = 0) -> torch.Tensor:
+        """The training loss of ``batch`` at the controller's step, for a loop of your own (no Trainer needed).
+
+        Noise and flow-matching time come from APT's per-step stream (``apt.rng``), so a resumed loop draws what
+        the uninterrupted one drew. Call ``apt.prepare(plan)`` once before the first batch and advance the step
+        after each optimizer step.
+        """
+        actions = self.padded_actions(batch)
+        with self.apt.rng(micro_batch):
+            noise, time = self.draw_noise_and_time(actions)
+        return self.flow_loss(batch, noise, time)
 
     @torch.no_grad()
     def sample_actions(
@@ -124,10 +165,11 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         from lerobot.policies.common.vla_utils import pad_vector
 
         config = self.policy.config
-        b = batch["observation.state"].shape[0]
+        state = batch["observation.state"]
+        device = next(self.policy.parameters()).device  # the policy's, wherever LeRobot moved it
         if noise is None:
-            noise = self.policy.model.sample_noise((b, self.chunk_size, config.max_action_dim), self.device)
-        noise = pad_vector(noise.to(self.device, torch.float32), config.max_action_dim)
+            noise = self.policy.model.sample_noise((state.shape[0], self.chunk_size, config.max_action_dim), device)
+        noise = pad_vector(noise.to(device, torch.float32), config.max_action_dim)
         prefix = self.encode(batch)
         with self.apt.fusion_context(*self.fusion_context(prefix)):
             actions = euler_integrate(
@@ -138,11 +180,8 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         return actions[:, :, : self.action_dim]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        actions = self.padded_actions(batch)
-        with self.apt.rng(batch_idx):  # noise and time depend on the step only: exact resume
-            noise, time = self.draw_noise_and_time(actions)
-        loss = self.flow_loss(batch, noise, time)
-        self.log("train/loss", loss, batch_size=actions.shape[0])
+        loss = self.loss(batch, batch_idx)  # noise and time depend on the step only: exact resume
+        self.log("train/loss", loss, batch_size=batch["action"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -171,6 +210,22 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         return directory
 
     def load_fusion_from(self, directory: str | Path) -> None:
-        """Load :data:`FUSION_FILE` from a :meth:`save_pretrained` directory into this adapter's fusion blocks
-        (call :meth:`apt_prepare` with a plan that has Stage 2 first, so the blocks exist)."""
+        """Load :data:`FUSION_FILE` from a :meth:`save_pretrained` directory into this adapter's fusion blocks.
+
+        Prepare the controller first with the plan and step the weights were trained to, so that the blocks exist
+        and are active: ``adapter.apt.prepare(StagePlan(first_stage=1, switch_step=S), step=N)`` with ``N >= S``,
+        or ``StagePlan(first_stage=2)``.
+
+        Raises:
+            StageMismatchError: the controller is not in Stage 2, so the loaded fusion would sit unused and the
+                adapter would silently act as the Stage-1 prior.
+        """
+        plan, step = self.apt.plan, self.apt.step
+        if self.apt.stage != 2:
+            raise StageMismatchError(
+                f"{FUSION_FILE} holds Stage-2 fusion weights, but this adapter's plan {plan.to_dict()} is in Stage "
+                f"{self.apt.stage} at step {step}: the fusion would load and stay inactive. Prepare the controller at "
+                "the step the weights reached (`apt.prepare(StagePlan(first_stage=1, switch_step=S), step=N)` with "
+                "N >= S) or with `StagePlan(first_stage=2)` before loading."
+            )
         load_fusion(self, Path(directory) / FUSION_FILE)

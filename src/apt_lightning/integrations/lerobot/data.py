@@ -25,10 +25,16 @@ from torch.utils.data import default_collate
 
 from apt_lightning.data import ResumableDataLoader
 from apt_lightning.errors import LanguageMaskError
-from apt_lightning.integrations.lerobot._compat import require_lerobot
+from apt_lightning.integrations.lerobot._compat import LeRobotBatchError, PromptTruncationError, require_lerobot
 from apt_lightning.integrations.lerobot.base import INSTRUCTION_MASK
 
-__all__ = ["LeRobotDataModule", "instruction_token_mask", "lerobot_processors"]
+__all__ = [
+    "LeRobotDataModule",
+    "check_action_dimension",
+    "instruction_mask_from_offsets",
+    "instruction_token_mask",
+    "lerobot_processors",
+]
 
 
 @contextlib.contextmanager
@@ -62,27 +68,43 @@ def lerobot_processors(policy_config: Any, dataset_stats: dict[str, Any] | None,
 
 
 def instruction_token_mask(
-    tokenizer: Any, prompts: Sequence[str], instructions: Sequence[str], max_length: int
+    tokenizer: Any, prompts: Sequence[str], instructions: Sequence[str], max_length: int, padding: str = "max_length"
 ) -> torch.Tensor:
-    """(B, max_length) bool: the tokens of each ``prompt`` whose characters lie in its ``instruction``.
+    """(B, L) bool: the tokens of each ``prompt`` whose characters lie in its ``instruction``.
 
-    ``prompts`` are the texts the pre-processor tokenized (right padding to ``max_length``); each must contain
-    its instruction verbatim (PI05 replaces ``_`` and newlines in the task by spaces first: so does this).
+    ``prompts`` are the texts the pre-processor tokenized (right padding, ``padding`` as its tokenizer step pads,
+    truncated to ``max_length``); each must contain its instruction verbatim (PI05 replaces ``_`` and newlines in
+    the task by spaces first: so does this).
 
     Raises:
         LanguageMaskError: a prompt does not contain its instruction, or the tokenizer gives no character
             offsets (a "fast" tokenizer is needed).
+        PromptTruncationError: ``max_length`` cuts a part of a prompt that is not the instruction (PI05's state
+            and ``Action:``): Stage 1 would then see more or less of it depending on the instruction's length.
     """
     encoded = tokenizer(
         list(prompts),
         max_length=max_length,
         truncation=True,
-        padding="max_length",
+        padding=padding,
         padding_side="right",
         return_offsets_mapping=True,
         return_tensors="pt",
     )
-    offsets = encoded["offset_mapping"]
+    return instruction_mask_from_offsets(
+        tokenizer, prompts, instructions, encoded["offset_mapping"], encoded["attention_mask"], max_length
+    )
+
+
+def instruction_mask_from_offsets(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    instructions: Sequence[str],
+    offsets: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_length: int,
+) -> torch.Tensor:
+    """:func:`instruction_token_mask` from a tokenizer call's (B, L, 2) character offsets and (B, L) mask."""
     mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
     for row, (prompt, instruction) in enumerate(zip(prompts, instructions, strict=True)):
         text = instruction.strip().replace("_", " ").replace("\n", " ") if instruction not in prompt else instruction
@@ -94,8 +116,37 @@ def instruction_token_mask(
             )
         end = start + len(text.strip())
         begin, stop = offsets[row, :, 0], offsets[row, :, 1]
-        mask[row] = (stop > begin) & (begin < end) & (stop > start) & encoded["attention_mask"][row].bool()
+        valid = attention_mask[row].bool()
+        mask[row] = (stop > begin) & (begin < end) & (stop > start) & valid
+        kept = int(stop[valid].max()) if bool(valid.any()) else 0
+        cut_visible = (prompt[kept:start] if kept < start else "") + prompt[max(kept, end) :]
+        if cut_visible.strip():
+            needed = len(tokenizer(prompt, truncation=False)["input_ids"])
+            raise PromptTruncationError(
+                f"`tokenizer_max_length`={max_length} truncates the prompt {prompt!r} inside its visible part (it "
+                f"drops {cut_visible.strip()!r}, which is not the instruction {instruction!r}): the tokens Stage 1 "
+                "reads would then depend on the instruction's length. The prompt needs "
+                f"{needed} tokens: raise `tokenizer_max_length` to at least that (for PI05, room for the longest "
+                "task plus the state and `Action:`)."
+            )
     return mask
+
+
+def check_action_dimension(policy_config: Any, features: dict[str, Any], where: Any = "the dataset") -> None:
+    """Raise :class:`LeRobotBatchError` unless the dataset's ``action`` width is the policy's action dimension.
+
+    LeRobot pads actions to ``max_action_dim`` and cuts predictions back to the policy's own width, so a dataset of
+    another width would train without any error on vectors that mean something else.
+    """
+    feature = (features or {}).get("action")
+    expected = policy_config.output_features["action"].shape[0]
+    if feature is not None and tuple(feature["shape"])[-1] != expected:
+        raise LeRobotBatchError(
+            f"The dataset at {where} has actions of dimension {tuple(feature['shape'])[-1]}, but the "
+            f"{policy_config.type} policy predicts {expected} (`output_features['action'].shape`). Build the policy "
+            "for this dataset's features (LeRobot's `make_policy(cfg, ds_meta=dataset.meta)` does) or use a dataset "
+            "of this robot."
+        )
 
 
 class LeRobotDataModule(L.LightningDataModule):
@@ -139,6 +190,7 @@ class LeRobotDataModule(L.LightningDataModule):
         from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
         meta = LeRobotDatasetMetadata(self.repo_id, root=self.root)
+        check_action_dimension(self.policy_config, meta.features, self.root)
         delta = resolve_delta_timestamps(self.policy_config, meta)
         self.dataset = LeRobotDataset(self.repo_id, root=self.root, episodes=self.episodes, delta_timestamps=delta)
         self.preprocessor, self.postprocessor = lerobot_processors(self.policy_config, meta.stats, self.tokenizer)

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from apt_lightning import FusionConfig, LanguageMaskError
+from apt_lightning import LanguageMaskError
+from apt_lightning.config import fusion_config_with_options
 from apt_lightning.integrations.lerobot.base import INSTRUCTION_MASK, LeRobotAPTModule
 
 __all__ = ["PI0APT", "PI05APT"]
@@ -59,6 +60,7 @@ class PI0APT(LeRobotAPTModule):
         policy: ``PI0Policy`` (from its config or ``from_pretrained``), trained in place.
         apt_config: APT settings (:class:`~apt_lightning.APTConfig`); ``policy.config.optimizer_lr`` when ``None``.
         fusion_heads: attention heads of each Stage-2 fusion block.
+        fusion_options: other :class:`~apt_lightning.FusionConfig` fields (e.g. ``{"ff_mult": 0}``).
 
     Example::
 
@@ -68,8 +70,10 @@ class PI0APT(LeRobotAPTModule):
         adapter.save_pretrained("out/")  # LeRobot's files + apt_fusion.safetensors
     """
 
-    def __init__(self, policy: Any, apt_config: Any = None, fusion_heads: int = 2) -> None:
-        fusion = FusionConfig(target_modules=_EXPERT, num_heads=fusion_heads)
+    def __init__(
+        self, policy: Any, apt_config: Any = None, fusion_heads: int = 2, fusion_options: dict[str, Any] | None = None
+    ) -> None:
+        fusion = fusion_config_with_options(fusion_options, target_modules=_EXPERT, num_heads=fusion_heads)
         super().__init__(policy, apt_config, vlm="policy.model.paligemma_with_expert.paligemma", fusion=fusion)
         experts = self.policy.model.paligemma_with_expert
         for part in (experts.paligemma.model.language_model, experts.gemma_expert.model):

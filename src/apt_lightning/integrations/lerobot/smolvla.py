@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from apt_lightning import ContractError, FusionConfig
+from apt_lightning import ContractError
+from apt_lightning.config import fusion_config_with_options
 from apt_lightning.integrations.lerobot.base import INSTRUCTION_MASK, LeRobotAPTModule
 from apt_lightning.integrations.lerobot.pi import TOKEN_MASK, TOKENS, Prefix, visible_first
 
@@ -31,10 +32,13 @@ class SmolVLAAPT(LeRobotAPTModule):
         policy: ``SmolVLAPolicy`` (``prefix_length`` <= 0 and ``adapt_to_pi_aloha`` False), trained in place.
         apt_config: APT settings; ``policy.config.optimizer_lr`` when ``None``.
         fusion_heads: attention heads of each Stage-2 fusion block.
+        fusion_options: other :class:`~apt_lightning.FusionConfig` fields (e.g. ``{"ff_mult": 0}``).
     """
 
-    def __init__(self, policy: Any, apt_config: Any = None, fusion_heads: int = 2) -> None:
-        fusion = FusionConfig(target_modules=_EXPERT_MLP, num_heads=fusion_heads)
+    def __init__(
+        self, policy: Any, apt_config: Any = None, fusion_heads: int = 2, fusion_options: dict[str, Any] | None = None
+    ) -> None:
+        fusion = fusion_config_with_options(fusion_options, target_modules=_EXPERT_MLP, num_heads=fusion_heads)
         super().__init__(policy, apt_config, vlm="policy.model.vlm_with_expert.vlm", fusion=fusion)
         if policy.config.prefix_length > 0 or policy.config.adapt_to_pi_aloha:
             raise ContractError(
@@ -107,11 +111,14 @@ class SmolVLAAPT(LeRobotAPTModule):
         )
         return model.action_out_proj(out[:, -self.chunk_size :].to(torch.float32))
 
-    def reduce_loss(self, losses: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """SmolVLA's reduction: padded chunk steps (``action_is_pad``) count as zero and are not averaged."""
+    def reduce_loss(self, losses: torch.Tensor, batch: dict[str, Any], per_sample: bool = False) -> torch.Tensor:
+        """SmolVLA's reduction: padded chunk steps (``action_is_pad``) count as zero and are not averaged;
+        ``per_sample`` gives (B,) means over each sample's valid entries."""
         losses = losses[:, :, : self.action_dim]
         pad = batch.get("action_is_pad")
         if pad is None:
-            return losses.mean()
+            return losses.mean(dim=(1, 2)) if per_sample else losses.mean()
         losses = losses * (~pad).unsqueeze(-1)
+        if per_sample:
+            return losses.sum(dim=(1, 2)) / ((~pad).sum(dim=1) * losses.shape[-1]).clamp_min(1)
         return losses.sum() / ((~pad).sum() * losses.shape[-1]).clamp_min(1)
