@@ -194,7 +194,7 @@ class FaucetGroup(TaskGroup):
     def criteria(self, env: Any, vec: np.ndarray, start: np.ndarray) -> dict[str, bool]:
         base = np.asarray(vec, dtype=np.float64)
         length = float(env._handle_length)
-        open_goal, close_goal = base + [length, 0.0, 0.125], base + [-length, 0.0, 0.125]
+        open_goal, close_goal = base + np.array([length, 0.0, 0.125]), base + np.array([-length, 0.0, 0.125])
         opened = env._get_site_pos("handleStartOpen") + self.OPEN_OFFSET
         closed = env._get_site_pos("handleStartClose") + self.CLOSE_OFFSET
         return {

@@ -1,0 +1,187 @@
+"""Scripted-expert demonstrations, rendered, chunked as the tabletop's, and cached on disk once per setting.
+
+The experts are Meta-World's own (``metaworld.policies.ENV_POLICY_MAP``), reading the full observation; what is
+stored is what a policy sees: the frame, the proprioception (:func:`~apt_studies.metaworld.sim.proprioception`)
+and the next ``chunk_size`` expert actions per step, zero-padded past the episode's end and flagged in
+``action_pad`` (as :mod:`apt_studies.data` does). Episodes the expert fails are dropped, so no sample teaches
+another task than the instruction's.
+
+Arrays (``N`` samples): ``images`` (N, S, S, 3) uint8, ``states`` (N, 4) float32, ``actions`` (N, chunk, 4)
+float32, ``action_pad`` (N, chunk) bool, ``episode_index`` (N,) int64 into ``episodes``, ``step`` (N,) int64.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from apt_studies.disk_cache import cache_key, cached_directory, default_cache_dir
+from apt_studies.metaworld.camera import DEFAULT_CAMERA, DEFAULT_IMAGE_SIZE, Camera
+from apt_studies.metaworld.errors import MetaWorldConfigError
+from apt_studies.metaworld.rollout import MAX_STEPS, Simulator, run_episode
+from apt_studies.metaworld.sim import ACTION_DIM, PROPRIO_DIM, require_metaworld
+from apt_studies.metaworld.splits import DEFAULT_HABIT, MetaWorldEpisode, make_episodes
+
+__all__ = ["FORMAT_VERSION", "Demonstrations", "cached_demonstrations", "collect_demonstrations"]
+
+FORMAT_VERSION = 1
+"""Bump when what is stored changes: it is part of the cache key."""
+_FILES = ("arrays.npz", "episodes.json")
+
+
+@dataclass
+class Demonstrations:
+    """Stacked expert samples (see the module docstring) and the kept episodes with their outcomes."""
+
+    images: np.ndarray
+    states: np.ndarray
+    actions: np.ndarray
+    action_pad: np.ndarray
+    episode_index: np.ndarray
+    step: np.ndarray
+    episodes: list[MetaWorldEpisode]
+    attempted: int
+    seconds: float
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
+def collect_demonstrations(
+    episodes: Sequence[MetaWorldEpisode],
+    chunk_size: int = 8,
+    *,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    camera: Camera = DEFAULT_CAMERA,
+    max_steps: int = MAX_STEPS,
+    progress: bool = True,
+) -> Demonstrations:
+    """Run the scripted expert on ``episodes`` and keep every step of each successful one.
+
+    Raises:
+        MetaWorldConfigError: ``chunk_size`` < 1.
+    """
+    if chunk_size < 1:
+        raise MetaWorldConfigError(f"`chunk_size` must be >= 1, got {chunk_size}.")
+    require_metaworld()
+    experts = importlib.import_module("metaworld.policies").ENV_POLICY_MAP
+    sim = Simulator(image_size, camera)
+    kept: list[MetaWorldEpisode] = []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("images", "states", "actions", "action_pad", "owner", "step")}
+    started = time.perf_counter()
+    try:
+        for episode in tqdm(episodes, desc="meta-world expert demos", disable=not progress):
+            expert = experts[episode.task]()
+            trace = run_episode(sim, episode, lambda frame, state, obs: expert.get_action(obs), max_steps, record=True)
+            if trace.outcome != "success":
+                continue
+            length = len(trace.actions)
+            padded = np.concatenate([trace.actions, np.zeros((chunk_size, ACTION_DIM), np.float32)])
+            index = np.arange(length)[:, None] + np.arange(chunk_size)[None, :]
+            parts["images"].append(trace.frames)
+            parts["states"].append(trace.states)
+            parts["actions"].append(padded[index])
+            parts["action_pad"].append(index >= length)
+            parts["owner"].append(np.full(length, len(kept), np.int64))
+            parts["step"].append(np.arange(length, dtype=np.int64))
+            kept.append(episode)
+    finally:
+        sim.close()
+    empty = {
+        "images": np.zeros((0, image_size, image_size, 3), np.uint8),
+        "states": np.zeros((0, PROPRIO_DIM), np.float32),
+        "actions": np.zeros((0, chunk_size, ACTION_DIM), np.float32),
+        "action_pad": np.zeros((0, chunk_size), bool),
+        "owner": np.zeros(0, np.int64),
+        "step": np.zeros(0, np.int64),
+    }
+    stacked = {k: (np.concatenate(v) if v else empty[k]) for k, v in parts.items()}
+    return Demonstrations(
+        images=stacked["images"],
+        states=stacked["states"],
+        actions=stacked["actions"],
+        action_pad=stacked["action_pad"],
+        episode_index=stacked["owner"],
+        step=stacked["step"],
+        episodes=kept,
+        attempted=len(episodes),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def cached_demonstrations(
+    split: str = "train",
+    n_episodes: int = 100,
+    seed: int = 0,
+    chunk_size: int = 8,
+    *,
+    groups: Sequence[str] | None = None,
+    habit: float = DEFAULT_HABIT,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    camera: Camera = DEFAULT_CAMERA,
+    max_steps: int = MAX_STEPS,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Demonstrations:
+    """:func:`collect_demonstrations` for ``make_episodes(split, n_episodes, seed, ...)``, built once per setting.
+
+    The cache key holds every argument that changes the data plus the versions of metaworld and mujoco and
+    :data:`FORMAT_VERSION`; the artefact lives in ``<cache_dir>/metaworld_demos/<key>/``
+    (:func:`~apt_studies.disk_cache.default_cache_dir` by default). ``seconds`` is the build time either way.
+    """
+    payload = {
+        "split": split,
+        "n_episodes": n_episodes,
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "groups": list(groups) if groups is not None else None,
+        "habit": habit,
+        "image_size": image_size,
+        "camera": asdict(camera),
+        "max_steps": max_steps,
+        "format": FORMAT_VERSION,
+        "metaworld": metadata.version("metaworld"),
+        "mujoco": metadata.version("mujoco"),
+    }
+    directory = Path(cache_dir or default_cache_dir()) / "metaworld_demos" / cache_key(payload)
+
+    def build(staging: Path) -> None:
+        episodes = make_episodes(split, n_episodes, seed, groups=groups, habit=habit)
+        demos = collect_demonstrations(
+            episodes, chunk_size, image_size=image_size, camera=camera, max_steps=max_steps, progress=progress
+        )
+        np.savez_compressed(
+            staging / "arrays.npz",
+            images=demos.images,
+            states=demos.states,
+            actions=demos.actions,
+            action_pad=demos.action_pad,
+            episode_index=demos.episode_index,
+            step=demos.step,
+        )
+        meta = {"payload": payload, "attempted": demos.attempted, "seconds": demos.seconds}
+        meta["episodes"] = [asdict(e) for e in demos.episodes]
+        (staging / "episodes.json").write_text(json.dumps(meta, indent=1))
+
+    cached_directory(directory, _FILES, build)
+    meta = json.loads((directory / "episodes.json").read_text())
+    with np.load(directory / "arrays.npz") as arrays:
+        return Demonstrations(
+            images=arrays["images"],
+            states=arrays["states"],
+            actions=arrays["actions"],
+            action_pad=arrays["action_pad"],
+            episode_index=arrays["episode_index"],
+            step=arrays["step"],
+            episodes=[MetaWorldEpisode(**{**e, "rand_vec": tuple(e["rand_vec"])}) for e in meta["episodes"]],
+            attempted=meta["attempted"],
+            seconds=meta["seconds"],
+        )
