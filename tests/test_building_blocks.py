@@ -12,12 +12,11 @@ from apt_lightning import (
     GatedFusionLayer,
     StageLRFactor,
     StagePlan,
-    inject_fusion,
     language_blind_masks,
     resolve_targets,
-    unload_fusion,
 )
 from apt_lightning.errors import FusionContextError, NoMatchingTargetError
+from apt_lightning.inject import inject_fusion, unload_fusion
 
 
 def test_language_blind_mask_semantics():

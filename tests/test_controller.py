@@ -7,113 +7,31 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from apt_lightning import APT, APTConfig, APTStageScheduler, FusionConfig, StageMismatchError, StagePlan
+from apt_lightning import APTStageScheduler, StageMismatchError, StagePlan
 from apt_lightning.data import ResumableDataLoader
 from helpers import LanguageDecidesDataset, LossRecorder, collate, make_batch, make_policy, trainer
-
-DIM, CHUNK, SWITCH, TOTAL = 16, 4, 3, 6
-
-
-class PlainVLA(nn.Module):
-    """A VLA with no Lightning at all: a bidirectional toy VLM over [patches, text] and a cross-attending expert."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.vlm = nn.ModuleDict({"patch": nn.Linear(6, DIM), "embed": nn.Embedding(16, DIM)})
-        layer = {"nhead": 2, "dim_feedforward": 32, "dropout": 0.0, "batch_first": True}
-        self.vlm["encoder"] = nn.TransformerEncoder(nn.TransformerEncoderLayer(DIM, **layer), 1)
-        self.action_in = nn.Linear(3, DIM)
-        self.blocks = nn.ModuleList([nn.TransformerDecoderLayer(DIM, **layer) for _ in range(2)])
-        self.action_out = nn.Linear(DIM, 2)
-        fusion = FusionConfig(target_modules=r"blocks\.\d+", num_heads=2, hidden_dim=DIM, context_dim=DIM)
-        self.apt = APT(self, vlm="vlm", fusion=fusion, config=APTConfig(lr=3e-3, warmup_steps=0))
-
-    def velocity(self, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        patches, ids = batch["patches"], batch["input_ids"]
-        attention = torch.ones(ids.shape[0], patches.shape[1] + ids.shape[1], dtype=torch.long)
-        language = torch.cat([torch.zeros(patches.shape[:2], dtype=torch.bool), batch["language_mask"]], 1)
-        masks = self.apt.masks(attention, language)
-        with self.apt.vlm_context():
-            x = torch.cat([self.vlm["patch"](patches), self.vlm["embed"](ids)], 1)
-            mask = ~masks.vlm_attention[:, 0].repeat_interleave(2, 0)
-            features = self.vlm["encoder"](x, mask=mask)
-        h = self.action_in(torch.cat([x_t, t[:, None, None].expand(-1, CHUNK, 1)], -1))
-        with self.apt.fusion_context(features, masks.language):
-            for block in self.blocks:
-                h = block(h, features, memory_key_padding_mask=~masks.expert_attention)
-        return self.action_out(h)
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self.apt.rng():
-            noise, t = torch.randn_like(batch["actions"]), torch.rand(batch["actions"].shape[0])
-        x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * batch["actions"]
-        return nn.functional.mse_loss(self.velocity(batch, x_t, t), batch["actions"] - noise)
-
-
-def plain_batch(word: int, seed: int = 0, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "patches": torch.randn(batch_size, 3, 6, generator=g),
-        "input_ids": torch.tensor([[1, 5 + word, 2]] * batch_size),
-        "language_mask": torch.tensor([[False, True, False]] * batch_size),
-        "actions": torch.full((batch_size, CHUNK, 2), 1.0 if word == 0 else -1.0),
-    }
+from plain_vla import SWITCH, TOTAL, PlainVLA, build, optimizer_of, sample, train
 
 
 def small_loader() -> ResumableDataLoader:
     return ResumableDataLoader(LanguageDecidesDataset(8), batch_size=4, collate_fn=collate)
 
 
-def build() -> PlainVLA:
-    torch.manual_seed(0)
-    model = PlainVLA()
-    model.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))
-    return model
-
-
-def optimizer_of(model: PlainVLA) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    configured = model.apt.configure_optimizers()
-    return configured["optimizer"], configured["lr_scheduler"]["scheduler"]
-
-
-def train(model: PlainVLA, optimizer, scheduler, start: int, stop: int) -> list[float]:
-    """The whole plain loop: tell the controller the step, then an ordinary optimisation step."""
-    model.train()
-    losses = []
-    for step in range(start, stop):
-        model.apt.set_step(step)
-        loss = model.loss(plain_batch(step % 2, seed=step))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-    model.apt.set_step(stop)
-    return losses
-
-
-def sample(model: PlainVLA, word: int) -> torch.Tensor:
-    model.eval()
-    batch = plain_batch(word, seed=99)
-    with torch.no_grad():
-        return model.velocity(batch, torch.zeros_like(batch["actions"]), torch.full((4,), 0.5))
-
-
 def test_a_plain_loop_runs_stage1_then_stage2_with_the_invariants():
     model = build()
     optimizer, scheduler = optimizer_of(model)
     vlm_before = copy.deepcopy(model.vlm.state_dict())
-    train(model, optimizer, scheduler, 0, SWITCH)
-    assert model.apt.stage == 2 and model.apt.step == SWITCH
+    train(model, optimizer, scheduler, SWITCH - 1)
+    assert model.apt.stage == 1 and model.apt.step == SWITCH - 1
+    assert torch.equal(sample(model, 0), sample(model, 1)), "Stage 1: the instruction cannot change the action"
+    train(model, optimizer, scheduler, SWITCH)
+    assert model.apt.stage == 2 and model.apt.step == SWITCH, "the optimizer's step switched the stage"
     assert all(torch.equal(v, model.vlm.state_dict()[k]) for k, v in vlm_before.items()), "VLM bit-identical"
-    model.apt.set_step(SWITCH - 1)  # Stage 1: the instruction cannot change the action
-    assert torch.equal(sample(model, 0), sample(model, 1))
-    stage1 = sample(model, 0)
-    model.apt.set_step(SWITCH)  # the switch: closed gates, exactly the Stage-1 model
-    assert torch.equal(sample(model, 0), stage1)
-    train(model, optimizer, scheduler, SWITCH, TOTAL)
+    as_stage1 = copy.deepcopy(model)
+    as_stage1.apt.start_finetune(StagePlan(first_stage=1))  # the same weights, as a Stage-1 model
+    assert torch.equal(sample(model, 0), sample(as_stage1, 0)), "the switch: closed gates, the Stage-1 model exactly"
+    train(model, optimizer, scheduler, TOTAL)
     assert not torch.equal(sample(model, 0), sample(model, 1)), "Stage 2 reads the instruction"
     assert any(abs(v) > 0 for gates in model.apt.gate_values().values() for v in gates.values())
 
@@ -121,11 +39,11 @@ def test_a_plain_loop_runs_stage1_then_stage2_with_the_invariants():
 def test_a_plain_loop_resumes_exactly_from_the_controllers_state_dict(tmp_path):
     uninterrupted = build()
     optimizer, scheduler = optimizer_of(uninterrupted)
-    expected = train(uninterrupted, optimizer, scheduler, 0, TOTAL)
+    expected = train(uninterrupted, optimizer, scheduler, TOTAL)
 
     first = build()
     optimizer, scheduler = optimizer_of(first)
-    resumed = train(first, optimizer, scheduler, 0, SWITCH + 1)  # stop inside Stage 2
+    resumed = train(first, optimizer, scheduler, SWITCH + 1)  # stop inside Stage 2
     path = tmp_path / "checkpoint.pt"
     state = {
         "apt": first.apt.state_dict(),
@@ -144,25 +62,30 @@ def test_a_plain_loop_resumes_exactly_from_the_controllers_state_dict(tmp_path):
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     assert second.apt.step == SWITCH + 1 and second.apt.stage == 2
-    resumed += train(second, optimizer, scheduler, SWITCH + 1, TOTAL)
+    resumed += train(second, optimizer, scheduler, TOTAL)
     assert resumed == expected
     final = uninterrupted.state_dict()
-    assert all(torch.equal(v, final[k]) for k, v in second.state_dict().items())
+    assert [k for k, v in second.state_dict().items() if not torch.equal(v, final[k])] == []
 
 
 def test_the_controllers_state_is_plain_data_and_refuses_a_changed_plan():
     model = build()
-    model.apt.set_step(2)
-    assert model.apt.state_dict() == {
+    optimizer, scheduler = optimizer_of(model)
+    train(model, optimizer, scheduler, 2)
+    state = model.apt.state_dict()
+    assert {k: state[k] for k in ("plan", "step", "stage", "finetune", "version")} == {
         "plan": {"first_stage": 1, "switch_step": SWITCH},
         "step": 2,
         "stage": 1,
-        "version": 3,
+        "finetune": False,
+        "version": 4,
     }
+    assert state["configuration"]["fusion"]["num_heads"] == 2 and state["configuration"]["vlm_mode"] == "frozen"
     other = build()
     other.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH + 5))
     with pytest.raises(StageMismatchError, match="Resume with the same APTStageScheduler arguments"):
-        other.apt.on_load_checkpoint({"apt": model.apt.state_dict(), "global_step": 2})
+        other.apt.load_state_dict(state)
+    assert other.apt.plan.switch_step == SWITCH + 5 and other.apt.step == 0, "a refusal changes nothing"
 
 
 def test_a_reference_policy_trains_identically_under_lightning_and_under_a_plain_loop():
@@ -173,20 +96,17 @@ def test_a_reference_policy_trains_identically_under_lightning_and_under_a_plain
 
     policy = make_policy("groot")
     policy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))
-    configured = policy.apt.configure_optimizers()
-    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    optimizer = policy.apt.configure_optimizers()["optimizer"]  # its schedule applies itself at every step
     policy.train()
     epoch = [collate([batches.dataset[i] for i in range(j, j + 4)]) for j in range(0, 16, 4)]
     losses = {}
     for step in range(TOTAL):
         batch_idx = step % len(epoch)
-        policy.apt.set_step(step, micro_batch=batch_idx)
         noise, time = policy.draw_noise_time(4, batch_idx)
         loss = policy.flow_loss(epoch[batch_idx], noise, time)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        scheduler.step()
         losses[step] = float(loss.detach())
     assert losses == recorder.losses
     final = lightning_policy.state_dict()

@@ -12,6 +12,7 @@ from torch import nn
 
 from apt_lightning import (
     APT,
+    APTConfig,
     AptError,
     APTMixin,
     APTStageScheduler,
@@ -21,6 +22,7 @@ from apt_lightning import (
     LanguageMaskError,
     NoMatchingTargetError,
     NonFiniteGateError,
+    RemovedNameError,
     StageMismatchError,
     StagePlan,
 )
@@ -37,9 +39,14 @@ class Incomplete(APTMixin, pl.LightningModule):
         return self.head(self.backbone(batch["state"])).sum()
 
 
-def test_contract_not_satisfied_lists_every_missing_piece():
-    with pytest.raises(ContractError) as info:
+def test_a_module_without_a_controller_is_told_how_to_add_one():
+    with pytest.raises(ContractError, match=r"Incomplete has no APT controller: assign `self\.apt = APT\(self, vlm="):
         trainer(1, [APTStageScheduler()]).fit(Incomplete(), loader())
+
+
+def test_controller_declarations_list_every_missing_piece():
+    with pytest.raises(ContractError) as info:
+        APT(Incomplete(), vlm=None, fusion=None)
     message = str(info.value)
     assert "`vlm` is not set" in message
     assert "`fusion` must be a FusionConfig, got NoneType" in message
@@ -55,18 +62,25 @@ def test_controller_arguments_are_checked_at_construction():
         module.apt = APT(Incomplete(), vlm="backbone", fusion=FusionConfig(target_modules=["head"]))  # another module's
 
 
-def test_old_apt_set_stage_explains_the_new_meaning():
+def test_pre_1_0_names_raise_an_error_naming_their_replacement():
     policy = make_policy("pi0")
-    with pytest.raises(ContractError, match=r"apt_set_stage\(2\)` was removed.*follows the global step.*set_step"):
+    with pytest.raises(RemovedNameError, match=r"`PI0Policy.apt_set_stage` was removed.*StagePlan"):
         policy.apt_set_stage(2)
+    with pytest.raises(RemovedNameError, match=r"apt_prepare` was removed.*self\.apt\.prepare\(plan\)"):
+        policy.apt_prepare(StagePlan())
+    with pytest.raises(RemovedNameError, match=r"apt_set_step` was removed.*advances self\.apt\.step"):
+        policy.apt_set_step(3)
+    with pytest.raises(RemovedNameError, match=r"`PI0Policy.apt_config` was removed.*APT\(self, config=APTConfig"):
+        policy.apt_config = APTConfig(vlm_mode="lora")  # once silently ignored: no LoRA
+    assert policy.apt.config.vlm_mode == "frozen"
+    assert isinstance(RemovedNameError("x"), AttributeError)  # hasattr() keeps working
 
 
-def test_vlm_name_that_does_not_exist_suggests_close_names():
-    module = Incomplete()
-    module.apt_vlm = "backbon"
-    module.apt_fusion = FusionConfig(target_modules=["head"])
-    with pytest.raises(ContractError, match=r"`vlm`='backbon' names no module. Closest names: \['backbone'\]"):
-        module.apt.validate()
+def test_a_subclass_declaring_a_pre_1_0_attribute_fails_at_class_definition():
+    with pytest.raises(RemovedNameError, match=r"`Declared.apt_fusion` was removed.*FusionConfig"):
+
+        class Declared(APTMixin, pl.LightningModule):
+            apt_fusion = FusionConfig(target_modules=["head"])
 
 
 def test_callback_on_module_without_mixin():
@@ -192,3 +206,15 @@ def test_one_fit_plan_under_ddp_requires_find_unused_parameters():
     )
     with pytest.raises(AptError, match="ddp_find_unused_parameters_true"):
         APTStageScheduler(switch_at_step=5)._check_strategy(t)
+
+
+def test_the_ddp_check_reads_the_wrapped_model_when_lightning_keeps_no_kwargs():
+    from types import SimpleNamespace
+
+    from apt_lightning.fit_checks import find_unused_parameters
+
+    assert find_unused_parameters(DDPStrategy(find_unused_parameters=True)) is True
+    assert find_unused_parameters(DDPStrategy(find_unused_parameters=False)) is False
+    wrapped = SimpleNamespace(model=SimpleNamespace(find_unused_parameters=False))  # a strategy without _ddp_kwargs
+    assert find_unused_parameters(wrapped) is False
+    assert find_unused_parameters(SimpleNamespace()) is None

@@ -67,7 +67,7 @@ def test_cache_is_bypassed_outside_stage1_training(arch):
     policy = make_policy(arch)
     policy.apt.prepare(StagePlan(first_stage=1, switch_step=4))
     cache = Stage1FeatureCache()
-    policy.apt.attach_feature_cache(cache)
+    policy.apt._attach_feature_cache(cache)
     batch = {**make_batch("left", batch_size=2), "sample_id": torch.tensor([0, 1])}
     policy.eval()
     policy.flow_loss(batch, torch.randn(2, policy.chunk_size, policy.noise_dim), torch.rand(2))
@@ -75,7 +75,7 @@ def test_cache_is_bypassed_outside_stage1_training(arch):
     policy.train()
     policy.flow_loss(batch, torch.randn(2, policy.chunk_size, policy.noise_dim), torch.rand(2))
     assert len(cache) == 2
-    policy.apt.set_step(4)  # Stage 2: computed, not served
+    policy.apt._set_step(4)  # Stage 2: computed, not served
     policy.flow_loss(batch, torch.randn(2, policy.chunk_size, policy.noise_dim), torch.rand(2))
     assert cache.hits == 0
     with pytest.raises(FeatureCacheError, match="stage 2"):
@@ -118,7 +118,7 @@ def test_spilled_samples_train_exactly_and_are_deleted_at_the_switch(tmp_path):
     probe = Stage1FeatureCache()
     policy = make_policy("pi0")
     policy.apt.prepare(StagePlan(first_stage=1))
-    policy.apt.attach_feature_cache(probe)
+    policy.apt._attach_feature_cache(probe)
     policy.train()
     batch = {**make_batch("left", batch_size=1), "sample_id": torch.tensor([0])}
     policy.flow_loss(batch, torch.randn(1, policy.chunk_size, policy.noise_dim), torch.rand(1))
@@ -137,7 +137,7 @@ def test_changed_vlm_weights_empty_the_cache():
     cache._vlm_fingerprint = cache_fingerprint = __import__(
         "apt_lightning.feature_cache", fromlist=["weights_fingerprint"]
     ).weights_fingerprint(policy.apt.vlm_module)
-    policy.apt.attach_feature_cache(cache)
+    policy.apt._attach_feature_cache(cache)
     policy.train()
     batch = {**make_batch("left", batch_size=2), "sample_id": torch.tensor([0, 1])}
     policy.flow_loss(batch, torch.randn(2, policy.chunk_size, 2), torch.rand(2))

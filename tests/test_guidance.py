@@ -45,9 +45,9 @@ def test_guided_velocity_is_prior_plus_w_times_the_language_contrast(arch):
     policy = _stage2(arch)
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     conditional = policy.sample_actions(batch, noise, num_steps=1)
-    policy.apt.set_step(SWITCH - 1)
+    policy.apt._set_step(SWITCH - 1)
     prior = policy.sample_actions(batch, noise, num_steps=1)
-    policy.apt.set_step(SWITCH)
+    policy.apt._set_step(SWITCH)
     guided = policy.sample_actions(batch, noise, num_steps=1, guidance_scale=2.5)
     assert (conditional - prior).abs().max() > 1e-3, "open gates must make language matter"
     assert (guided - (prior + 2.5 * (conditional - prior))).abs().max().item() <= 1e-5
@@ -55,7 +55,7 @@ def test_guided_velocity_is_prior_plus_w_times_the_language_contrast(arch):
 
 def test_guidance_is_off_outside_stage2(arch):
     policy = _stage2(arch)
-    policy.apt.set_step(0)
+    policy.apt._set_step(0)
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     assert torch.equal(policy.sample_actions(batch, noise, guidance_scale=3.0), policy.sample_actions(batch, noise))
 
@@ -67,11 +67,11 @@ def test_dropped_rows_take_exactly_the_stage1_path():
     batch = make_batch(["left", "right"] * 4)
     vl_tokens, visible, language, language_mask, _ = policy.encode(batch)
     x, time = torch.randn(8, 4, 2, generator=torch.Generator().manual_seed(0)), torch.full((8,), 0.3)
-    keep = policy.apt.language_keep(8, x.device)
+    keep = policy.apt._language_keep(8, x.device)
     assert 0 < int(keep.sum()) < 8, keep
     with torch.no_grad(), policy.apt.fusion_context(language, language_mask):
         fused = policy.action_head(x, time, batch["state"], vl_tokens, visible)
-    policy.apt.set_step(SWITCH - 1)
+    policy.apt._set_step(SWITCH - 1)
     with torch.no_grad():
         prior = policy.action_head(x, time, batch["state"], vl_tokens, visible)
     assert torch.equal(fused[~keep], prior[~keep])
@@ -83,13 +83,13 @@ def test_language_dropout_draws_the_configured_fraction_and_only_in_training():
     policy.train()
     drawn = []
     for step in range(50):
-        policy.apt.set_step(SWITCH + step)
-        drawn.append(policy.apt.language_keep(64, torch.device("cpu")))
+        policy.apt._set_step(SWITCH + step)
+        drawn.append(policy.apt._language_keep(64, torch.device("cpu")))
     dropped = 1 - torch.stack(drawn).float().mean().item()
     assert 0.25 < dropped < 0.35, dropped
     assert not torch.equal(drawn[0], drawn[1]), "a new draw every step"
     policy.eval()
-    assert policy.apt.language_keep(64, torch.device("cpu")) is None
+    assert policy.apt._language_keep(64, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="`language_dropout` must be in"):
         APTConfig(language_dropout=1.0)
 
@@ -120,7 +120,7 @@ def test_sigmoid_gates_start_at_one_half_and_the_switch_is_not_an_identity():
     assert all(v == {"attn": 0.5, "ff": 0.5} for v in policy.apt.gate_values().values())
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     stage1 = policy.sample_actions(batch, noise)
-    policy.apt.set_step(SWITCH)
+    policy.apt._set_step(SWITCH)
     assert (policy.sample_actions(batch, noise) - stage1).abs().max() > 1e-4
 
 
@@ -133,5 +133,5 @@ def test_per_channel_gates_have_one_gate_per_channel_and_keep_the_exact_switch()
     assert [tuple(g.shape) for g in block.gate_parameters()] == [(32,), (32,)]
     batch, noise = make_batch(["left", "right"]), _noise(policy)
     stage1 = policy.sample_actions(batch, noise)
-    policy.apt.set_step(SWITCH)
+    policy.apt._set_step(SWITCH)
     assert torch.equal(policy.sample_actions(batch, noise), stage1)

@@ -46,7 +46,7 @@ def test_the_switch_is_exact_and_stage1_ignores_the_instruction():
     left, right = make_batch("left"), make_batch("right", pad=2)
     stage1 = policy.sample_actions(left, noise(policy))
     assert (stage1 - policy.sample_actions(right, noise(policy))).abs().max() <= 1e-6
-    policy.apt.set_step(SWITCH)
+    policy.apt._set_step(SWITCH)
     assert torch.equal(policy.sample_actions(left, noise(policy)), stage1)  # every gate closed: identity
 
 
@@ -74,7 +74,7 @@ def test_guidance_and_dropped_rows_take_the_language_free_path_exactly():
     open_gates(policy)
     policy.train()
     batch = make_batch(["left", "right"] * 4)
-    keep = policy.apt.language_keep(8, torch.device("cpu"))
+    keep = policy.apt._language_keep(8, torch.device("cpu"))
     assert 0 < int(keep.sum()) < 8
     x, time = torch.randn(8, 4, 2, generator=torch.Generator().manual_seed(0)), torch.full((8,), 0.3)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_guidance_and_dropped_rows_take_the_language_free_path_exactly():
             fused = policy.action_head(
                 x, time, batch["state"], encoded.vl_tokens, encoded.visible, policy._head_language(encoded)
             )
-        policy.apt.set_step(SWITCH - 1)
+        policy.apt._set_step(SWITCH - 1)
         prior = policy.action_head(x, time, batch["state"], encoded.vl_tokens, encoded.visible)
     assert torch.equal(fused[~keep], prior[~keep])
     assert (fused[keep] - prior[keep]).abs().amax(dim=(1, 2)).min() > 1e-4

@@ -35,7 +35,7 @@ def test_sites_read_their_own_layers_and_the_switch_stays_exact(arch):
     policy.eval()
     batch = make_batch(["left", "right"])
     stage1 = policy.sample_actions(batch, noise(policy))
-    policy.apt.set_step(SWITCH)
+    policy.apt._set_step(SWITCH)
     assert torch.equal(policy.sample_actions(batch, noise(policy)), stage1)  # closed gates: identity
     seen: dict[str, torch.Tensor] = {}
     for name, site in policy.apt.sites.items():

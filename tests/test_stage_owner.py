@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from apt_lightning import (
+    APT,
     APTConfig,
     APTMixin,
     APTStageScheduler,
@@ -147,16 +148,11 @@ class Block(nn.Module):
 
 
 class Widthless(APTMixin, pl.LightningModule):
-    apt_vlm = "vlm"
-
     def __init__(self, fusion: FusionConfig) -> None:
         super().__init__()
-        self.apt_fusion = fusion
         self.vlm = Opaque()
         self.expert = nn.ModuleList([Block(), Block()])
-
-    def apt_language_mask(self, batch):
-        return batch["language_mask"]
+        self.apt = APT(self, vlm="vlm", fusion=fusion)
 
     def training_step(self, batch, batch_idx):
         return self.expert[1](self.expert[0](self.vlm.proj(batch["state"].repeat(1, 2)))).sum()
@@ -273,7 +269,7 @@ def test_models_pass_features_unconditionally_and_the_library_ignores_them_outsi
     assert not policy.apt.needs_language
     with policy.apt.fusion_context(None, None):
         pass  # ignored outside Stage 2
-    policy.apt.set_step(5)
+    policy.apt._set_step(5)
     assert policy.apt.needs_language
     needs = pytest.raises(FusionContextError, match="Stage 2 needs language features")
     with needs, policy.apt.fusion_context(None, None):

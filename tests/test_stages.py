@@ -69,7 +69,7 @@ def test_switch_is_exact_and_stage2_learns_language(arch):
     assert stages[9] == 1 and stages[10] == 2 and stages[29] == 2
     policy.eval()
     assert policy.apt.stage == 2, "after a fit that ended in Stage 2 the model stays in Stage 2"
-    policy.apt.set_step(9)  # the same weights, run as Stage 1
+    policy.apt._set_step(9)  # the same weights, run as Stage 1
     for site in policy.apt.sites.values():
         assert site.apt_fusion.gate_values()["attn"] != 0.0, "gates must open during Stage 2"
     # exact identity at the switch: same weights, Stage 1 vs Stage 2 with gates reset to zero
@@ -80,7 +80,7 @@ def test_switch_is_exact_and_stage2_learns_language(arch):
     }
     for s in policy.apt.sites.values():
         s.apt_fusion.reset_gates()
-    policy.apt.set_step(10)
+    policy.apt._set_step(10)
     assert (policy.sample_actions(batch, noise) - stage1).abs().max().item() <= 1e-6
     # with the trained gates, the instruction changes the actions
     for name, s in policy.apt.sites.items():
@@ -104,9 +104,9 @@ def test_switch_during_fit_preserves_output(arch):
             if trainer.global_step == 6:  # weights after the last Stage-1 update; next batch is Stage 2
                 pl_module.eval()
                 seen[1] = pl_module.sample_actions(batch, noise)
-                pl_module.apt.set_step(6)
+                pl_module.apt._set_step(6)
                 seen[2] = pl_module.sample_actions(batch, noise)
-                pl_module.apt.set_step(5)
+                pl_module.apt._set_step(5)
                 pl_module.train()
 
     trainer(7, [APTStageScheduler(switch_at_step=6), Probe()]).fit(policy, loader())

@@ -77,7 +77,7 @@ def test_switch_is_exact_with_per_site_contexts():
     policy.eval()
     batch, noise = make_batch(["left", "right"]), _noise()
     stage1 = policy.sample_actions(batch, noise)
-    policy.apt.set_step(2)
+    policy.apt._set_step(2)
     assert policy.apt.stage == 2 and policy.apt.needs_language
     seen: dict[str, torch.Tensor] = {}
 
@@ -114,7 +114,7 @@ def test_wrong_per_site_contexts_name_the_site():
     wide = [contexts[0], torch.cat([contexts[1], contexts[1][..., :1]], dim=-1)]
     with pytest.raises(FusionContextError, match=r"`expert\.layers\.1` reads context \(B, S, 32\)"):
         enter(wide)
-    policy.apt.set_step(0)
+    policy.apt._set_step(0)
     enter(wide)  # outside Stage 2 the context is ignored, whatever it is
 
 

@@ -8,16 +8,16 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from apt_lightning.controller import APT
-from apt_lightning.errors import AptError, ContractError
+from apt_lightning.errors import ConfigError, ContractError
+from apt_lightning.fit_checks import check_budget, check_learning_rate, check_optimizers, check_sharding, check_strategy
 from apt_lightning.guard import NonFiniteGuard, non_finite_entries
-from apt_lightning.optim import has_apt_groups
 from apt_lightning.schedule import Stage, StagePlan, parse_stage
-from apt_lightning.sharding import prime_optimizer_state, unsharded_parameters
+from apt_lightning.sharding import prime_optimizer_state
 
 __all__ = ["APTStageScheduler", "GateMonitor", "non_finite_entries"]
 
@@ -96,16 +96,17 @@ class APTStageScheduler(Callback):
     ) -> None:
         stage = parse_stage(stage)
         if switch_at_step is not None and stage != 1:
-            raise ValueError(f"`switch_at_step` needs `stage=1` (the fit starts in Stage 1), got stage={stage!r}.")
+            raise ConfigError(f"`switch_at_step` needs `stage=1` (the fit starts in Stage 1), got stage={stage!r}.")
         for name, value in (("check_finite", check_finite), ("finetune", finetune), ("warm_start", warm_start)):
             if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+                raise ConfigError(f"`{name}` must be a bool, got {value!r}.")
         if warm_start and not finetune:
-            raise ValueError("`warm_start=True` only applies to a fine-tune: pass `finetune=True` as well.")
+            raise ConfigError("`warm_start=True` only applies to a fine-tune: pass `finetune=True` as well.")
         self.plan = StagePlan(first_stage=stage, switch_step=switch_at_step)
         """The plan this fit asks for; the controller holds the one in force."""
         self.finetune, self.warm_start = finetune, warm_start
         self.guard = NonFiniteGuard() if check_finite else None
+        self._announced: int | None = None
 
     @property
     def check_finite(self) -> bool:
@@ -114,11 +115,14 @@ class APTStageScheduler(Callback):
     # ------------------------------------------------------------------ setup: structure and early checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         apt = _controller(pl_module)
-        if stage == TrainerFn.FITTING:
-            self._check_strategy(trainer)
-            self._check_budget(trainer)
-            self._check_learning_rate(pl_module, apt)
-        if self.finetune and stage == TrainerFn.FITTING:
+        if stage != TrainerFn.FITTING:
+            if not apt.is_prepared:  # a loaded model keeps the plan its checkpoint recorded
+                apt.prepare(self.plan)
+            return
+        check_strategy(trainer, self.plan)
+        check_budget(trainer, self.plan)
+        check_learning_rate(pl_module, apt)
+        if self.finetune:
             apt.start_finetune(self.plan, warm_start=self.warm_start)
         else:
             apt.prepare(self.plan)
@@ -128,66 +132,9 @@ class APTStageScheduler(Callback):
             f"{trainable:,} trainable parameters over the plan."
         )
 
-    def _check_strategy(self, trainer: pl.Trainer) -> None:
-        strategy = trainer.strategy
-        if type(strategy).__name__.startswith("DeepSpeed"):
-            raise AptError("APTStageScheduler does not support the DeepSpeed strategy. Use DDP or FSDP instead.")
-        one_fit = self.plan.switch_step is not None
-        if isinstance(strategy, DDPStrategy) and one_fit and not strategy._ddp_kwargs.get("find_unused_parameters"):
-            raise AptError(
-                "A one-fit APT plan (`switch_at_step`) under DDP needs `find_unused_parameters=True`: fusion "
-                "parameters take no gradient before the switch. Use strategy='ddp_find_unused_parameters_true' "
-                "or DDPStrategy(find_unused_parameters=True), or run the two stages as two fits."
-            )
-        if isinstance(strategy, FSDPStrategy) and not strategy.kwargs.get("use_orig_params", True):
-            raise AptError(
-                "FSDPStrategy (FSDP1) flattens each wrapped unit's parameters into one, which cannot mix the frozen "
-                "VLM with the trainable expert and fusion blocks, nor keep APT's per-role param groups. Pass "
-                "FSDPStrategy(use_orig_params=True, ...) (see examples/fsdp_gpu.py), or use ModelParallelStrategy "
-                "(FSDP2) with `self.apt_fully_shard(...)` in `configure_model`."
-            )
-
-    def _check_budget(self, trainer: pl.Trainer) -> None:
-        switch, max_steps = self.plan.switch_step, trainer.max_steps
-        if switch is not None and max_steps is not None and 0 <= max_steps <= switch:
-            rank_zero_warn(
-                f"`switch_at_step`={switch} >= Trainer(max_steps={max_steps}): this fit never reaches Stage 2. "
-                "Raise max_steps above the switch (or resume later with a larger max_steps), or use "
-                "APTStageScheduler(stage=1) for a Stage-1-only fit."
-            )
-
-    @staticmethod
-    def _check_learning_rate(pl_module: pl.LightningModule, apt: APT) -> None:
-        """A model's own ``lr`` is dead under APT's optimiser unless it went into ``APTConfig``: say so."""
-        hparams = getattr(pl_module, "hparams", {})
-        for name in ("lr", "learning_rate"):
-            value = getattr(pl_module, name, None)
-            value = hparams.get(name, value) if value is None else value
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value != apt.config.lr:
-                rank_zero_warn(
-                    f"{type(pl_module).__name__}.{name}={value} is not the learning rate APT's optimiser uses "
-                    f"(APTConfig.lr={apt.config.lr}). Pass it on: `APT(self, ..., config=APTConfig(lr={name}))` in "
-                    "`__init__`."
-                )
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            unsharded = unsharded_parameters(pl_module)
-            if unsharded:
-                raise ContractError(
-                    f"Under ModelParallelStrategy {len(unsharded)} parameters of {type(pl_module).__name__} are not "
-                    f"sharded ({unsharded[:3]} ...): FSDP2 would never reduce their gradients, and the ranks would "
-                    "drift apart. Shard the whole module in `configure_model`: "
-                    '`self.apt_fully_shard(units=r".*layers\\.\\d+")` (Lightning calls it after the fusion blocks '
-                    "are built)."
-                )
-        if not all(has_apt_groups(optimizer) for optimizer in trainer.optimizers):
-            rank_zero_warn(
-                f"{type(pl_module).__name__}.configure_optimizers does not build on APT's param groups: the gates get "
-                "no larger learning rate and no group follows the stage schedule (Stage-2 parameters may even train "
-                "in Stage 1). Return `self.apt.configure_optimizers(YourOptimizer, **kwargs)` from it, or delete it "
-                "to use AdamW with APTConfig's learning rates."
-            )
+        check_sharding(trainer, pl_module)
+        check_optimizers(trainer, pl_module)
 
     # ------------------------------------------------------------------ the stage at every entry point
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -202,7 +149,7 @@ class APTStageScheduler(Callback):
         if not pl_module.training:  # e.g. `load_policy` returns the model in eval mode, and fit keeps modes
             rank_zero_info(f"APT: {type(pl_module).__name__} was in eval mode at train start; set to train mode.")
             pl_module.train()
-        apt.set_step(trainer.global_step)  # the step is restored by now when resuming
+        apt._set_step(trainer.global_step)  # the step is restored by now when resuming
         if isinstance(trainer.strategy, ModelParallelStrategy):  # sharded checkpoints need every state present
             for optimizer in trainer.optimizers:
                 prime_optimizer_state(optimizer)
@@ -211,9 +158,9 @@ class APTStageScheduler(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         apt = _controller(pl_module)
-        before = apt.stage
-        apt.set_step(trainer.global_step, micro_batch=batch_idx)
-        if before == 1 and apt.stage == 2 and trainer.global_step == self.plan.switch_step:
+        apt._set_step(trainer.global_step, micro_batch=batch_idx)
+        if apt.stage == 2 and trainer.global_step == apt.plan.switch_step and self._announced != trainer.global_step:
+            self._announced = trainer.global_step  # once, also when the batch loop repeats the switch step
             self._on_switch(apt, trainer.global_step)
         pl_module.log("apt/stage", float(apt.stage), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
         if self.guard is not None:
@@ -231,13 +178,13 @@ class APTStageScheduler(Callback):
         rank_zero_info(f"APT: switching to Stage 2 (language through gated fusion) at global step {step}.")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _controller(pl_module).set_step(trainer.global_step)
+        _controller(pl_module)._set_step(trainer.global_step)
         if self.guard is not None:
             self.guard.on_train_end(trainer, pl_module)
 
     def _sync_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         apt = _controller(pl_module)
-        apt.set_step(trainer.global_step if trainer.state.fn == TrainerFn.FITTING else apt.step)
+        apt._set_step(trainer.global_step if trainer.state.fn == TrainerFn.FITTING else apt.step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_evaluation(trainer, pl_module)
@@ -265,12 +212,7 @@ class APTStageScheduler(Callback):
             self.guard.on_save_checkpoint(trainer, pl_module, checkpoint)
 
     # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_dict(), "version": 3}  # informative: the controller's record is checked
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # the controller checks the checkpoint's plan against this fit's (APT.on_load_checkpoint)
-
+    # No state of its own: the plan in force and the step are the controller's record (APTMixin's checkpoint hooks).
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:

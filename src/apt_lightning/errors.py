@@ -82,3 +82,18 @@ class UnverifiedCheckpointWarning(UserWarning):
     """A checkpoint written before checkpoints carried a content digest (or by a strategy whose state dict is
     sharded) was loaded without that check. Turn it into an error with
     ``warnings.simplefilter("error", UnverifiedCheckpointWarning)``."""
+
+
+class ClockError(AptError, RuntimeError):
+    """The optimizer's own step count and APT's step (the one clock) disagree: a resume restored the weights and
+    APT's state but not the optimizer's, or a step was taken outside the bound optimizer."""
+
+
+class RemovedNameError(AptError, AttributeError):
+    """A pre-1.0 name (an ``apt_*`` method or the ``apt_vlm``/``apt_fusion``/``apt_config`` declarations) was used;
+    the message names its replacement."""
+
+
+class StrategyError(AptError, RuntimeError):
+    """The Lightning strategy cannot run APT as configured (DeepSpeed, DDP without unused-parameter detection for a
+    one-fit plan, FSDP1 without ``use_orig_params``); the message says which strategy to use instead."""

@@ -113,7 +113,8 @@ def fusion_geometry(model: nn.Module) -> dict[str, dict[str, Any]]:
 
     Example::
 
-        >>> from apt_lightning import FusionConfig, inject_fusion
+        >>> from apt_lightning import FusionConfig
+        >>> from apt_lightning.inject import inject_fusion
         >>> model = nn.Sequential(nn.Linear(4, 4))
         >>> _ = inject_fusion(model, FusionConfig(target_modules=["0"], hidden_dim=4, context_dim=3, num_heads=1))
         >>> fusion_geometry(model)["0"]["num_heads"], fusion_geometry(model)["0"]["head_dim"]
@@ -151,7 +152,8 @@ def context_sources(module: nn.Module) -> dict[str, str] | None:
 
     Example::
 
-        >>> from apt_lightning import FusionConfig, inject_fusion
+        >>> from apt_lightning import FusionConfig
+        >>> from apt_lightning.inject import inject_fusion
         >>> model = nn.Sequential(nn.Linear(4, 4))
         >>> _ = inject_fusion(model, FusionConfig(target_modules=["0"], hidden_dim=4, context_dim=3, num_heads=1))
         >>> context_sources(model) is None

@@ -186,7 +186,7 @@ class Stage1FeatureCache(Callback):
                 "callbacks."
             )
         if stage == "fit":
-            pl_module.apt.attach_feature_cache(self)
+            pl_module.apt._attach_feature_cache(self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         plan = pl_module.apt.plan
@@ -238,8 +238,8 @@ class Stage1FeatureCache(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clear()
-        if pl_module.apt.feature_cache is self:
-            pl_module.apt.attach_feature_cache(None)
+        if pl_module.apt._feature_cache is self:
+            pl_module.apt._attach_feature_cache(None)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # contents are recomputed after a resume: the frozen VLM gives the same values

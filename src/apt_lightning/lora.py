@@ -52,3 +52,12 @@ def merged_state_dict(vlm: nn.Module) -> dict[str, torch.Tensor]:
             parent = merged.get_submodule(parent_name) if parent_name else merged
             setattr(parent, child, module.get_base_layer())
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def remove_vlm_lora(vlm: nn.Module) -> None:
+    """Put every LoRA-wrapped layer of ``vlm`` back as its base layer (adapters dropped, not merged)."""
+    for name, module in list(vlm.named_modules()):
+        if isinstance(module, LoraLayer) and isinstance(module, nn.Module) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = vlm.get_submodule(parent_name) if parent_name else vlm
+            setattr(parent, child, module.get_base_layer())

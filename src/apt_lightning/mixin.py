@@ -14,47 +14,95 @@ A LightningModule gets APT by composition and gains the hooks Lightning calls::
             ...
 
 The mixin adds what is Lightning's: ``configure_optimizers`` (APT's per-role groups and stage schedule),
-checkpoint hooks that store the controller's plan and step, ``train()`` that keeps a frozen VLM in eval mode,
-and the Trainer's step, rank and micro-batch as the seed of APT's random streams. Everything else lives on
-``self.apt``; the ``apt_*`` methods of earlier releases forward to it with a ``DeprecationWarning``.
+checkpoint hooks that store the controller's record (plan, step, configuration) and restore it through the
+controller's one load path, ``train()`` that keeps a frozen VLM in eval mode, and the Trainer's step, rank and
+micro-batch as APT's clock. Everything else lives on ``self.apt``. The ``apt_*`` methods and the ``apt_vlm`` /
+``apt_fusion`` / ``apt_config`` declarations of pre-1.0 releases are gone: using one raises an error that names
+its replacement (docs/guide.md, "Migrating to 1.0").
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from apt_lightning.checksum import DIGEST_KEY, add_checkpoint_digest, verify_checkpoint_digest
-from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.controller import APT
-from apt_lightning.errors import ContractError
+from apt_lightning.errors import ContractError, RemovedNameError
+from apt_lightning.record import StateRecord
+
+CHECKPOINT_KEY = "apt"
+"""Key of APT's record (:class:`~apt_lightning.record.StateRecord`) in a Lightning checkpoint."""
+
+REMOVED_NAMES: dict[str, str] = {
+    "apt_vlm": "APT(self, vlm=...) in __init__; read it as self.apt.vlm",
+    "apt_fusion": "APT(self, fusion=FusionConfig(...)) in __init__; read it as self.apt.fusion",
+    "apt_config": "APT(self, config=APTConfig(...)) in __init__; read it as self.apt.config",
+    "apt_cfg": "self.apt.config",
+    "apt_validate_contract": "self.apt.validate()",
+    "apt_prepare": "self.apt.prepare(plan)",
+    "apt_set_step": "nothing: the optimizer from self.apt.configure_optimizers() advances self.apt.step (or call "
+    "self.apt.advance() after an optimizer APT did not build)",
+    "apt_set_stage": "a StagePlan: self.apt.prepare(StagePlan(first_stage=..., switch_step=...))",
+    "apt_masks": "self.apt.masks(...)",
+    "apt_vlm_context": "self.apt.vlm_context()",
+    "apt_cached_vlm": "self.apt.cached_vlm(batch, compute)",
+    "apt_fusion_context": "self.apt.fusion_context(features, mask)",
+    "apt_expert_language_mask": "self.apt.expert_language_mask(mask)",
+    "apt_rng": "self.apt.rng(*keys)",
+    "apt_param_groups": "self.apt.param_groups()",
+    "apt_configure_optimizers": "self.apt.configure_optimizers()",
+    "apt_gate_values": "self.apt.gate_values()",
+    "apt_sites": "self.apt.sites",
+    "apt_vlm_module": "self.apt.vlm_module",
+    "apt_is_prepared": "self.apt.is_prepared",
+    "apt_plan": "self.apt.plan",
+    "apt_step": "self.apt.step",
+    "apt_stage": "self.apt.stage",
+    "apt_needs_language": "self.apt.needs_language",
+    "apt_vlm_frozen": "self.apt.vlm_frozen",
+}
+"""Pre-1.0 names on the module and what replaced them."""
+
+
+def _removed(owner: str, name: str) -> RemovedNameError:
+    return RemovedNameError(
+        f"`{owner}.{name}` was removed in apt_lightning 1.0 and is ignored: use {REMOVED_NAMES[name]} instead "
+        "(docs/guide.md, 'Migrating to 1.0')."
+    )
 
 
 class APTMixin:
     """Mixin for a ``LightningModule`` holding a VLM and a continuous action expert.
 
     Assign ``self.apt = APT(self, vlm=..., fusion=FusionConfig(...), config=APTConfig(...))`` in ``__init__``.
-    Modules written for earlier releases may instead declare ``apt_vlm``, ``apt_fusion`` (a
-    :class:`FusionConfig`) and ``apt_config`` on the class or in ``__init__``: the controller is then built from
-    them on first use.
     """
 
-    apt_vlm: str
-    apt_fusion: FusionConfig
-    apt_config: APTConfig | None = None
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        old = sorted(name for name in REMOVED_NAMES if name in cls.__dict__)
+        if old:
+            raise _removed(cls.__name__, old[0])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in REMOVED_NAMES:
+            raise _removed(type(self).__name__, name)
+        super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in REMOVED_NAMES:
+            raise _removed(type(self).__name__, name)
+        return super().__getattr__(name)  # type: ignore[misc]  # nn.Module's: parameters, buffers, submodules
 
     @property
     def apt(self) -> APT:
-        """This module's :class:`~apt_lightning.APT` controller (built from the declarations if not assigned)."""
+        """This module's :class:`~apt_lightning.APT` controller."""
         controller = self.__dict__.get("_apt")
         if controller is None:
-            controller = APT(
-                self,  # type: ignore[arg-type]
-                vlm=getattr(self, "apt_vlm", None),  # type: ignore[arg-type]
-                fusion=getattr(self, "apt_fusion", None),  # type: ignore[arg-type]
-                config=self.apt_config,
+            name = type(self).__name__
+            raise ContractError(
+                f"{name} has no APT controller: assign `self.apt = APT(self, vlm=..., fusion=FusionConfig(...))` in "
+                f"`{name}.__init__`."
             )
-            self.apt = controller
         return controller
 
     @apt.setter
@@ -64,20 +112,21 @@ class APTMixin:
                 f"`{type(self).__name__}.apt` must be `APT(self, vlm=..., fusion=...)`, the controller of this "
                 f"module; got {type(controller).__name__}."
             )
-        if controller.counters is None:
-            controller.counters = self._apt_trainer_counters
+        controller._counters = self._trainer_clock
         self.__dict__["_apt"] = controller
 
-    def _apt_trainer_counters(self) -> tuple[int, int, int] | None:
-        trainer = getattr(self, "_trainer", None)
+    def _trainer_clock(self) -> tuple[int, int, int] | None:
+        """``(global_step, rank, micro_batch)`` while a Trainer drives this module, else ``None``."""
+        trainer = self.__dict__.get("_trainer")
         if trainer is None:
             return None
-        return trainer.global_step, trainer.global_rank, getattr(trainer.fit_loop.epoch_loop, "batch_idx", 0)
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        return trainer.global_step, trainer.global_rank, int(getattr(loop, "batch_idx", 0) or 0)
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self) -> Any:
-        """AdamW over APT's per-role groups with a per-group, stage-aware ``LambdaLR`` stepped every step. For
-        another optimiser: ``return self.apt.configure_optimizers(torch.optim.SGD, momentum=0.9)``."""
+        """AdamW over APT's per-role groups with the stage-aware schedule. For another optimiser:
+        ``return self.apt.configure_optimizers(torch.optim.SGD, momentum=0.9)``."""
         return self.apt.configure_optimizers()
 
     def train(self, mode: bool = True) -> Any:
@@ -85,26 +134,32 @@ class APTMixin:
         result = super().train(mode)  # type: ignore[misc]
         controller = self.__dict__.get("_apt")
         if controller is not None:
-            controller.after_train_mode(mode)
+            controller._after_train_mode(mode)
         return result
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the plan and the step, so a module loaded for inference behaves as it did when saved."""
+        """Record the plan, the step (the checkpoint's ``global_step``) and the configuration, so the checkpoint
+        loads only into a model built the same way and behaves there as it did when saved."""
         controller = self.__dict__.get("_apt")
-        if controller is not None:
-            controller.on_save_checkpoint(checkpoint)
+        if controller is not None and controller.is_prepared:
+            step = checkpoint.get("global_step")
+            checkpoint[CHECKPOINT_KEY] = StateRecord.of(controller, step=step).to_dict()
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
-        add_checkpoint_digest(checkpoint)  # last: covers the weights as written (apt_lightning.checksum)
+        add_checkpoint_digest(checkpoint)  # last: covers the checkpoint as written (apt_lightning.checksum)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the saved structure before weights load and restore the saved step (see
-        :meth:`APT.on_load_checkpoint`). A checkpoint that records a content digest is verified first, so a
-        corrupted file fails here (``fit(ckpt_path=...)``, ``load_from_checkpoint``) before any weight loads."""
+        """Verify the digest, then restore APT's record through :meth:`APT.load_state_dict` (the one load path: a
+        fresh module takes the checkpoint's plan, a resumed fit must run the same plan, and a differently
+        configured module is refused) before any weight loads."""
         if DIGEST_KEY in checkpoint:
             verify_checkpoint_digest(checkpoint, "The checkpoint being loaded")
-        self.apt.on_load_checkpoint(checkpoint)
+        record = checkpoint.get(CHECKPOINT_KEY)
+        if record:
+            self.apt.load_state_dict(record)
+        else:  # written without a record: build what its weights need, nothing to check the plan against
+            self.apt._restore_structure_for(list(checkpoint.get("state_dict", {})))
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
@@ -126,69 +181,3 @@ class APTMixin:
             names = mesh.mesh_dim_names or ()
             fully_shard_kwargs["mesh"] = mesh["data_parallel"] if "data_parallel" in names else mesh
         return self.apt.fully_shard(units, **fully_shard_kwargs)
-
-    def apt_set_stage(self, stage: Any) -> None:
-        """Removed: the stage is no longer set, it follows the global step (see :meth:`APT.set_step`)."""
-        raise ContractError(
-            f"`apt_set_stage({stage!r})` was removed: a model's stage now follows the global step its weights "
-            "reached under a StagePlan. Give the plan once (`model.apt.prepare(StagePlan(first_stage=1, "
-            "switch_step=N))`, or APTStageScheduler in a Trainer), then call `model.apt.set_step(global_step)`; a "
-            "fixed stage is `StagePlan(first_stage=2)` (or 1, or 'joint')."
-        )
-
-
-# Earlier releases' names, forwarded to the controller. (old name, controller attribute, is a method)
-_FORWARDED = (
-    ("apt_validate_contract", "validate", True),
-    ("apt_prepare", "prepare", True),
-    ("apt_set_step", "set_step", True),
-    ("apt_masks", "masks", True),
-    ("apt_vlm_context", "vlm_context", True),
-    ("apt_cached_vlm", "cached_vlm", True),
-    ("apt_fusion_context", "fusion_context", True),
-    ("apt_expert_language_mask", "expert_language_mask", True),
-    ("apt_rng", "rng", True),
-    ("apt_param_groups", "param_groups", True),
-    ("apt_configure_optimizers", "configure_optimizers", True),
-    ("apt_gate_values", "gate_values", True),
-    ("apt_cfg", "config", False),
-    ("apt_vlm_module", "vlm_module", False),
-    ("apt_is_prepared", "is_prepared", False),
-    ("apt_plan", "plan", False),
-    ("apt_step", "step", False),
-    ("apt_stage", "stage", False),
-    ("apt_needs_language", "needs_language", False),
-    ("apt_vlm_frozen", "vlm_frozen", False),
-)
-
-
-def _forwarder(old: str, new: str, is_method: bool) -> Any:
-    message = f"`{old}` is deprecated: use `self.apt.{new}` (the APT controller owns it)."
-
-    if is_method:
-
-        def method(self: APTMixin, *args: Any, **kwargs: Any) -> Any:
-            warnings.warn(message, DeprecationWarning, stacklevel=2)
-            return getattr(self.apt, new)(*args, **kwargs)
-
-        method.__doc__ = message
-        return method
-
-    def getter(self: APTMixin) -> Any:
-        warnings.warn(message, DeprecationWarning, stacklevel=2)
-        return getattr(self.apt, new)
-
-    return property(getter, doc=message)
-
-
-for _old, _new, _is_method in _FORWARDED:
-    setattr(APTMixin, _old, _forwarder(_old, _new, _is_method))
-
-
-def _apt_sites(self: APTMixin) -> Any:
-    """Deprecated: use ``self.apt.sites`` (a dict, no call)."""
-    warnings.warn("`apt_sites()` is deprecated: use `self.apt.sites`.", DeprecationWarning, stacklevel=2)
-    return dict(self.apt.sites)
-
-
-APTMixin.apt_sites = _apt_sites  # type: ignore[attr-defined]

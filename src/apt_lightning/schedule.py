@@ -106,9 +106,15 @@ class StagePlan:
 
 
 class StageLRFactor:
-    """``LambdaLR`` factor of one parameter group: 0 outside the group's stages, linear warm-up from the start
-    of each stage in which it trains, 1 afterwards. Holds plain ints only (not a closure, not the plan object)
-    so that the scheduler's state dict pickles and loads with ``weights_only=True``."""
+    """Learning-rate factor of one parameter group as a function of APT's step: 0 outside the group's stages,
+    linear warm-up from the start of each stage in which it trains, 1 afterwards. Holds plain ints only.
+
+    Example::
+
+        >>> factor = StageLRFactor(StagePlan(first_stage=1, switch_step=4), "gates", warmup_steps=2)
+        >>> [factor(step) for step in range(3, 7)]
+        [0.0, 0.5, 1.0, 1.0]
+    """
 
     def __init__(self, plan: StagePlan, group: str, warmup_steps: int) -> None:
         if group not in GROUP_STAGES:
@@ -125,15 +131,6 @@ class StageLRFactor:
             return 1.0
         since = step - plan.stage_start(stage)
         return min(1.0, (since + 1) / self.warmup_steps)
-
-
-def saved_plan_and_step(saved: dict[str, Any]) -> tuple[StagePlan | None, int]:
-    """The plan and step a saved record holds; version-1 records stored only the stage."""
-    if saved.get("plan") is not None:
-        return StagePlan(**saved["plan"]), int(saved.get("step", 0))
-    if saved.get("stage") is not None:
-        return StagePlan(first_stage=parse_stage(saved["stage"])), int(saved.get("step", 0))
-    return None, int(saved.get("step", 0))
 
 
 def check_resume(saved: StagePlan, plan: StagePlan, step: int) -> None:

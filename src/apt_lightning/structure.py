@@ -26,7 +26,8 @@ def fusion_sites(model: nn.Module) -> Iterator[tuple[str, GatedFusionLayer]]:
 
     Example::
 
-        >>> from apt_lightning import FusionConfig, inject_fusion
+        >>> from apt_lightning import FusionConfig
+        >>> from apt_lightning.inject import inject_fusion
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
         >>> _ = inject_fusion(model, FusionConfig(target_modules=["1"], hidden_dim=4, context_dim=3, num_heads=1))
         >>> [name for name, _ in fusion_sites(model)]

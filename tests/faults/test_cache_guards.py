@@ -43,7 +43,7 @@ def _unchanged(snapshot: Snapshot, policy) -> bool:
 def _cache_on(policy, cache: Stage1FeatureCache):
     """``cache`` serving ``policy`` in Stage-1 training without a Trainer."""
     policy.apt.prepare(StagePlan(first_stage=1))
-    policy.apt.attach_feature_cache(cache)
+    policy.apt._attach_feature_cache(cache)
     policy.train()
     return policy
 

@@ -1,0 +1,221 @@
+"""peft-style adapter files: APT's configuration and trained weights in a directory your own model reloads.
+
+``apt.save_pretrained(dir)`` writes two files:
+
+* ``apt_config.json``: APT's record (plan, step, fine-tune flag, and the structure-defining configuration: VLM
+  name, resolved :class:`~apt_lightning.FusionConfig`, VLM mode, LoRA shape), the fusion sites with the geometry
+  read from each block and the VLM states each reads, the weights file's content hash, and a digest of the base
+  VLM weights the file does not hold;
+* ``apt_model.safetensors``: every weight the plan trains, under the model's own keys (APT's wrappers removed):
+  the expert, the fusion blocks and gates, and the VLM's LoRA adapters (``vlm_mode="lora"``) or the whole VLM
+  (``vlm_mode="full"``). A frozen VLM is not copied: it is the pretrained one your code loads.
+
+``model.apt.load_pretrained(dir)`` on a freshly built model (its own ``__init__``, its pretrained VLM) restores the
+record through :meth:`~apt_lightning.APT.load_state_dict` (the one load path: the same configuration and plan
+checks as a checkpoint), which rebuilds the fusion blocks and LoRA adapters, then checks the weights (keys, shapes,
+hash, finiteness, block geometry, context sources, base VLM digest) before copying any. Both files are written
+atomically (temporary file, then rename), the weights first: an interrupted save leaves the previous pair or a
+config whose hash names weights that are not there, which loading refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from apt_lightning.errors import ExportError
+from apt_lightning.export import content_hash, context_sources, fusion_geometry
+from apt_lightning.record import StateRecord
+from apt_lightning.structure import lora_parameters, original_state_dict_keys
+
+if TYPE_CHECKING:
+    from apt_lightning.controller import APT
+
+CONFIG_NAME = "apt_config.json"
+WEIGHTS_NAME = "apt_model.safetensors"
+FORMAT = "apt_pretrained"
+FORMAT_VERSION = 1
+
+
+def trained_keys(apt: APT) -> dict[str, str]:
+    """``{original key: state-dict key}`` of every weight the plan trains (what :data:`WEIGHTS_NAME` holds)."""
+    vlm = apt.vlm + "."
+    keys = original_state_dict_keys(apt.model)
+    selected = {clean: key for clean, key in keys.items() if not clean.startswith(vlm)}
+    if apt.plan.trains_vlm and apt.config.vlm_mode == "full":
+        selected.update({clean: key for clean, key in keys.items() if clean.startswith(vlm)})
+    elif apt.plan.trains_vlm and apt.config.vlm_mode == "lora":
+        adapters = {id(p) for p in lora_parameters(apt.vlm_module)}
+        names = {name for name, p in apt.model.named_parameters() if id(p) in adapters}
+        selected.update({clean: key for clean, key in keys.items() if key in names})
+    return selected
+
+
+def base_vlm_digest(apt: APT) -> str | None:
+    """Content hash of the VLM weights the files do not hold (the pretrained base), or ``None`` when the whole VLM
+    is saved."""
+    if apt.plan.trains_vlm and apt.config.vlm_mode == "full":
+        return None
+    saved = set(trained_keys(apt).values())
+    prefix = apt.vlm + "."
+    state = apt.model.state_dict()
+    return content_hash({k: v for k, v in state.items() if k.startswith(prefix) and k not in saved})
+
+
+def save_pretrained(apt: APT, directory: str | Path) -> Path:
+    """Write :data:`CONFIG_NAME` and :data:`WEIGHTS_NAME` for ``apt``'s model (see the module docstring).
+
+    Raises:
+        NotPreparedError: the model has no plan yet (nothing to describe).
+        ExportError: a weight is NaN or infinite (nothing is written), or ``directory`` is a file.
+    """
+    apt.plan  # noqa: B018 -- NotPreparedError before anything is written
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"Cannot save APT files to {directory}: it is a file. Pass a directory path.")
+    state = apt.model.state_dict()
+    tensors = {clean: state[key].detach().to("cpu").contiguous().clone() for clean, key in trained_keys(apt).items()}
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ExportError(
+            f"Refusing to save APT files to {directory}: {len(bad)} weight(s) hold NaN or Inf ({bad[:4]}). Nothing "
+            "was written: save from the last healthy checkpoint."
+        )
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "apt_version": _library_version(),
+        "record": StateRecord.of(apt).to_dict(),
+        "sites": list(apt.sites),
+        "geometry": fusion_geometry(apt.model),
+        "context_sources": context_sources(apt.model),
+        "weights_sha256": content_hash(tensors),
+        "base_vlm_sha256": base_vlm_digest(apt),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def load_pretrained(apt: APT, directory: str | Path, verify_base: bool = True) -> None:
+    """Load what :func:`save_pretrained` wrote into ``apt``'s model (see the module docstring)."""
+    directory = Path(directory)
+    config = _read_config(directory)
+    tensors = _read_weights(directory, config)
+    apt.load_state_dict(config["record"])  # configuration and plan checks, then the structure
+    _check_structure(apt, config, directory)
+    select = trained_keys(apt)
+    missing, unexpected = sorted(set(select) - set(tensors)), sorted(set(tensors) - set(select))
+    if missing or unexpected:
+        raise ExportError(
+            f"{directory / WEIGHTS_NAME} does not fit {type(apt.model).__name__}: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}. Build the model with the same code and configuration it was saved from."
+        )
+    state = apt.model.state_dict()
+    wrong = [
+        f"`{k}` {tuple(tensors[k].shape)} vs {tuple(state[v].shape)}"
+        for k, v in select.items()
+        if state[v].shape != tensors[k].shape
+    ]
+    if wrong:
+        raise ExportError(f"{directory / WEIGHTS_NAME}: shapes differ from the model's: {wrong[:4]}.")
+    recorded_base = config.get("base_vlm_sha256")
+    if verify_base and recorded_base is not None and base_vlm_digest(apt) != recorded_base:
+        raise ExportError(
+            f"The VLM weights of {type(apt.model).__name__} are not the base VLM {directory} was trained on (their "
+            "digest differs): its adapter weights would give other actions. Load the same pretrained VLM, or pass "
+            "`verify_base=False` if you changed the base on purpose."
+        )
+    with torch.no_grad():
+        for clean, key in select.items():
+            state[key].copy_(tensors[clean])
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise ExportError(
+            f"No {CONFIG_NAME} in {directory}: it is not a directory written by `apt.save_pretrained`. Check the path."
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportError(
+            f"{path} cannot be read as JSON ({error}): copy the directory again from its source."
+        ) from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ExportError(f"{path} is not an APT adapter config (its `format` is not {FORMAT!r}).")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ExportError(
+            f"{path} has `format_version`={version!r}, written by apt_lightning {config.get('apt_version')!r}; this "
+            f"apt_lightning {_library_version()} reads up to {FORMAT_VERSION}. Upgrade apt_lightning."
+        )
+    if not isinstance(config.get("record"), dict):
+        raise ExportError(f"{path} holds no APT `record` (plan and step): copy the directory again from its source.")
+    return config
+
+
+def _read_weights(directory: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 -- not a dict
+    except (SafetensorError, OSError) as error:
+        raise ExportError(
+            f"Cannot read {path} ({error}): missing, truncated or not safetensors. Copy the directory again, or "
+            "save it again with `apt.save_pretrained`."
+        ) from error
+    if content_hash(tensors) != config.get("weights_sha256"):
+        raise ExportError(
+            f"{path} failed its content check against {CONFIG_NAME}: the weights were modified, corrupted, or belong "
+            "to another save. Copy the directory again from its source, or save it again."
+        )
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ExportError(f"{path} holds NaN or Inf in {bad[:4]}: save again from a healthy model.")
+    return tensors
+
+
+def _check_structure(apt: APT, config: dict[str, Any], directory: Path) -> None:
+    """The rebuilt fusion blocks must be the saved ones: same sites, same geometry, same VLM states read."""
+    checks = (
+        ("fusion sites", config.get("sites"), list(apt.sites)),
+        ("fusion block geometry", config.get("geometry"), fusion_geometry(apt.model)),
+        ("VLM states each site reads", config.get("context_sources"), context_sources(apt.model)),
+    )
+    for what, saved, current in checks:
+        if saved != json.loads(json.dumps(current)):
+            raise ExportError(
+                f"{directory} was saved from a model whose {what} differ from {type(apt.model).__name__}'s: saved "
+                f"{saved!r}, this model {current!r}. Build the model with the code and configuration it was saved from."
+            )
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _library_version() -> str:
+    from apt_lightning import __version__
+
+    return __version__
