@@ -15,10 +15,11 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -55,6 +56,11 @@ class Demonstrations:
         return len(self.states)
 
 
+def _expert_act(expert: Any) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The scripted expert as a ``run_episode`` actor: it reads the full observation (goal included)."""
+    return lambda frame, state, obs: expert.get_action(obs)
+
+
 def collect_demonstrations(
     episodes: Sequence[MetaWorldEpisode],
     chunk_size: int = 8,
@@ -80,7 +86,7 @@ def collect_demonstrations(
     try:
         for episode in tqdm(episodes, desc="meta-world expert demos", disable=not progress):
             expert = experts[episode.task]()
-            trace = run_episode(sim, episode, lambda frame, state, obs: expert.get_action(obs), max_steps, record=True)
+            trace = run_episode(sim, episode, _expert_act(expert), max_steps, record=True)
             if trace.outcome != "success":
                 continue
             length = len(trace.actions)
