@@ -83,7 +83,7 @@ def test_switch_is_exact(kind):
     adapter.eval()
     batch = make_batch(["left", "right"])
     stage1 = adapter.sample_actions(batch, noise())
-    adapter.apt.set_step(SWITCH)
+    adapter.apt.advance()  # one optimizer step later: Stage 2
     assert adapter.apt.stage == 2 and len(adapter.apt.sites) > 0
     assert torch.equal(adapter.sample_actions(batch, noise()), stage1)
     for site in adapter.apt.sites.values():  # open gates: language now reaches the actions

@@ -70,13 +70,21 @@ def tiny_builds(kind: str = "pi0", vlm_width: int = 32, expert_width: int = 16, 
         module.get_gemma_config, module.PaliGemmaForConditionalGenerationWithPiGemma = real_get, real_vlm
 
 
-def tiny_pi_config(kind: str = "pi0", state_dim: int = 2, action_dim: int = 2, chunk_size: int = 4, **overrides: Any):
+def tiny_pi_config(
+    kind: str = "pi0",
+    state_dim: int = 2,
+    action_dim: int = 2,
+    chunk_size: int = 4,
+    config_class: type | None = None,
+    **overrides: Any,
+):
     """A ``PI0Config``/``PI05Config`` for the tiny builds: one camera ``observation.images.top`` of
-    :data:`TINY_IMAGE_SIZE` px, float32, CPU, ``tokenizer_max_length`` 12."""
+    :data:`TINY_IMAGE_SIZE` px, float32, CPU, ``tokenizer_max_length`` 12. ``config_class`` builds a subclass
+    instead (the plugin's ``PI0APTConfig``)."""
     from lerobot.configs.types import FeatureType, PolicyFeature
 
     configuration = lerobot_module(f"policies.{kind}.configuration_{kind}")
-    cls = configuration.PI0Config if kind == "pi0" else configuration.PI05Config
+    cls = config_class or (configuration.PI0Config if kind == "pi0" else configuration.PI05Config)
     options: dict[str, Any] = dict(
         input_features={
             "observation.images.top": PolicyFeature(FeatureType.VISUAL, (3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)),
@@ -197,8 +205,15 @@ def write_tiny_smolvlm(directory: str | Path, words: Sequence[str] = ()) -> Path
     return directory
 
 
-def tiny_smolvla_config(vlm_directory: str | Path, state_dim: int = 2, action_dim: int = 2, **overrides: Any) -> Any:
-    """A ``SmolVLAConfig`` over a :func:`write_tiny_smolvlm` directory: one 32 px camera, chunk 4, CPU."""
+def tiny_smolvla_config(
+    vlm_directory: str | Path,
+    state_dim: int = 2,
+    action_dim: int = 2,
+    config_class: type | None = None,
+    **overrides: Any,
+) -> Any:
+    """A ``SmolVLAConfig`` (or ``config_class``, e.g. the plugin's ``SmolVLAAPTConfig``) over a
+    :func:`write_tiny_smolvlm` directory: one 32 px camera, chunk 4, CPU."""
     from lerobot.configs.types import FeatureType, PolicyFeature
 
     configuration = lerobot_module("policies.smolvla.configuration_smolvla")
@@ -221,7 +236,7 @@ def tiny_smolvla_config(vlm_directory: str | Path, state_dim: int = 2, action_di
         device="cpu",
     )
     options.update(overrides)
-    return configuration.SmolVLAConfig(**options)
+    return (config_class or configuration.SmolVLAConfig)(**options)
 
 
 def tiny_smolvla_policy(vlm_directory: str | Path, config: Any = None, seed: int = 0) -> Any:
