@@ -22,7 +22,7 @@ import torch
 from lerobot_helpers import ADAPTERS, LossRecorder, loader, make_adapter, make_batch, noise, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from apt_lightning import APTStageScheduler, LanguageMaskError, StagePlan
+from apt_lightning import APTStageScheduler, LanguageMaskError, StageMismatchError, StagePlan
 from apt_lightning.integrations.lerobot import FUSION_FILE
 from apt_lightning.integrations.lerobot.tiny import tiny_builds
 
@@ -141,6 +141,9 @@ def test_save_pretrained_loads_into_lerobot_unchanged(kind, tmp_path):
     assert set(reloaded.state_dict()) == set(clean)
     assert all(torch.equal(v, clean[k]) for k, v in reloaded.state_dict().items())
     again = ADAPTERS[kind](reloaded)
+    again.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))  # step 0: the fusion would sit inactive
+    with pytest.raises(StageMismatchError, match="inactive"):
+        again.load_fusion_from(tmp_path)
     again.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH + 2)
     again.load_fusion_from(tmp_path)
     adapter.eval(), again.eval()
