@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import APTStageScheduler
-from apt_lightning.checksum import DIGEST_KEY, state_dict_digest, verify_checkpoint_digest
+from apt_lightning.checksum import DIGEST_KEY, RECORD_KEY, state_dict_digest, verify_checkpoint_digest
 from apt_lightning.errors import PolicyCheckpointError, UnverifiedCheckpointWarning
 from apt_lightning.models import load_policy
 from apt_studies.cli import _check_resume_checkpoint, cli_entry
@@ -65,7 +65,7 @@ def test_flipped_bytes_inside_weight_storage_are_refused_and_nothing_is_built(sa
 def test_a_checkpoint_without_a_digest_loads_with_a_warning_naming_what_is_unverified(saved, tmp_path):
     path, _ = saved
     checkpoint = torch.load(path, weights_only=True)
-    del checkpoint[DIGEST_KEY]
+    del checkpoint[DIGEST_KEY], checkpoint[RECORD_KEY]
     torch.save(checkpoint, tmp_path / "old.ckpt")
     with pytest.warns(UnverifiedCheckpointWarning, match=r"old\.ckpt records no content digest.*without a corruption"):
         load_policy(tmp_path / "old.ckpt")
@@ -137,7 +137,7 @@ def test_resuming_a_fit_from_a_corrupted_checkpoint_is_refused_before_any_weight
     flip_weight_byte(path, bad)
     policy = make_policy("groot")
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    with pytest.raises(PolicyCheckpointError, match=r"The checkpoint being loaded failed its content check"):
+    with pytest.raises(PolicyCheckpointError, match=r"flipped\.ckpt failed its content check"):
         trainer(4, [APTStageScheduler(switch_at_step=1)]).fit(policy, loader(8), ckpt_path=str(bad))
     after = policy.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)

@@ -10,6 +10,7 @@ import transformers
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import AptError, APTStageScheduler
+from apt_lightning.checksum import add_checkpoint_digest
 from apt_lightning.models import FlowMatchingPolicy, PolicyCheckpointError, load_policy, registered_policies
 from helpers import loader, make_batch, make_policy, trainer
 
@@ -97,6 +98,7 @@ def test_hub_ids_in_a_checkpoint_are_never_fetched(arch, tmp_path, monkeypatch):
         _instantiator="builtins.exec",
         _class_path="os.system",  # not Lightning's trusted instantiator either
     )
+    add_checkpoint_digest(checkpoint)  # the digest is no signature: an attacker recomputes it
     torch.save(checkpoint, tmp_path / "crafted.ckpt")
     _refuse_downloads(monkeypatch)
     loaded = load_policy(tmp_path / "crafted.ckpt")

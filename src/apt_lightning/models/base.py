@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import pickle
+import os
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 
-from apt_lightning.checksum import verify_checkpoint_digest
+from apt_lightning.checksum import VerifiedCheckpointIO, load_checkpoint_file, verify_checkpoint_digest
 from apt_lightning.config import APTConfig
 from apt_lightning.errors import ConfigError, LanguageMaskError, PolicyCheckpointError
 from apt_lightning.guidance import PriorGuidance
@@ -70,35 +70,64 @@ def as_apt_config(value: APTConfig | dict[str, Any] | None) -> APTConfig:
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
     """A Lightning checkpoint's content, read without unpickling code and checked against its content digest.
 
-    What :func:`load_policy` and ``apt-lightning fit --ckpt_path`` read first: a file that is missing, not a
-    checkpoint, not a dict, or whose weights fail their digest (:mod:`apt_lightning.checksum`) is refused here,
-    before any model is built from it. ``verify=False`` leaves the digest to the caller
-    (:func:`~apt_lightning.checksum.verify_checkpoint_digest`).
+    What :func:`load_policy`, :meth:`FlowMatchingPolicy.load_from_checkpoint` and ``apt-lightning fit
+    --ckpt_path`` read first: a file that is missing, truncated, not a checkpoint, not a dict, or whose digest
+    (weights, APT record, hyper-parameters, optimizer state: :mod:`apt_lightning.checksum`) does not match is
+    refused here, before any model is built from it. ``weights_only=True`` is passed explicitly, so
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` does not turn it off. ``verify=False`` leaves the digest to the caller
+    (:func:`~apt_lightning.checksum.verify_checkpoint_digest` with ``parts=None``).
 
     Raises:
         PolicyCheckpointError: naming ``path``, with what is wrong and what to pass instead.
     """
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise PolicyCheckpointError(
-            f"{path} cannot be read as a PyTorch checkpoint: it is not one, or it holds Python objects other than "
-            "tensors and plain data, which are never unpickled here. Pass a .ckpt file written by a Lightning Trainer."
-        ) from error
-    except (OSError, EOFError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "empty or truncated file"
-        raise PolicyCheckpointError(
-            f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {reason}). "
-            "Pass a .ckpt file written by a Lightning Trainer."
-        ) from error
-    if not isinstance(checkpoint, dict):
-        raise PolicyCheckpointError(
-            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict: pass a .ckpt file written by a "
-            "Lightning Trainer."
-        )
+    checkpoint = load_checkpoint_file(path, map_location)
     if verify:
-        verify_checkpoint_digest(checkpoint, path)
+        verify_checkpoint_digest(checkpoint, path, parts=None)
     return checkpoint
+
+
+def _as_hyperparameters(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments as :meth:`FlowMatchingPolicy.save_policy_hyperparameters` stores them (configs as
+    dicts, plain data)."""
+    out = {}
+    for name, value in values.items():
+        if hasattr(value, "to_dict") and callable(value.to_dict):
+            value = value.to_dict()
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        out[name] = plain_data(value)
+    return out
+
+
+def configuration_differences(
+    recorded: Mapping[str, Any], given: Mapping[str, Any], ignore: Collection[str] = ()
+) -> list[tuple[str, Any, Any]]:
+    """``(name, recorded, given)`` for every hyper-parameter both hold with different values (recursively into
+    dicts, by dotted name); names only one side holds are skipped (a newer release may add defaults), and so are
+    ``ignore`` and ``transformers_version``.
+
+    Example::
+
+        >>> configuration_differences({"fusion_heads": 2, "config": {"a": 1}}, {"fusion_heads": 4, "config": {"a": 1}})
+        [('fusion_heads', 2, 4)]
+    """
+    differences: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, name: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in a:
+                if key in b and key not in ("transformers_version",) and f"{name}{key}" not in ignore:
+                    walk(a[key], b[key], f"{name}{key}.")
+        elif plain_data(a) != plain_data(b):
+            differences.append((name.rstrip("."), a, b))
+
+    walk(recorded, given, "")
+    return differences
+
+
+def _describe_differences(differences: list[tuple[str, Any, Any]]) -> str:
+    shown = "; ".join(f"`{name}`: checkpoint {old!r}, here {new!r}" for name, old, new in differences[:4])
+    return shown + (f" (and {len(differences) - 4} more)" if len(differences) > 4 else "")
 
 
 def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> FlowMatchingPolicy:
@@ -111,9 +140,13 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
       (:func:`registered_policies`); no module the checkpoint names is ever imported;
     * every constructor argument that would download weights (``pretrained_arguments``, e.g. ``pretrained``,
       ``vlm_pretrained``) is set to ``None``, so no hub or path of the checkpoint's choosing is contacted;
-    * tensors are read with ``weights_only=True``;
-    * the weights are checked against the content digest the module recorded when it saved
-      (:mod:`apt_lightning.checksum`) before anything is built: a modified or corrupted file is never loaded.
+    * tensors are read with ``weights_only=True``, passed explicitly (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot
+      turn it off);
+    * the weights, APT record, hyper-parameters and optimizer state are checked against the digests the module
+      recorded when it saved (:mod:`apt_lightning.checksum`) before anything is built: a modified or corrupted file
+      is never loaded;
+    * the model built is compared with the checkpoint's recorded configuration
+      (:meth:`FlowMatchingPolicy.on_load_checkpoint`).
       A checkpoint without a digest (older versions) loads with an
       :class:`~apt_lightning.errors.UnverifiedCheckpointWarning`.
 
@@ -135,7 +168,7 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
             f"process; known classes: {sorted(_POLICY_CLASSES)}. A checkpoint never chooses code to import: if "
             "the class is your own, import the module that defines it before calling `load_policy`."
         )
-    verify_checkpoint_digest(checkpoint, path)  # before anything is built from the weights
+    verify_checkpoint_digest(checkpoint, path, parts=None)  # before anything is built from the file
     parameters = inspect.signature(cls.__init__).parameters
     offline = {arg: None for arg in cls.pretrained_arguments if arg in parameters}
     # `_instantiator=None` also keeps Lightning from building the class through an instantiator the file names.
@@ -470,3 +503,84 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["policy_class"] = policy_class_name(type(self))
         super().on_save_checkpoint(checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, made safe: the file is read with ``weights_only=True`` (explicitly,
+        whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says) and checked against every digest part before anything
+        is built; a keyword argument that contradicts the checkpoint's recorded configuration (``fusion_heads=4``
+        on a 2-head checkpoint, other ``fusion_options``, another ``config``) is refused instead of silently
+        building a model the weights were not trained as. Arguments the checkpoint does not record, equal values,
+        :attr:`pretrained_arguments` and ``apt_config`` (checked by APT's own record) pass.
+
+        Raises:
+            PolicyCheckpointError: ``weights_only=False``, an ``hparams_file``, a path that is not a local file, a
+                file that fails to read or to verify, or a contradicting argument (both values named).
+        """
+        if weights_only is False:
+            raise PolicyCheckpointError(
+                f"Refusing `{cls.__name__}.load_from_checkpoint(..., weights_only=False)`: a reference policy's "
+                "checkpoint holds only tensors and plain data, and unpickling anything else runs code from the file. "
+                "Drop `weights_only=False`."
+            )
+        if hparams_file is not None:
+            raise PolicyCheckpointError(
+                f"`hparams_file`={str(hparams_file)!r} is not supported: the checkpoint records the configuration "
+                "its weights were trained with, and another one would build a different model. Drop `hparams_file`."
+            )
+        if not isinstance(checkpoint_path, (str, os.PathLike)):
+            raise PolicyCheckpointError(
+                f"`checkpoint_path` must be the path of a local .ckpt file, got {type(checkpoint_path).__name__}: "
+                "save the stream to a file first."
+            )
+        checkpoint = read_checkpoint(checkpoint_path, map_location if map_location is not None else "cpu")
+        recorded = checkpoint.get("hyper_parameters") or {}
+        overrides = {k: v for k, v in kwargs.items() if not k.startswith("_") and k not in cls.pretrained_arguments}
+        differences = configuration_differences(recorded, _as_hyperparameters(overrides), ignore=("apt_config",))
+        if differences:
+            raise PolicyCheckpointError(
+                f"{checkpoint_path} was trained as a different model than these arguments build: "
+                f"{_describe_differences(differences)}. Load it as saved (drop those arguments), or build "
+                f"`{cls.__name__}(...)` with the new values and train it."
+            )
+        del checkpoint
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, strict=strict, weights_only=True, **kwargs
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose recorded configuration differs from this module's (``Trainer.fit(ckpt_path=)``
+        with a model built with other ``fusion_heads``, ``fusion_options``, ``per_site_language``, model config
+        ...), before APT's record or any weight is restored; then the mixin's checks."""
+        recorded = checkpoint.get("hyper_parameters")
+        if isinstance(recorded, Mapping):
+            ignore = ("apt_config", "_class_path", *self.pretrained_arguments)
+            differences = configuration_differences(recorded, dict(self.hparams), ignore=ignore)
+            if differences:
+                raise PolicyCheckpointError(
+                    f"The checkpoint being loaded was trained as a different {type(self).__name__} than this one: "
+                    f"{_describe_differences(differences)}. Build the model with the checkpoint's values (or drop "
+                    "the overriding arguments, e.g. `--model.init_args.*` beside `--ckpt_path`), or start a new "
+                    "training without `ckpt_path`."
+                )
+        super().on_load_checkpoint(checkpoint)
+
+    def setup(self, stage: str) -> None:
+        """Install :class:`~apt_lightning.checksum.VerifiedCheckpointIO` around the strategy's checkpoint IO (once),
+        so a resume (``Trainer.fit(ckpt_path=)``) reads with ``weights_only=True`` and verifies every digest part,
+        and a checkpoint write is atomic, with any Trainer; then the mixin's setup."""
+        trainer = self._trainer if hasattr(self, "_trainer") else None
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None and not isinstance(strategy.checkpoint_io, VerifiedCheckpointIO):
+            strategy.checkpoint_io = VerifiedCheckpointIO(strategy.checkpoint_io)
+        parent = getattr(super(), "setup", None)
+        if parent is not None:
+            parent(stage)
