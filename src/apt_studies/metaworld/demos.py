@@ -31,7 +31,15 @@ from apt_studies.metaworld.rollout import MAX_STEPS, Simulator, run_episode
 from apt_studies.metaworld.sim import ACTION_DIM, PROPRIO_DIM, require_metaworld
 from apt_studies.metaworld.splits import DEFAULT_HABIT, MetaWorldEpisode, make_episodes
 
-__all__ = ["FORMAT_VERSION", "Demonstrations", "cached_demonstrations", "collect_demonstrations"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Demonstrations",
+    "cached_demonstrations",
+    "collect_demonstrations",
+    "load_arrays",
+    "save_arrays",
+    "stack_parts",
+]
 
 FORMAT_VERSION = 1
 """Bump when what is stored changes: it is part of the cache key."""
@@ -48,7 +56,7 @@ class Demonstrations:
     action_pad: np.ndarray
     episode_index: np.ndarray
     step: np.ndarray
-    episodes: list[MetaWorldEpisode]
+    episodes: list[Any]
     attempted: int
     seconds: float
 
@@ -101,22 +109,9 @@ def collect_demonstrations(
             kept.append(episode)
     finally:
         sim.close()
-    empty = {
-        "images": np.zeros((0, image_size, image_size, 3), np.uint8),
-        "states": np.zeros((0, PROPRIO_DIM), np.float32),
-        "actions": np.zeros((0, chunk_size, ACTION_DIM), np.float32),
-        "action_pad": np.zeros((0, chunk_size), bool),
-        "owner": np.zeros(0, np.int64),
-        "step": np.zeros(0, np.int64),
-    }
-    stacked = {k: (np.concatenate(v) if v else empty[k]) for k, v in parts.items()}
+    stacked = stack_parts(parts, image_size, chunk_size)
     return Demonstrations(
-        images=stacked["images"],
-        states=stacked["states"],
-        actions=stacked["actions"],
-        action_pad=stacked["action_pad"],
-        episode_index=stacked["owner"],
-        step=stacked["step"],
+        **stacked,
         episodes=kept,
         attempted=len(episodes),
         seconds=time.perf_counter() - started,
@@ -164,30 +159,43 @@ def cached_demonstrations(
         demos = collect_demonstrations(
             episodes, chunk_size, image_size=image_size, camera=camera, max_steps=max_steps, progress=progress
         )
-        np.savez_compressed(
-            staging / "arrays.npz",
-            images=demos.images,
-            states=demos.states,
-            actions=demos.actions,
-            action_pad=demos.action_pad,
-            episode_index=demos.episode_index,
-            step=demos.step,
-        )
+        save_arrays(staging / "arrays.npz", demos)
         meta = {"payload": payload, "attempted": demos.attempted, "seconds": demos.seconds}
         meta["episodes"] = [asdict(e) for e in demos.episodes]
         (staging / "episodes.json").write_text(json.dumps(meta, indent=1))
 
     cached_directory(directory, _FILES, build)
     meta = json.loads((directory / "episodes.json").read_text())
-    with np.load(directory / "arrays.npz") as arrays:
+    episodes = [MetaWorldEpisode(**{**e, "rand_vec": tuple(e["rand_vec"])}) for e in meta["episodes"]]
+    return load_arrays(directory / "arrays.npz", episodes, meta["attempted"], meta["seconds"])
+
+
+_ARRAYS = ("images", "states", "actions", "action_pad", "episode_index", "step")
+
+
+def stack_parts(parts: dict[str, list[np.ndarray]], image_size: int, chunk_size: int) -> dict[str, np.ndarray]:
+    """Concatenate per-episode arrays (``owner`` becomes ``episode_index``); empty arrays of the right shapes."""
+    empty = {
+        "images": np.zeros((0, image_size, image_size, 3), np.uint8),
+        "states": np.zeros((0, PROPRIO_DIM), np.float32),
+        "actions": np.zeros((0, chunk_size, ACTION_DIM), np.float32),
+        "action_pad": np.zeros((0, chunk_size), bool),
+        "owner": np.zeros(0, np.int64),
+        "step": np.zeros(0, np.int64),
+    }
+    stacked = {k: (np.concatenate(v) if v else empty[k]) for k, v in parts.items()}
+    stacked["episode_index"] = stacked.pop("owner")
+    return stacked
+
+
+def save_arrays(path: Path, demos: Demonstrations) -> None:
+    """Write ``demos``' arrays to one compressed ``.npz``."""
+    np.savez_compressed(path, **{k: getattr(demos, k) for k in _ARRAYS})
+
+
+def load_arrays(path: Path, episodes: list[Any], attempted: int, seconds: float) -> Demonstrations:
+    """:class:`Demonstrations` from :func:`save_arrays`' file and the episodes it indexes."""
+    with np.load(path) as arrays:
         return Demonstrations(
-            images=arrays["images"],
-            states=arrays["states"],
-            actions=arrays["actions"],
-            action_pad=arrays["action_pad"],
-            episode_index=arrays["episode_index"],
-            step=arrays["step"],
-            episodes=[MetaWorldEpisode(**{**e, "rand_vec": tuple(e["rand_vec"])}) for e in meta["episodes"]],
-            attempted=meta["attempted"],
-            seconds=meta["seconds"],
+            **{k: arrays[k] for k in _ARRAYS}, episodes=episodes, attempted=attempted, seconds=seconds
         )

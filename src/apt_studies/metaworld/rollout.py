@@ -90,7 +90,8 @@ def run_episode(
     met: dict[str, bool] = {}
     steps = 0
     while steps < max_steps:
-        frame, state = renderer.render(env.data, markers), proprioception(obs)
+        frame = renderer.render(env.data, markers) if record or not queue else None  # frames cost ~10 ms
+        state = proprioception(obs)
         if not queue:
             chunk = np.asarray(act(frame, state, obs), dtype=np.float64).reshape(-1, ACTION_DIM)
             if len(chunk) == 0:

@@ -1,0 +1,116 @@
+"""APT's regime on Meta-World (issue 25): pretrain on the 45 other MT50 tasks, fine-tune on the shared-scene groups.
+
+Every method pretrains ``--pretrain-steps`` on scripted-expert demonstrations of the MT50 tasks outside the groups
+(each with its own instruction), then fine-tunes ``--steps`` on the groups' habit-biased demonstrations (90 % the
+habitual task) in a fresh ``Trainer``: ``baseline`` jointly; ``apt`` and ``apt_ft_vlm`` in Stage 2 only (VLM
+frozen, or fully fine-tuned at 0.1 x lr). Protocol, choice rule and budgets: ``docs/metaworld.md``.
+
+    python examples/metaworld_study.py --seeds 0                      # one seed, both archs (see docs for its cost)
+    python examples/metaworld_study.py --seeds 1 --out runs/mw/s1     # another seed, for --combine
+    python examples/metaworld_study.py --combine runs/mw/*/results.json --out runs/mw/all --publish
+
+Writes ``results.json`` (the schema of ``docs/study_pretrain_results.json``, plus ``vlm`` with the vocabulary
+coverage and ``environment``), ``table.md``, ``success.png`` and ``outcomes.png`` to ``--out``; ``--publish`` also
+copies them to ``docs/study_metaworld_*``. Demonstrations, corpus, VLMs and pretrained policies are cached under
+``--cache-dir`` (default ``$APT_LIGHTNING_CACHE`` or ``~/.cache/apt_lightning``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import apt_studies.metaworld  # noqa: F401  (headless EGL defaults before mujoco is imported)
+from apt_studies.metaworld.goal import format_goal_table, goal_check
+from apt_studies.metaworld.policies import ARCHS
+from apt_studies.metaworld.study import METAWORLD_METHODS, MetaWorldStudyConfig, run_metaworld_study
+from apt_studies.report import aggregate, format_outcome_table, format_table, plot_outcomes, plot_success
+
+DOCS = Path("docs")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = MetaWorldStudyConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
+    parser.add_argument("--methods", nargs="+", choices=METAWORLD_METHODS, default=list(METAWORLD_METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps on the groups")
+    parser.add_argument("--episodes", type=int, default=defaults.episodes, help="fine-tuning expert episodes")
+    parser.add_argument("--eval-episodes", type=int, default=defaults.eval_episodes)
+    parser.add_argument("--validation-episodes", type=int, default=defaults.validation_episodes)
+    parser.add_argument("--corpus-episodes", type=int, default=defaults.corpus_episodes_per_task, help="per task")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--combine", nargs="+", type=Path, help="merge these results.json files instead of running")
+    parser.add_argument("--out", type=Path, default=Path("runs/metaworld_study"))
+    parser.add_argument("--publish", action="store_true", help="also write docs/study_metaworld_*")
+    return parser.parse_args(argv)
+
+
+def write_outputs(study: dict, out: Path) -> str:
+    summary = aggregate(study["runs"])
+    study["summary"] = summary
+    goal = goal_check(study["runs"])
+    coverage = study["vlm"]["coverage"]
+    text = (
+        f"{format_table(summary, fmt='markdown')}\n\nCounterfactual episodes, where they ended:\n\n"
+        f"{format_outcome_table(summary, fmt='markdown')}\n\nGoal check (docs/metaworld.md, choice rule):\n\n"
+        f"{format_goal_table(goal)}\n\nVLM vocabulary coverage (share of Meta-World words):\n\n"
+        "| register | words | in the VLM's vocabulary | in its pretraining texts |\n| :--- | ---: | ---: | ---: |\n"
+        + "\n".join(
+            f"| {k} | {int(v['words'])} | {v['vocabulary']:.2f} | {v['pretraining_text']:.2f} |"
+            for k, v in coverage.items()
+        )
+        + "\n"
+    )
+    plot_success(summary, out / "success.png")
+    plot_outcomes(summary, out / "outcomes.png")
+    (out / "results.json").write_text(json.dumps({**study, "goal": goal}, indent=1))
+    (out / "table.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        parts = [json.loads(path.read_text()) for path in args.combine]
+        study = {
+            **{k: v for k, v in parts[0].items() if k not in ("runs", "summary", "goal", "wall_s")},
+            "runs": [run for part in parts for run in part["runs"]],
+            "wall_s": sum(part["wall_s"] for part in parts),
+            "combined_from": [
+                {"file": str(path), "command": part.get("command")}
+                for path, part in zip(args.combine, parts, strict=True)
+            ],
+        }
+    else:
+        config = MetaWorldStudyConfig(
+            archs=tuple(args.archs),
+            methods=tuple(args.methods),
+            seeds=tuple(args.seeds),
+            pretrain_steps=args.pretrain_steps,
+            steps=args.steps,
+            episodes=args.episodes,
+            eval_episodes=args.eval_episodes,
+            validation_episodes=args.validation_episodes,
+            corpus_episodes_per_task=args.corpus_episodes,
+        )
+        study = run_metaworld_study(config, cache_dir=args.cache_dir)
+        study["command"] = " ".join(["python", *sys.argv])
+    print(write_outputs(study, args.out))
+    print(f"Wall time {study['wall_s']:.0f} s. Wrote {args.out}/results.json, table.md, success.png, outcomes.png.")
+    if args.publish:
+        for name in ("results.json", "table.md", "success.png", "outcomes.png"):
+            target = DOCS / f"study_metaworld_{name}"
+            shutil.copyfile(args.out / name, target)
+        print("Copied them to docs/study_metaworld_*.")
+    return study
+
+
+if __name__ == "__main__":
+    main()

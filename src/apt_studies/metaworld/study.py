@@ -1,0 +1,496 @@
+"""APT's regime on Meta-World: pretrain on the other MT50 tasks, fine-tune on the language-critical groups.
+
+The tabletop study's method catalogue, :class:`~apt_lightning.APTConfig` per method, stage plans and step-0 check
+are reused as they are (:mod:`apt_studies.study`, :mod:`apt_studies.pretrain_study`); what differs is the benchmark:
+
+==================  ==============================================  ============================================
+piece               tabletop (``pretrain_study``)                   Meta-World (here)
+==================  ==============================================  ============================================
+corpus              64 layouts of other objects                     the 45 other MT50 tasks (:mod:`.corpus`)
+task data           300 habit-biased episodes                       habit-biased ``train`` episodes (:mod:`.splits`)
+policy              2-dim state/actions, 32 px                      4-dim state/actions, 96 px (:mod:`.policies`)
+VLM                 the pretrained tabletop VLM                     the same, resized and with Meta-World's words
+                                                                    (:mod:`.vlm`, :mod:`.language`)
+evaluation          the tabletop's splits and outcome classes       Meta-World's splits and outcome classes
+                                                                    (:mod:`.rollout`)
+==================  ==============================================  ============================================
+
+Each run records the schema of ``docs/study_pretrain_results.json``: ``success`` per reported split,
+``outcomes`` (per split, the rate of each outcome class), ``validation`` (success on validation episodes, what
+choices are made on), ``instruction_sensitivity``, ``train_s``, ``eval_s``, ``pretrain_s``, ``step0_max_diff``...
+
+Episode seeds: training demonstrations ``s`` (split ``train``), corpus ``s`` (its own stream), reported evaluation
+``EVAL_SEED + s``, validation ``VALIDATION_SEED + s`` (the tabletop's offsets; the splits draw from streams of
+their own, so the seeds never share an episode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from apt_lightning.callbacks import GateMonitor
+from apt_lightning.data import ResumableDataLoader
+from apt_lightning.models.base import FlowMatchingPolicy
+from apt_lightning.schedule import StagePlan
+from apt_studies.datamodule import policy_batch
+from apt_studies.determinism import fixed_threads
+from apt_studies.disk_cache import cache_key, cached_directory, default_cache_dir
+from apt_studies.evaluation import EVAL_SEED, VALIDATION_SEED
+from apt_studies.metaworld.camera import DEFAULT_IMAGE_SIZE
+from apt_studies.metaworld.corpus import CORPUS_TASKS, cached_corpus
+from apt_studies.metaworld.datamodule import MetaWorldDataModule, MetaWorldDataset, prompt_encoder
+from apt_studies.metaworld.errors import MetaWorldConfigError
+from apt_studies.metaworld.language import metaworld_tokenizer, vocabulary_coverage
+from apt_studies.metaworld.lockstep import EnvPool, evaluate_lockstep
+from apt_studies.metaworld.policies import build_metaworld_policy, policy_fn
+from apt_studies.metaworld.probe import instruction_sensitivity
+from apt_studies.metaworld.rollout import MAX_STEPS
+from apt_studies.metaworld.splits import DEFAULT_HABIT, EVAL_SPLITS, make_episodes
+from apt_studies.metaworld.vlm import metaworld_vlm
+from apt_studies.outcomes import OUTCOMES
+from apt_studies.pretrain_study import (
+    _pretraining_config,
+    _pretraining_plan,
+    _sample,
+    _Step0Check,
+    _structure,
+)
+from apt_studies.study import METHODS, StudyConfig, _runs, prepare_vlm
+from apt_studies.trainer import quiet_trainer
+from apt_studies.vocabulary import vocabulary_words
+
+__all__ = [
+    "FORMAT_VERSION",
+    "METAWORLD_METHODS",
+    "VALIDATION_SPLITS",
+    "MetaWorldStudyConfig",
+    "evaluate_metaworld",
+    "finetune_metaworld",
+    "prepare_metaworld_vlm",
+    "pretrained_metaworld_policy",
+    "run_metaworld_study",
+]
+
+FORMAT_VERSION = 1
+"""Bumped whenever pretraining changes in a way its cache key does not see."""
+METAWORLD_METHODS: tuple[str, ...] = ("baseline", "apt", "apt_ft_vlm")
+"""The study's methods (issue 25): joint -> joint; Stage 1 then 2 -> Stage 2 (VLM frozen); the same, VLM at 0.1 x lr."""
+VALIDATION_SPLITS: tuple[str, ...] = ("counterfactual", "seen")
+PROBE_SAMPLES = 16
+_FILES = ("policy.pt", "probe_actions.pt", "pretraining.json")
+_BY_NAME = {m.name: m for m in METHODS}
+
+
+@dataclass
+class MetaWorldStudyConfig(StudyConfig):
+    """:class:`~apt_studies.study.StudyConfig` of the Meta-World study (``"pretrain"`` regime only).
+
+    Fields it adds or reads differently:
+
+    Args:
+        episodes: fine-tuning expert episodes (habit-biased ``train`` split, both groups).
+        habit: share of the habitual task in each group's fine-tuning episodes.
+        eval_episodes: rollouts per reported split (cycling over the groups).
+        validation_episodes: rollouts per validation split.
+        sensitivity_episodes: start states of the instruction-sensitivity probe (0 skips it).
+        image_size: frame side in pixels.
+        corpus_episodes_per_task: expert episodes per corpus task (45 tasks).
+        corpus_stride: keep every ``corpus_stride``-th step of a corpus episode as a sample.
+        corpus_tasks: the corpus's tasks (all of :data:`~apt_studies.metaworld.corpus.CORPUS_TASKS`; fewer in tests).
+        max_steps: step budget of an evaluation episode.
+        eval_batch: evaluation episodes run side by side (:func:`~apt_studies.metaworld.lockstep.evaluate_lockstep`).
+        pretrain_vlm: start from the study's pretrained VLM adapted to Meta-World (``False``: a random VLM, tests).
+    """
+
+    methods: tuple[str, ...] = METAWORLD_METHODS
+    seeds: tuple[int, ...] = (0,)
+    regime: str = "pretrain"
+    pretrain_steps: int = 300
+    steps: int = 150
+    episodes: int = 60
+    habit: float = DEFAULT_HABIT
+    eval_episodes: int = 20
+    validation_episodes: int = 20
+    sensitivity_episodes: int = 16
+    image_size: int = DEFAULT_IMAGE_SIZE
+    corpus_episodes_per_task: int = 4
+    corpus_stride: int = 2
+    corpus_tasks: tuple[str, ...] = CORPUS_TASKS
+    max_steps: int = MAX_STEPS
+    eval_batch: int = 10
+    save_checkpoints: bool = False
+
+    def __post_init__(self) -> None:
+        if self.regime != "pretrain":
+            raise MetaWorldConfigError(f"the Meta-World study runs the 'pretrain' regime only, got {self.regime!r}.")
+        super().__post_init__()
+        self.corpus_tasks = tuple(self.corpus_tasks)
+        habit_methods = [m for m in self.methods if _BY_NAME[m].corpus != "balanced"]
+        if habit_methods:
+            raise MetaWorldConfigError(f"methods {habit_methods} need a habit-biased corpus, which Meta-World lacks.")
+        names = ("episodes", "eval_episodes", "validation_episodes", "corpus_episodes_per_task", "corpus_stride")
+        for name in (*names, "max_steps", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise MetaWorldConfigError(f"`{name}` must be >= 1, got {getattr(self, name)!r}.")
+        if self.image_size % 8:
+            raise MetaWorldConfigError(f"`image_size` must be a multiple of the 8 px patch, got {self.image_size}.")
+
+    def method_policy(
+        self,
+        arch: str,
+        method: str,
+        apt_config: Any,
+        vocabulary: Mapping[str, int],
+        vlm_dir: str | Path | None,
+    ) -> FlowMatchingPolicy:
+        """The method's policy (its head language, fusion fields, per-site contexts) at Meta-World's sizes."""
+        entry = _BY_NAME[method]
+        return build_metaworld_policy(
+            arch,
+            vocabulary,
+            apt_config,
+            vlm_dir,
+            hidden_size=self.hidden_size,
+            chunk_size=self.chunk_size,
+            image_size=self.image_size,
+            head_reads_language=self.head_language(arch, method),
+            fusion_options=dict(entry.fusion) or None,
+            per_site_language=entry.per_site,
+        )
+
+
+def prepare_metaworld_vlm(
+    config: MetaWorldStudyConfig, cache_dir: str | Path | None = None, progress: bool = True
+) -> tuple[dict[str, int], Path | None, dict[str, Any]]:
+    """``(vocabulary, vlm_dir, record)``: the study's pretrained VLM adapted to Meta-World (both cached)."""
+    tokenizer = metaworld_tokenizer()
+    if not config.pretrain_vlm:
+        return tokenizer.vlm_vocabulary, None, {"source": None, "pretraining": None, "adaptation": None}
+    _, source_dir, pretraining = prepare_vlm(config, progress, cache_dir)
+    assert source_dir is not None
+    words = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>", *vocabulary_words())
+    vlm_dir, adaptation = metaworld_vlm(source_dir, words, tokenizer, config.image_size, cache_dir)
+    record = {"source": source_dir.name, "pretraining": pretraining, "adaptation": adaptation}
+    return tokenizer.vlm_vocabulary, vlm_dir, record
+
+
+_CORPORA: dict[tuple[Any, ...], MetaWorldDataset] = {}
+
+
+def corpus_dataset(config: MetaWorldStudyConfig, seed: int, cache_dir: str | Path | None, progress: bool = True):
+    """The pretraining corpus of ``seed`` as a dataset (memoised per process, cached on disk)."""
+    key = (config.corpus_episodes_per_task, seed, config.chunk_size, config.corpus_stride, config.image_size)
+    key = (*key, config.corpus_tasks, str(cache_dir))
+    if key not in _CORPORA:
+        corpus = cached_corpus(
+            config.corpus_episodes_per_task,
+            seed,
+            config.chunk_size,
+            tasks=config.corpus_tasks,
+            stride=config.corpus_stride,
+            image_size=config.image_size,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        _CORPORA[key] = MetaWorldDataset(corpus, metaworld_tokenizer())
+    return _CORPORA[key]
+
+
+def probe_batch(data: MetaWorldDataModule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A fixed task batch (the first :data:`PROBE_SAMPLES` samples) and fixed noise for the step-0 check."""
+    if data.train_set is None:
+        raise MetaWorldConfigError("call setup('fit') first.")
+    batch = policy_batch([data.train_set[i] for i in range(min(PROBE_SAMPLES, len(data.train_set)))])
+    noise = torch.randn(batch["actions"].shape, generator=torch.Generator().manual_seed(0))
+    return batch, noise
+
+
+def pretrained_metaworld_policy(
+    config: MetaWorldStudyConfig,
+    arch: str,
+    method: str,
+    seed: int,
+    vocabulary: Mapping[str, int],
+    vlm_dir: Path | None,
+    probe: tuple[dict[str, torch.Tensor], torch.Tensor],
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """Directory of ``method``'s corpus-pretrained weights for ``(arch, seed)``, pretraining only if not cached.
+
+    As :func:`apt_studies.pretrain_study.pretrained_policy`, on the Meta-World corpus; ``apt`` and ``apt_ft_vlm``
+    share one directory (their pretraining is identical).
+    """
+    apt_config = _pretraining_config(config, arch, method, seed)
+    scheduler, switch = _pretraining_plan(config, method)
+    payload = {
+        "benchmark": "metaworld",
+        "arch": arch,
+        "seed": seed,
+        "apt_config": dataclasses.asdict(apt_config),
+        "plan": scheduler.plan.name,
+        "switch": switch,
+        "corpus": [config.corpus_episodes_per_task, config.corpus_stride, list(config.corpus_tasks)],
+        "steps": config.pretrain_steps,
+        "batch_size": config.batch_size,
+        "sizes": [config.hidden_size, config.chunk_size, config.image_size],
+        "structure": _structure(config, arch, method),
+        "vlm": vlm_dir.name if vlm_dir is not None else None,
+        "threads": config.threads,
+        "format_version": FORMAT_VERSION,
+    }
+    key = cache_key(payload)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    directory = root / f"pretrained-metaworld-{arch}-{key}"
+
+    def build(staging: Path) -> None:
+        data = corpus_dataset(config, seed, cache_dir, progress)
+        pl.seed_everything(seed, verbose=False)  # the same expert initialisation for every method
+        policy = config.method_policy(arch, method, apt_config, vocabulary, vlm_dir)
+        loader = ResumableDataLoader(
+            data, batch_size=config.batch_size, shuffle=True, seed=seed, collate_fn=policy_batch
+        )
+        tic = time.perf_counter()
+        quiet_trainer(config.pretrain_steps, [scheduler]).fit(policy, loader)
+        train_s = time.perf_counter() - tic
+        torch.save(policy.state_dict(), staging / "policy.pt")
+        torch.save(_sample(policy, probe), staging / "probe_actions.pt")
+        record = {**payload, "key": key, "train_s": train_s, "samples": len(data), "episodes": len(data.episodes)}
+        (staging / "pretraining.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    cached_directory(directory, _FILES, build)
+    return directory, json.loads((directory / "pretraining.json").read_text())
+
+
+def finetune_metaworld(
+    config: MetaWorldStudyConfig,
+    arch: str,
+    method: str,
+    seed: int,
+    vocabulary: Mapping[str, int],
+    vlm_dir: Path | None,
+    data: MetaWorldDataModule,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[FlowMatchingPolicy, GateMonitor, float, dict[str, Any]]:
+    """Pretrain (or load) ``method`` on the corpus, then fine-tune it on the groups in a fresh ``Trainer``.
+
+    Returns:
+        ``(policy, gate monitor, fine-tuning seconds, record)`` as
+        :func:`apt_studies.pretrain_study.finetune_method` (``step0_max_diff`` 0.0: fine-tuning started exactly
+        from the pretrained model).
+    """
+    entry = _BY_NAME[method]
+    probe = probe_batch(data)
+    directory, record = pretrained_metaworld_policy(
+        config, arch, method, seed, vocabulary, vlm_dir, probe, cache_dir, progress
+    )
+    pl.seed_everything(seed, verbose=False)
+    policy = config.method_policy(arch, method, config.apt_config(arch, method, seed), vocabulary, vlm_dir)
+    if entry.two_stage:
+        policy.apt.prepare(StagePlan(first_stage=2))  # fusion blocks must exist before the weights load into them
+    policy.load_state_dict(torch.load(directory / "policy.pt", weights_only=True), strict=True)
+    policy.train()
+    check = _Step0Check(probe, torch.load(directory / "probe_actions.pt", weights_only=True))
+    monitor = GateMonitor(every_n_steps=10)
+    trainer = quiet_trainer(config.steps, [config.scheduler(method), monitor, check])
+    tic = time.perf_counter()
+    trainer.fit(policy, data.train_dataloader())
+    extra = {
+        "regime": "pretrain",
+        "pretrain_steps": config.pretrain_steps,
+        "pretrain_s": record["train_s"],
+        "pretrain_switch_step": record["switch"],
+        "stage1_fraction": config.stage1_share(method),
+        "corpus": "metaworld_mt50_others",
+        "corpus_samples": record["samples"],
+        "corpus_episodes": record["episodes"],
+        "step0_max_diff": check.max_diff,
+    }
+    return policy, monitor, time.perf_counter() - tic, extra
+
+
+def _outcome_rates(result: Any) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for split in dict.fromkeys(result.splits):
+        mine = [o for o, s in zip(result.outcomes, result.splits, strict=True) if s == split]
+        out[split] = {k: mine.count(k) / len(mine) for k in OUTCOMES}
+    return out
+
+
+def evaluate_metaworld(
+    policy: FlowMatchingPolicy,
+    seed: int,
+    episodes: int,
+    splits: Sequence[str] = EVAL_SPLITS,
+    *,
+    offset: int = EVAL_SEED,
+    max_steps: int = MAX_STEPS,
+    batch_size: int = 10,
+    pool: EnvPool | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Success and outcome classes of ``policy`` on ``episodes`` rollouts per split, episode seed ``offset + seed``.
+
+    The policy's own sampling noise comes from torch's global generator, seeded with ``offset + seed`` and restored
+    on return, so the numbers are a function of the policy and the arguments.
+    """
+    policy.eval()
+    named = [e for split in splits for e in make_episodes(split, episodes, seed=offset + seed)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(offset + seed)
+        result = evaluate_lockstep(
+            policy_fn(policy),
+            named,
+            batch_size=batch_size,
+            execute_steps=policy.chunk_size,
+            max_steps=max_steps,
+            encode=prompt_encoder(),
+            pool=pool,
+            progress=progress,
+        )
+    summary = result.summary()
+    return {
+        "success": {s: float(summary[f"success_rate/{s}"]) for s in splits},
+        "outcomes": _outcome_rates(result),
+        "mean_steps": float(np.mean(result.steps)),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Versions and threads the numbers depend on (issue 25, item 6)."""
+    import platform
+
+    versions = {}
+    for name in ("torch", "transformers", "numpy", "mujoco", "metaworld", "lightning"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and "cpu" not in versions:
+                versions["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags]
+    return {"versions": versions, "isa": isa, "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def run_metaworld_study(
+    config: MetaWorldStudyConfig, cache_dir: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Train and evaluate every (arch, method, seed) of ``config``: the schema of ``docs/study_pretrain_results.json``
+    plus ``vlm`` (source, adaptation and vocabulary coverage) and ``environment``."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        with fixed_threads(config.threads):
+            return _run(config, cache_dir, progress)
+    finally:
+        lightning_log.setLevel(level)
+
+
+def _run(config: MetaWorldStudyConfig, cache_dir: str | Path | None, progress: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    vocabulary, vlm_dir, vlm_record = prepare_metaworld_vlm(config, cache_dir, progress)
+    vlm_record["coverage"] = vocabulary_coverage()
+    plan = list(_runs(config))
+    runs: list[dict[str, Any]] = []
+    data: dict[int, MetaWorldDataModule] = {}
+    pool = EnvPool(config.image_size)
+    try:
+        for index, (arch, seed, trained_as, methods) in enumerate(tqdm(plan, desc="runs", disable=not progress)):
+            if seed not in data:
+                data[seed] = MetaWorldDataModule(
+                    config.episodes,
+                    seed,
+                    config.chunk_size,
+                    config.batch_size,
+                    habit=config.habit,
+                    image_size=config.image_size,
+                    cache_dir=cache_dir,
+                    progress=progress,
+                )
+                data[seed].setup("fit")
+            policy, monitor, train_s, extra = finetune_metaworld(
+                config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], cache_dir, progress
+            )
+            for method in methods:
+                tic = time.perf_counter()
+                metrics = evaluate_metaworld(
+                    policy,
+                    seed,
+                    config.eval_episodes,
+                    max_steps=config.max_steps,
+                    batch_size=config.eval_batch,
+                    pool=pool,
+                    progress=progress,
+                )
+                validation = evaluate_metaworld(
+                    policy,
+                    seed,
+                    config.validation_episodes,
+                    VALIDATION_SPLITS,
+                    offset=VALIDATION_SEED,
+                    max_steps=config.max_steps,
+                    batch_size=config.eval_batch,
+                    pool=pool,
+                )
+                if config.sensitivity_episodes:
+                    metrics["instruction_sensitivity"] = instruction_sensitivity(
+                        policy, seed, config.sensitivity_episodes, pool=pool
+                    )
+                runs.append(
+                    {
+                        "arch": arch,
+                        "method": method,
+                        "seed": seed,
+                        **metrics,
+                        "validation": validation["success"],
+                        "validation_outcomes": validation["outcomes"],
+                        "train_s": train_s,
+                        "eval_s": time.perf_counter() - tic,
+                        "steps": config.steps,
+                        "trained_as": trained_as,
+                        "guidance_scale": 1.0,
+                        "language_dropout": config.apt_config(arch, trained_as, seed).language_dropout,
+                        "switch_step": extra["pretrain_switch_step"],
+                        "gates": monitor.history,
+                        "benchmark": "metaworld",
+                        "demo_episodes": len(data[seed].train_set.episodes),
+                        **extra,
+                    }
+                )
+                if progress:
+                    tqdm.write(f"[{index + 1}/{len(plan)}] {arch} {method} seed {seed}: {metrics['success']}")
+    finally:
+        pool.close()
+    return {
+        "config": dataclasses.asdict(config),
+        "pretraining": vlm_record["pretraining"],
+        "vlm": vlm_record,
+        "runs": runs,
+        "wall_s": time.perf_counter() - started,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "environment": environment(),
+    }
