@@ -20,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import apt_studies.metaworld  # noqa: F401  (headless EGL defaults before mujoco is imported)
 from apt_studies.metaworld.goal import format_goal_table, goal_check
 from apt_studies.metaworld.policies import ARCHS
-from apt_studies.metaworld.study import METAWORLD_METHODS, MetaWorldStudyConfig, run_metaworld_study
+from apt_studies.metaworld.study import METAWORLD_METHODS, MetaWorldStudyConfig, prepare_data, run_metaworld_study
 from apt_studies.report import aggregate, format_outcome_table, format_table, plot_outcomes, plot_success
 
 DOCS = Path("docs")
@@ -48,7 +50,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--combine", nargs="+", type=Path, help="merge these results.json files instead of running")
     parser.add_argument("--out", type=Path, default=Path("runs/metaworld_study"))
     parser.add_argument("--publish", action="store_true", help="also write docs/study_metaworld_*")
+    parser.add_argument("--prepare", action="store_true", help="only build the cached inputs (VLM, demos, corpus)")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="one process per arch, up to this many at once (1 thread each)"
+    )
     return parser.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> MetaWorldStudyConfig:
+    return MetaWorldStudyConfig(
+        archs=tuple(args.archs),
+        methods=tuple(args.methods),
+        seeds=tuple(args.seeds),
+        pretrain_steps=args.pretrain_steps,
+        steps=args.steps,
+        episodes=args.episodes,
+        eval_episodes=args.eval_episodes,
+        validation_episodes=args.validation_episodes,
+        corpus_episodes_per_task=args.corpus_episodes,
+    )
 
 
 def write_outputs(study: dict, out: Path) -> str:
@@ -74,6 +94,44 @@ def write_outputs(study: dict, out: Path) -> str:
     return text
 
 
+def run_parallel(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Each arch in its own process (the numbers do not change: every run uses 1 thread), then combined."""
+    tic = time.perf_counter()
+    base = _strip(argv, ("--archs", "--out", "--jobs", "--publish"))
+    outs, procs = [], []
+    for arch in args.archs:
+        out = args.out / arch
+        outs.append(out)
+        command = [sys.executable, __file__, *base, "--archs", arch, "--out", str(out), "--jobs", "1"]
+        procs.append(subprocess.Popen(command))
+        while sum(p.poll() is None for p in procs) >= args.jobs:
+            time.sleep(2)
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"an arch's process failed (exit codes {codes}); see its output above.")
+    parts = [json.loads((out / "results.json").read_text()) for out in outs]
+    study = {k: v for k, v in parts[0].items() if k not in ("runs", "summary", "goal", "wall_s", "command")}
+    study["runs"] = [run for part in parts for run in part["runs"]]
+    study["wall_s"] = time.perf_counter() - tic
+    study["process_wall_s"] = {arch: part["wall_s"] for arch, part in zip(args.archs, parts, strict=True)}
+    study["command"] = " ".join(["python", *sys.argv])
+    return study
+
+
+def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``options`` and their values."""
+    out, skipping = [], False
+    for token in argv:
+        if token.startswith("--"):
+            skipping = token.split("=", 1)[0] in options
+            if skipping:
+                continue
+        elif skipping:
+            continue
+        out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -88,19 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
                 for path, part in zip(args.combine, parts, strict=True)
             ],
         }
+    elif args.prepare:
+        print(prepare_data(make_config(args), cache_dir=args.cache_dir))
+        return {}
+    elif args.jobs > 1 and len(args.archs) > 1:
+        study = run_parallel(args, argv if argv is not None else sys.argv[1:])
     else:
-        config = MetaWorldStudyConfig(
-            archs=tuple(args.archs),
-            methods=tuple(args.methods),
-            seeds=tuple(args.seeds),
-            pretrain_steps=args.pretrain_steps,
-            steps=args.steps,
-            episodes=args.episodes,
-            eval_episodes=args.eval_episodes,
-            validation_episodes=args.validation_episodes,
-            corpus_episodes_per_task=args.corpus_episodes,
-        )
-        study = run_metaworld_study(config, cache_dir=args.cache_dir)
+        study = run_metaworld_study(make_config(args), cache_dir=args.cache_dir)
         study["command"] = " ".join(["python", *sys.argv])
     print(write_outputs(study, args.out))
     print(f"Wall time {study['wall_s']:.0f} s. Wrote {args.out}/results.json, table.md, success.png, outcomes.png.")
