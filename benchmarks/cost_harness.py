@@ -15,6 +15,13 @@ Modes (each one training step of the same batch, median of ``steps`` after warm-
 ``stage1_cached`` Stage 1 served by :class:`~apt_lightning.Stage1FeatureCache` (filled during warm-up);
 ``expert_only`` Stage 1 on VLM outputs computed once and held (no VLM, no lookup: the physical limit);
 ``stage2`` APT Stage 2; ``stage2_bypassed`` the same with every fusion site switched off.
+
+Every mode proves it ran as named (:func:`check_mode`), or the measurement fails with
+:class:`ModeNotInEffectError` instead of reporting another mode's time: the stage the controller is in, how many
+times the fusion blocks ran (every step in ``stage2``, never elsewhere), and for the cached modes how many samples
+the cache computed and served (one fill, then every step served). The cache is attached through
+:class:`~apt_lightning.Stage1FeatureCache`'s own callback hooks (``setup``/``on_fit_start``), as a Trainer would;
+an earlier harness set a private attribute the controller no longer read, and ``stage1_cached`` ran uncached.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 import torch
 
 from apt_lightning import JOINT, APTConfig, StagePlan
+from apt_lightning.errors import AptError
 from apt_lightning.feature_cache import Stage1FeatureCache
 from apt_lightning.models import GR00TStylePolicy, PI0Policy
 from apt_lightning.models.base import FlowMatchingPolicy
@@ -177,16 +185,100 @@ def make_batch(policy: FlowMatchingPolicy, batch_size: int, device: torch.device
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
-class HeldFeatures:
-    """Stands in for the feature cache with one precomputed value: Stage 1 with no VLM and no lookup."""
+class ModeNotInEffectError(AptError, RuntimeError):
+    """A benchmark mode did not run as named (no cache hit, fusion skipped, no compiled graph): its time would
+    measure something else."""
+
+
+class HeldFeatures(Stage1FeatureCache):
+    """Stands in for the feature cache with one precomputed value: Stage 1 with no VLM and no lookup. Counts
+    what it computed and served, as the real cache does (``misses``/``hits``, in samples)."""
 
     def __init__(self) -> None:
+        super().__init__(max_memory="64GiB")
         self.value: Any = None
 
     def get_or_compute(self, batch: Any, compute: Callable[[], Any], stage: int, device: torch.device) -> Any:
+        rows = batch["state"].shape[0]
         if self.value is None:
             self.value = compute()
+            self.misses += rows
+        else:
+            self.hits += rows
         return self.value
+
+
+def attach_cache(policy: FlowMatchingPolicy, cache: Stage1FeatureCache) -> None:
+    """Attach ``cache`` through its public callback hooks, as a ``Trainer`` fit would (no trainer needed without
+    a spill directory), and check that the controller now serves from it."""
+    cache.setup(None, policy, "fit")  # type: ignore[arg-type]
+    cache.on_fit_start(None, policy)  # type: ignore[arg-type]
+    if policy.apt.feature_cache is not cache:
+        raise ModeNotInEffectError(
+            f"{type(cache).__name__} is not attached to the controller after its setup hook (the controller serves "
+            f"{policy.apt.feature_cache!r}): a cached mode would run uncached."
+        )
+
+
+class FusionCalls:
+    """Counts the forward calls of every fusion block of ``policy`` while entered."""
+
+    def __init__(self, policy: FlowMatchingPolicy) -> None:
+        self.blocks = [site.apt_fusion for site in policy.apt.sites.values()]
+        self.calls = 0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> FusionCalls:
+        self._handles = [block.register_forward_hook(self._count) for block in self.blocks]
+        return self
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+EXPECTED_STAGE = {
+    "joint": 0,
+    "stage1": 1,
+    "stage1_cached": 1,
+    "expert_only": 1,
+    "stage2": 2,
+    "stage2_bypassed": 2,
+}
+
+
+def check_mode(
+    policy: FlowMatchingPolicy, mode: str, runs: int, batch_size: int, fusion_calls: int, cache: Any = None
+) -> dict[str, int]:
+    """Evidence that ``mode`` ran as named over ``runs`` training steps of ``batch_size`` samples.
+
+    Raises:
+        ModeNotInEffectError: the controller is in another stage, the fusion blocks ran outside ``stage2`` or
+            not at every ``stage2`` step, or a cached mode did not fill once and serve every later step.
+    """
+    problems = []
+    if policy.apt.stage != EXPECTED_STAGE[mode]:
+        problems.append(f"the controller is in stage {policy.apt.stage}, not {EXPECTED_STAGE[mode]}")
+    sites = len(policy.apt.sites)
+    if mode == "stage2" and fusion_calls < runs * sites:
+        problems.append(f"the fusion blocks ran {fusion_calls} times, expected >= {runs} steps x {sites} sites")
+    if mode != "stage2" and fusion_calls:
+        problems.append(f"the fusion blocks ran {fusion_calls} times, expected none")
+    evidence = {"fusion_calls": fusion_calls}
+    if mode in ("stage1_cached", "expert_only"):
+        hits, misses = cache.hits, cache.misses
+        evidence.update(cache_hits=hits, cache_misses=misses)
+        if misses != batch_size or hits != (runs - 1) * batch_size:
+            problems.append(
+                f"the cache computed {misses} and served {hits} samples; expected one fill ({batch_size}) and "
+                f"{(runs - 1) * batch_size} served"
+            )
+    if problems:
+        raise ModeNotInEffectError(f"Benchmark mode `{mode}` was not in effect: " + "; ".join(problems) + ".")
+    return evidence
 
 
 def train_step(policy: FlowMatchingPolicy, batch: dict, optimizer: torch.optim.Optimizer, autocast) -> Callable:
@@ -262,8 +354,10 @@ def measure_mode(
     precision: str = "32",
     sampling: bool = True,
     ff_mult: int = 4,
+    warmup: int = 3,
 ) -> dict[str, Any]:
-    """Median step time (s) and peak memory (bytes) of one mode, in this process."""
+    """Median step time (s) and peak memory (bytes) of one mode, in this process, with the evidence that the mode
+    was in effect (:func:`check_mode`: ``<mode>_cache_hits`` ...)."""
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
@@ -278,19 +372,23 @@ def measure_mode(
         with torch.device(device):
             policy = build(arch, mode, scale, ff_mult=ff_mult).to(dtype)
         policy.train()
+        cache: Stage1FeatureCache | None = None
         if mode == "stage1_cached":
-            policy._apt_feature_cache = Stage1FeatureCache(
-                max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu"
-            )
+            cache = Stage1FeatureCache(max_memory="64GiB", device="accelerator" if device.type == "cuda" else "cpu")
         elif mode == "expert_only":
-            policy.apt.attach_feature_cache(HeldFeatures())  # type: ignore[assignment]
+            cache = HeldFeatures()
+        if cache is not None:
+            attach_cache(policy, cache)
         if mode == "stage2_bypassed":
             for site in policy.apt.sites.values():
                 site.active = False
         batch = make_batch(policy, batch_size, device, dtype)
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
-        result[f"{mode}_s"] = timed(train_step(policy, batch, optimizer, autocast), steps, device)
+        with FusionCalls(policy) as fusion:
+            result[f"{mode}_s"] = timed(train_step(policy, batch, optimizer, autocast), steps, device, warmup)
+        evidence = check_mode(policy, mode, warmup + steps, batch_size, fusion.calls, cache)
+        result.update({f"{mode}_{key}": value for key, value in evidence.items()})
     result[f"{mode}_peak_bytes"] = memory.peak
     if mode == "joint":
         result["vlm_params"] = sum(p.numel() for p in policy.apt.vlm_module.parameters())
@@ -303,7 +401,13 @@ def measure_mode(
             with autocast():
                 policy.sample_actions(batch)
 
-        result[f"sample_{mode}_s"] = timed(sample, steps, device)
+        with FusionCalls(policy) as fusion:
+            result[f"sample_{mode}_s"] = timed(sample, steps, device)
+        if (mode == "stage2") != (fusion.calls > 0):
+            raise ModeNotInEffectError(
+                f"Sampling in benchmark mode `{mode}` ran the fusion blocks {fusion.calls} times: expected "
+                f"{'some' if mode == 'stage2' else 'none'}."
+            )
     return result
 
 

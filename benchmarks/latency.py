@@ -16,6 +16,7 @@ all in one run, side by side, the two variants' calls alternating:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -23,7 +24,7 @@ import time
 from typing import Any
 
 import torch
-from cost_harness import build, make_batch
+from cost_harness import FusionCalls, ModeNotInEffectError, build, make_batch
 from fusion_options import FUSION_OPTIONS
 
 from apt_lightning.models.base import FlowMatchingPolicy
@@ -73,6 +74,29 @@ def timed_calls(fns: dict[str, Any], repeats: int, warmup: int, device: torch.de
     }
 
 
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has produced in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def check_latency_mode(policy: FlowMatchingPolicy, mode: str, fusion_calls: int, new_graphs: int, first: bool) -> None:
+    """The timed calls ran as named: the fusion blocks ran (``apt_stage2``), and a ``compiled`` mode sampled
+    through its compiled step, which compiled a graph on its first batch size.
+
+    Raises:
+        ModeNotInEffectError: otherwise (the figures would time another path).
+    """
+    problems = []
+    if fusion_calls == 0:  # -1: not counted (compiled)
+        problems.append("the fusion blocks never ran in the `apt_stage2` variant")
+    if mode == "compiled" and (policy._apt_compiled_step is None or (first and new_graphs == 0)):
+        problems.append(f"no compiled graph ran (compiled step {policy._apt_compiled_step!r}, {new_graphs} new graphs)")
+    if mode == "eager" and policy._apt_compiled_step is not None:
+        problems.append("the eager mode sampled through a compiled step")
+    if problems:
+        raise ModeNotInEffectError(f"Latency mode `{mode}` was not in effect: " + "; ".join(problems) + ".")
+
+
 def set_fusion(policy: FlowMatchingPolicy, active: bool) -> None:
     for site in policy.apt.sites.values():
         site.active = active
@@ -113,7 +137,14 @@ def measure(
                 policy.sample_actions(batch, noise)  # noqa: B023
 
             variants = {"no_fusion": lambda: chunk(False), "apt_stage2": lambda: chunk(True)}
-            for variant, stats in timed_calls(variants, repeats, 2, device).items():
+            graphs_before = _compiled_graphs()
+            # hooks inside a compiled step would force recompiles: fusion is counted on the eager path only
+            counting = FusionCalls(policy) if mode == "eager" else contextlib.nullcontext()
+            with counting:
+                timings = timed_calls(variants, repeats, 2, device)
+            fusion_calls = counting.calls if mode == "eager" else -1
+            check_latency_mode(policy, mode, fusion_calls, _compiled_graphs() - graphs_before, batch_size == batches[0])
+            for variant, stats in timings.items():
                 row = {"model": arch, "mode": mode, "batch": batch_size, "variant": variant, **stats}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
