@@ -30,15 +30,18 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from apt_lightning.errors import ConfigError
 from apt_studies.evaluation import EVAL_SEED, VALIDATION_SEED
 from apt_studies.language import training_instruction
 from apt_studies.layouts import HELD_OUT_PAIRS, TRAIN_LAYOUTS, TrainingLayout
-from apt_studies.scene import Attributes, Episode, random_scene, sample_ee_start
+from apt_studies.scene import COLOURS, SHAPES, SIZES, Attributes, Episode, random_scene, sample_ee_start
 from apt_studies.splits import make_episodes
 
 __all__ = [
@@ -83,16 +86,56 @@ def evaluation_object_sets(
     return frozenset(found)
 
 
+MAX_CORPUS_EPISODES = 1_000_000
+"""Most episodes :func:`make_corpus` builds (``n_layouts * episodes_per_layout``): a corpus is held in memory, and
+its demonstrations are collected by running the expert on every episode."""
+
+
+@functools.cache
+def distinct_corpus_layouts() -> int:
+    """How many distinct corpus layouts exist: object sets of 3 or 4 objects with pairwise distinct (colour,
+    shape), no held-out pair, each object small or large, minus the training and evaluation sets among them.
+
+    Example::
+
+        >>> distinct_corpus_layouts() > 50_000
+        True
+    """
+    pairs = len(COLOURS) * len(SHAPES) - len(HELD_OUT_PAIRS)
+    possible = sum(math.comb(pairs, k) * len(SIZES) ** k for k in (3, 4))
+    forbidden = {object_set(layout.objects) for layout in TRAIN_LAYOUTS} | evaluation_object_sets()
+    reachable = [
+        objects
+        for objects in forbidden
+        if len(objects) in (3, 4)
+        and len({o[:2] for o in objects}) == len(objects)
+        and not any(o[:2] in HELD_OUT_PAIRS for o in objects)
+    ]
+    return possible - len(reachable)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
 def corpus_layouts(n_layouts: int = 64, layout_seed: int = 0) -> tuple[TrainingLayout, ...]:
     """``n_layouts`` distinct layouts of 3-4 objects, none a task or evaluation layout (see the module docstring).
 
     Each layout's ``canonical`` is the object a habit-biased corpus favours (a uniformly drawn one).
 
     Raises:
-        ValueError: If ``n_layouts`` < 1.
+        ConfigError: (a ``ValueError``) If ``n_layouts`` is not an integer >= 1 or exceeds
+            :func:`distinct_corpus_layouts` (no such corpus exists: drawing would never end), before any draw.
     """
-    if isinstance(n_layouts, bool) or not isinstance(n_layouts, int) or n_layouts < 1:
-        raise ValueError(f"`n_layouts` must be a positive integer, got {n_layouts!r}.")
+    _positive_int("n_layouts", n_layouts)
+    available = distinct_corpus_layouts()
+    if n_layouts > available:
+        raise ConfigError(
+            f"`n_layouts`={n_layouts:,} exceeds the {available:,} distinct corpus layouts that exist (3-4 objects "
+            "of distinct colour and shape, no held-out pair, none a task or evaluation layout). Pass at most "
+            f"{available:,}, or more `episodes_per_layout` for a larger corpus."
+        )
     forbidden = {object_set(layout.objects) for layout in TRAIN_LAYOUTS} | evaluation_object_sets()
     rng = np.random.default_rng([layout_seed, _LAYOUT_STREAM])
     layouts: list[TrainingLayout] = []
@@ -161,15 +204,36 @@ def make_corpus(
         layout_seed: Which layouts (kept fixed across seeds by default: the corpus is one dataset).
 
     Raises:
-        ValueError: On a habit outside ``(0, 1)`` or fewer than 4 episodes per layout.
+        ConfigError: (a ``ValueError``) before any layout is drawn: a habit outside ``(0, 1)`` or one that does
+            not give a whole number of episodes (``habit * episodes_per_layout`` would be rounded), fewer than 4
+            episodes per layout, more layouts than exist, or more than :data:`MAX_CORPUS_EPISODES` episodes.
     """
-    if habit is not None and not (isinstance(habit, (int, float)) and 0.0 < habit < 1.0):
-        raise ValueError(f"`habit` must be None (balanced) or a fraction in (0, 1), got {habit!r}.")
+    if habit is not None and (isinstance(habit, bool) or not isinstance(habit, (int, float)) or not 0.0 < habit < 1.0):
+        raise ConfigError(f"`habit` must be None (balanced) or a fraction in (0, 1), got {habit!r}.")
     if isinstance(episodes_per_layout, bool) or not isinstance(episodes_per_layout, int) or episodes_per_layout < 4:
-        raise ValueError(
+        raise ConfigError(
             f"`episodes_per_layout` must be an integer >= 4 (every object of a 4-object layout asked for at least "
             f"once), got {episodes_per_layout!r}."
         )
+    _positive_int("n_layouts", n_layouts)
+    if n_layouts * episodes_per_layout > MAX_CORPUS_EPISODES:
+        raise ConfigError(
+            f"`n_layouts` x `episodes_per_layout` = {n_layouts:,} x {episodes_per_layout:,} = "
+            f"{n_layouts * episodes_per_layout:,} episodes exceeds the {MAX_CORPUS_EPISODES:,} a corpus may hold. "
+            "Pass fewer layouts or episodes per layout."
+        )
+    if habit is not None:
+        exact = habit * episodes_per_layout
+        if abs(exact - round(exact)) > 1e-9:
+            multiples = sorted(
+                {k / episodes_per_layout for k in range(1, episodes_per_layout)}, key=lambda h: abs(h - habit)
+            )
+            raise ConfigError(
+                f"`habit`={habit!r} x `episodes_per_layout`={episodes_per_layout} = {exact:.4g} episodes per layout is "
+                f"not a whole number and would be rounded to {round(exact)}. Pass a multiple of "
+                f"1/{episodes_per_layout} "
+                f"(nearest: {multiples[0]:.4g}), or an `episodes_per_layout` that makes it whole."
+            )
     layouts = corpus_layouts(n_layouts, layout_seed)
     rng = np.random.default_rng([seed, _EPISODE_STREAM])
     episodes: list[Episode] = []

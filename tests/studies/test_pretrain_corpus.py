@@ -91,3 +91,54 @@ def test_corpus_is_deterministic() -> None:
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         make_corpus(**kwargs)
+
+
+def test_more_layouts_than_exist_is_refused_before_any_draw(monkeypatch):
+    """``make_corpus(n_layouts=100000)`` used to draw forever: only 53,676 distinct corpus layouts exist."""
+    from apt_lightning.errors import ConfigError
+    from apt_studies import pretrain_corpus
+
+    available = pretrain_corpus.distinct_corpus_layouts()
+    assert 50_000 < available < 56_000
+
+    def no_draw(*args, **kwargs):
+        raise AssertionError("a layout was drawn")
+
+    monkeypatch.setattr(pretrain_corpus, "random_scene", no_draw)
+    with pytest.raises(ConfigError, match=rf"`n_layouts`=100,000 exceeds the {available:,} distinct corpus layouts"):
+        make_corpus(n_layouts=100_000, episodes_per_layout=4)
+    with pytest.raises(ConfigError, match=rf"`n_layouts`={available + 1:,} exceeds"):
+        pretrain_corpus.corpus_layouts(available + 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            dict(n_layouts=64, episodes_per_layout=10**9),
+            r"64 x 1,000,000,000 = 64,000,000,000 episodes exceeds the 1,000,000",
+        ),
+        (
+            dict(n_layouts=8, episodes_per_layout=8, habit=0.3),
+            r"`habit`=0.3 x `episodes_per_layout`=8 = 2.4 episodes .* rounded to 2.*nearest: 0.25",
+        ),
+        (dict(n_layouts=8, episodes_per_layout=10, habit=True), r"`habit` must be None .* got True"),
+        (dict(n_layouts=2.5, episodes_per_layout=8), r"`n_layouts` must be an integer >= 1, got 2.5"),
+        (dict(n_layouts=0, episodes_per_layout=8), r"`n_layouts` must be an integer >= 1, got 0"),
+    ],
+    ids=["huge-episodes", "rounded-habit", "bool-habit", "float-layouts", "zero-layouts"],
+)
+def test_corpus_sizes_that_are_unbounded_or_would_round_are_refused_before_any_work(monkeypatch, kwargs, match):
+    from apt_lightning.errors import AptError
+    from apt_studies import pretrain_corpus
+
+    monkeypatch.setattr(pretrain_corpus, "corpus_layouts", lambda *a, **k: pytest.fail("layouts were drawn"))
+    with pytest.raises(AptError, match=match) as info:
+        make_corpus(**kwargs)
+    assert isinstance(info.value, ValueError)
+
+
+def test_a_habit_that_gives_whole_episodes_is_kept_exactly():
+    corpus = make_corpus(n_layouts=4, episodes_per_layout=8, seed=0, habit=0.375)
+    counts = zip(corpus.target_counts(), corpus.layouts, strict=True)
+    assert all(count[layout.canonical] == 3 for count, layout in counts)
