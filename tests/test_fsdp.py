@@ -96,3 +96,15 @@ def test_priming_gives_lazy_optimizer_state_and_leaves_weights_alone():
     state = optimizer.state[unused]
     assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
     assert optimizer.param_groups[0]["lr"] == 0.1 and len(optimizer.param_groups[0]["params"]) == 2
+
+
+def test_priming_an_apt_optimizer_moves_neither_the_clock_nor_the_weights():
+    from apt_lightning.sharding import prime_optimizer_state
+    from plain_vla import build, optimizer_of
+
+    model = build()  # Stage 1 until step 3: the fusion blocks take no gradient, so they have no optimizer state
+    optimizer, _ = optimizer_of(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert prime_optimizer_state(optimizer) > 0
+    assert model.apt.step == 0 and all(g["apt_step"] == 0 for g in optimizer.param_groups)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -75,8 +75,9 @@ class APTStageScheduler(Callback):
     Args:
         switch_at_step: global step at which Stage 2 starts; ``None`` to stay in ``stage``.
         stage: the stage the fit starts in: 1, 2, or ``"joint"`` (also ``0``) for the baseline.
-        check_finite: run a :class:`NonFiniteGuard` (a NaN/inf loss, gradient or gate stops training before it
-            reaches the weights or a checkpoint; one host synchronisation per step). ``False`` removes it.
+        check_finite: make sure the Trainer runs a :class:`NonFiniteGuard` (a NaN/inf loss, gradient or gate stops
+            training before it reaches the weights or a checkpoint; one host synchronisation per step): one is added
+            to ``trainer.callbacks`` at ``setup`` unless the Trainer already has one. ``False`` adds none.
         finetune: this fit fine-tunes the weights the model holds, from step 0.
         warm_start: with ``finetune``, accept weights trained under a plan that saw the instruction differently.
 
@@ -104,13 +105,8 @@ class APTStageScheduler(Callback):
             raise ConfigError("`warm_start=True` only applies to a fine-tune: pass `finetune=True` as well.")
         self.plan = StagePlan(first_stage=stage, switch_step=switch_at_step)
         """The plan this fit asks for; the controller holds the one in force."""
-        self.finetune, self.warm_start = finetune, warm_start
-        self.guard = NonFiniteGuard() if check_finite else None
+        self.finetune, self.warm_start, self.check_finite = finetune, warm_start, check_finite
         self._announced: int | None = None
-
-    @property
-    def check_finite(self) -> bool:
-        return self.guard is not None
 
     # ------------------------------------------------------------------ setup: structure and early checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -122,6 +118,9 @@ class APTStageScheduler(Callback):
         check_strategy(trainer, self.plan)
         check_budget(trainer, self.plan)
         check_learning_rate(pl_module, apt)
+        if self.check_finite and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
+            # its own callback, right after this one (before checkpointing): Lightning calls its hooks from here on
+            trainer.callbacks.insert(trainer.callbacks.index(self) + 1, NonFiniteGuard())
         if self.finetune:
             apt.start_finetune(self.plan, warm_start=self.warm_start)
         else:
@@ -163,8 +162,6 @@ class APTStageScheduler(Callback):
             self._announced = trainer.global_step  # once, also when the batch loop repeats the switch step
             self._on_switch(apt, trainer.global_step)
         pl_module.log("apt/stage", float(apt.stage), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
-        if self.guard is not None:
-            self.guard.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @staticmethod
     def _on_switch(apt: APT, step: int) -> None:
@@ -179,8 +176,6 @@ class APTStageScheduler(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _controller(pl_module)._set_step(trainer.global_step)
-        if self.guard is not None:
-            self.guard.on_train_end(trainer, pl_module)
 
     def _sync_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         apt = _controller(pl_module)
@@ -195,21 +190,9 @@ class APTStageScheduler(Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_evaluation(trainer, pl_module)
 
-    # ------------------------------------------------------------------ the guard, when enabled
+    # ------------------------------------------------------------------ every fusion site fits
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         check_site_outputs(pl_module)
-        if self.guard is not None:
-            self.guard.on_before_backward(trainer, pl_module, loss)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.guard is not None:
-            self.guard.on_before_optimizer_step(trainer, pl_module, optimizer)
-
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        if self.guard is not None:
-            self.guard.on_save_checkpoint(trainer, pl_module, checkpoint)
 
     # ------------------------------------------------------------------ checkpointing
     # No state of its own: the plan in force and the step are the controller's record (APTMixin's checkpoint hooks).

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from apt_lightning.errors import ConfigError
+
 
 class _EpochSampler(Sampler[int]):
     def __init__(self, size: int, shuffle: bool, seed: int) -> None:
@@ -85,7 +87,7 @@ class ResumableDataLoader(DataLoader):
             super().__init__(dataset, batch_size=batch_size, **kwargs)
         else:
             if "sampler" in kwargs or "batch_sampler" in kwargs:
-                raise ValueError("ResumableDataLoader owns its sampler; remove `sampler`/`batch_sampler`.")
+                raise ConfigError("ResumableDataLoader owns its sampler; remove `sampler`/`batch_sampler`.")
             self._order = _EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
             super().__init__(dataset, batch_size=batch_size, sampler=self._order, **kwargs)
         self._epoch, self._batches = 0, 0

@@ -12,11 +12,12 @@ class AptError(Exception):
     """Base class of every error raised by apt_lightning."""
 
 
-class ContractError(AptError, TypeError):
-    """The LightningModule does not declare what :class:`~apt_lightning.APTMixin` needs."""
+class ContractError(AptError, ValueError):
+    """The model, or what its :class:`~apt_lightning.APT` controller was told about it (VLM name, fusion targets and
+    widths), does not fit what APT needs; the message lists every problem with its fix."""
 
 
-class NotPreparedError(ContractError):
+class NotPreparedError(ContractError, RuntimeError):
     """The module was used before :meth:`~apt_lightning.APT.prepare` gave it a stage plan."""
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from apt_lightning.attention import masked_attention
-from apt_lightning.errors import ContractError, FusionContextError
+from apt_lightning.errors import ConfigError, ContractError, FusionContextError
 
 GATES = ("tanh", "sigmoid")
 GATE_SHAPES = ("scalar", "channel")
@@ -56,7 +56,7 @@ class GatedCrossAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         if gate not in GATES or gate_shape not in GATE_SHAPES:
-            raise ValueError(
+            raise ConfigError(
                 f"`gate` must be one of {GATES} and `gate_shape` one of {GATE_SHAPES}, got {gate!r}, {gate_shape!r}."
             )
         self.gate, self.gate_shape = gate, gate_shape

@@ -12,7 +12,7 @@ import re
 from torch import nn
 
 from apt_lightning.config import FusionConfig, check_pattern
-from apt_lightning.errors import NoMatchingTargetError
+from apt_lightning.errors import ContractError, NoMatchingTargetError
 from apt_lightning.fusion import GatedCrossAttentionBlock, GatedFusionLayer
 from apt_lightning.structure import fusion_sites, original_named_modules
 
@@ -127,13 +127,13 @@ def inject_fusion(model: nn.Module, config: FusionConfig, forbidden_prefix: str 
 
     Raises:
         NoMatchingTargetError: see :func:`resolve_targets`.
-        ValueError: see :func:`fusion_geometry_problems` (a width is unknown, or ``context_dim`` does not list
+        ContractError: see :func:`fusion_geometry_problems` (a width is unknown, or ``context_dim`` does not list
             one width per site).
     """
     sites = resolve_targets(model, config.target_modules, config.exclude_modules, forbidden_prefix)
     problems = fusion_geometry_problems(model, sites, config)
     if problems:
-        raise ValueError(" ".join(problems))
+        raise ContractError(" ".join(problems))
     widths = config.context_dim if isinstance(config.context_dim, list) else [config.context_dim] * len(sites)
     for site, context_dim in zip(sites, widths, strict=True):
         parent, child, module = _module_at(model, site)

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 PARAM_GROUPS = ("expert", "fusion", "gates", "vlm")
 STEP_KEY = "apt_step"
 """Param-group entry counting the optimizer steps taken; saved with ``optimizer.state_dict()``."""
+PRIMING_FLAG = "apt_priming"
+"""Optimizer attribute set while :func:`~apt_lightning.sharding.prime_optimizer_state` takes its zero-lr step: the
+clock and the schedule stand aside (that step is not a training step)."""
 
 
 def param_groups(apt: APT) -> list[dict[str, Any]]:
@@ -79,6 +82,8 @@ def bind_optimizer(apt: APT, optimizer: torch.optim.Optimizer) -> None:
         group.setdefault(STEP_KEY, 0)
 
     def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if getattr(optimizer, PRIMING_FLAG, False):
+            return
         trainer_clock = apt._counters() if apt._counters is not None else None
         for group in optimizer.param_groups:
             taken = group.get(STEP_KEY)
@@ -93,6 +98,8 @@ def bind_optimizer(apt: APT, optimizer: torch.optim.Optimizer) -> None:
                 )
 
     def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if getattr(optimizer, PRIMING_FLAG, False):
+            return
         apt.advance()
         for group in optimizer.param_groups:
             group[STEP_KEY] = apt.step
@@ -118,7 +125,7 @@ class StageLRScheduler(LRScheduler):
         self._apt = apt
         self.factors = factors
         super().__init__(optimizer)
-        optimizer.register_step_pre_hook(lambda *_: self._apply())
+        optimizer.register_step_pre_hook(lambda *_: None if getattr(optimizer, PRIMING_FLAG, False) else self._apply())
 
     def get_lr(self) -> list[float]:  # type: ignore[override]  # torch types this list[float | Tensor]
         step = self._apt.step

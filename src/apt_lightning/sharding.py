@@ -124,8 +124,10 @@ def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
                 group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
         for p in missing:
             p.grad = torch.zeros_like(p)
+        optimizer.apt_priming = True  # type: ignore[attr-defined]  # APT's step hooks stand aside (optim.py)
         optimizer.step()
     finally:
+        optimizer.apt_priming = False  # type: ignore[attr-defined]
         for group, (params, lr) in zip(optimizer.param_groups, saved, strict=True):
             group["params"] = params
             if lr is not None:

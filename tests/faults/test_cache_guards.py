@@ -94,14 +94,14 @@ def test_sample_ids_that_would_collide_or_crash_are_named(ids, match):
     batch = {**make_batch(["left", "right"]), "sample_id": ids}
     with pytest.raises(FeatureCacheError, match=match) as info:
         _loss(policy, batch)
-    assert isinstance(info.value, AptError) and len(policy.apt.feature_cache) == 0
+    assert isinstance(info.value, AptError) and len(policy.apt._feature_cache) == 0
 
 
 def test_int_lists_and_numpy_ints_are_accepted_as_ids():
     np = pytest.importorskip("numpy")
     policy = _cache_on(make_policy("groot"), Stage1FeatureCache())
     _loss(policy, {**make_batch(["left", "right"]), "sample_id": [np.int64(4), 5]})
-    assert len(policy.apt.feature_cache) == 2
+    assert len(policy.apt._feature_cache) == 2
 
 
 def test_two_samples_sharing_an_id_across_batches_are_named_not_served_each_others_features():
