@@ -20,3 +20,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """A tiny LeRobotDataset of the tabletop benchmark, a word-level tokenizer and a tiny SmolVLM, all local."""
+    from lerobot_runs import write_assets
+
+    return write_assets(tmp_path_factory.mktemp("plugin"))
+
+
+@pytest.fixture(scope="session")
+def smolvla_run(assets):
+    """The checkpoints of one ``lerobot-train --policy.type=smolvla_apt`` run (4 steps, Stage 2 from step 2, saved
+    every 2), shared by the plugin and ``lerobot-eval`` tests."""
+    from lerobot_runs import train_smolvla_apt
+
+    return train_smolvla_apt(assets)

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +26,7 @@ from lerobot.datasets.factory import resolve_delta_timestamps
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 from lerobot.utils.feature_utils import dataset_to_policy_features
+from lerobot_runs import REPO_ID, run_cli
 from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
@@ -39,30 +37,14 @@ from apt_lightning.integrations.lerobot.tiny import (
     tiny_builds,
     tiny_pi_config,
     tiny_smolvla_config,
-    tiny_tokenizer,
-    write_tiny_smolvlm,
 )
-from apt_studies.lerobot_format import write_lerobot_dataset
-from apt_studies.vocabulary import vocabulary_words
 
-REPO_ID = "apt_lightning/tabletop"
 KINDS = ["pi0", "pi05", "smolvla"]
 CONFIGS = {
     "pi0": lerobot_policy_apt.PI0APTConfig,
     "pi05": lerobot_policy_apt.PI05APTConfig,
     "smolvla": lerobot_policy_apt.SmolVLAAPTConfig,
 }
-LEROBOT_TRAIN = Path(sys.executable).with_name("lerobot-train")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny LeRobotDataset of the tabletop benchmark, a word-level tokenizer and a tiny SmolVLM, all local."""
-    base = tmp_path_factory.mktemp("plugin")
-    write_lerobot_dataset(base / "dataset", "train", n_episodes=3, seed=0, repo_id=REPO_ID)
-    tiny_tokenizer(vocabulary_words()).save_pretrained(base / "tokenizer")
-    write_tiny_smolvlm(base / "smolvlm", vocabulary_words())
-    return base
 
 
 def build_context(kind: str):
@@ -124,45 +106,6 @@ def train_steps(policy, batch, steps: int) -> None:
 
 
 # ---------------------------------------------------------------------- lerobot-train, unchanged, in a subprocess
-def lerobot_train(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([str(LEROBOT_TRAIN), *args], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def smolvla_run(assets):
-    """``lerobot-train --policy.type=smolvla_apt``: 4 steps, Stage 2 from step 2, a checkpoint every 2 steps."""
-    out = assets / "run"
-    lerobot_train(
-        "--policy.type=smolvla_apt",
-        "--policy.apt_switch_step=2",
-        f"--policy.vlm_model_name={assets / 'smolvlm'}",
-        "--policy.load_vlm_weights=false",
-        "--policy.resize_imgs_with_padding=[32,32]",
-        "--policy.num_vlm_layers=4",
-        "--policy.chunk_size=4",
-        "--policy.n_action_steps=4",
-        "--policy.max_state_dim=8",
-        "--policy.max_action_dim=8",
-        "--policy.tokenizer_max_length=24",
-        "--policy.num_steps=3",
-        "--policy.device=cpu",
-        "--policy.push_to_hub=false",
-        f"--dataset.repo_id={REPO_ID}",
-        f"--dataset.root={assets / 'dataset'}",
-        "--steps=4",
-        "--batch_size=2",
-        "--save_freq=2",
-        "--num_workers=0",
-        "--log_freq=1",
-        "--wandb.enable=false",
-        f"--output_dir={out}",
-    )
-    return out / "checkpoints"
-
-
 def _record(directory: Path) -> dict:
     return json.loads(json.loads((directory / "config.json").read_text())["apt_record"])
 
@@ -189,7 +132,8 @@ def test_lerobot_train_runs_both_stages_on_lerobots_optimizer_steps(smolvla_run)
 def test_lerobot_train_resume_continues_exactly(smolvla_run, tmp_path):
     uninterrupted = tmp_path / "000004"
     shutil.copytree(smolvla_run / "000004", uninterrupted)
-    lerobot_train(f"--config_path={smolvla_run / '000002/pretrained_model/train_config.json'}", "--resume=true")
+    config = smolvla_run / "000002/pretrained_model/train_config.json"
+    run_cli("lerobot-train", f"--config_path={config}", "--resume=true")
     for part in ("pretrained_model/model.safetensors", "training_state/optimizer_state.safetensors"):
         before, after = load_file(uninterrupted / part), load_file(smolvla_run / "000004" / part)
         assert set(before) == set(after)
