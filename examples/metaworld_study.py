@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.jobs > 1 and len(args.archs) > 1:
         study = run_parallel(args, argv if argv is not None else sys.argv[1:])
     else:
-        study = run_metaworld_study(make_config(args), cache_dir=args.cache_dir)
+        study = run_metaworld_study(
+            make_config(args), cache_dir=args.cache_dir, checkpoint_dir=args.out / "checkpoints"
+        )
         study["command"] = " ".join(["python", *sys.argv])
     print(write_outputs(study, args.out))
     print(f"Wall time {study['wall_s']:.0f} s. Wrote {args.out}/results.json, table.md, success.png, outcomes.png.")

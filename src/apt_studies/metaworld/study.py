@@ -332,6 +332,16 @@ def _outcome_rates(result: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def _by_task(result: Any) -> dict[str, dict[str, dict[str, float]]]:
+    """``{split: {task: {outcome: rate, "n": episodes}}}``: which task of a group an outcome came from."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    rows = list(zip(result.outcomes, result.splits, result.tasks, strict=True))
+    for split, task in dict.fromkeys((s, t) for _, s, t in rows):
+        mine = [o for o, s, t in rows if s == split and t == task]
+        out.setdefault(split, {})[task] = {**{k: mine.count(k) / len(mine) for k in OUTCOMES}, "n": len(mine)}
+    return out
+
+
 def evaluate_metaworld(
     policy: FlowMatchingPolicy,
     seed: int,
@@ -367,6 +377,7 @@ def evaluate_metaworld(
     return {
         "success": {s: float(summary[f"success_rate/{s}"]) for s in splits},
         "outcomes": _outcome_rates(result),
+        "by_task": _by_task(result),
         "mean_steps": float(np.mean(result.steps)),
     }
 
@@ -426,21 +437,27 @@ def prepare_data(
 
 
 def run_metaworld_study(
-    config: MetaWorldStudyConfig, cache_dir: str | Path | None = None, progress: bool = True
+    config: MetaWorldStudyConfig,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every (arch, method, seed) of ``config``: the schema of ``docs/study_pretrain_results.json``
-    plus ``vlm`` (source, adaptation and vocabulary coverage) and ``environment``."""
+    plus ``vlm`` (source, adaptation and vocabulary coverage) and ``environment``. With ``checkpoint_dir``, each
+    fine-tuned policy's state dict is saved there as ``<arch>-<method>-seed<seed>.pt`` (for later probes)."""
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)
     try:
         with fixed_threads(config.threads):
-            return _run(config, cache_dir, progress)
+            return _run(config, cache_dir, progress, checkpoint_dir)
     finally:
         lightning_log.setLevel(level)
 
 
-def _run(config: MetaWorldStudyConfig, cache_dir: str | Path | None, progress: bool) -> dict[str, Any]:
+def _run(
+    config: MetaWorldStudyConfig, cache_dir: str | Path | None, progress: bool, checkpoint_dir: str | Path | None
+) -> dict[str, Any]:
     started = time.perf_counter()
     vocabulary, vlm_dir, vlm_record = prepare_metaworld_vlm(config, cache_dir, progress)
     vlm_record["coverage"] = vocabulary_coverage()
@@ -465,6 +482,9 @@ def _run(config: MetaWorldStudyConfig, cache_dir: str | Path | None, progress: b
             policy, monitor, train_s, extra = finetune_metaworld(
                 config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], cache_dir, progress
             )
+            if checkpoint_dir is not None:
+                Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+                torch.save(policy.state_dict(), Path(checkpoint_dir) / f"{arch}-{trained_as}-seed{seed}.pt")
             for method in methods:
                 tic = time.perf_counter()
                 metrics = evaluate_metaworld(

@@ -114,7 +114,7 @@ def test_tiny_study_runs_end_to_end_and_fine_tunes_from_the_pretrained_model(tmp
         eval_batch=2,
         pretrain_vlm=False,
     )
-    study = run_metaworld_study(config, cache_dir=tmp_path, progress=False)
+    study = run_metaworld_study(config, cache_dir=tmp_path, progress=False, checkpoint_dir=tmp_path / "fine-tuned")
     runs = {r["method"]: r for r in study["runs"]}
     assert list(runs) == ["baseline", "apt", "apt_ft_vlm"]
     for run in runs.values():
@@ -122,8 +122,11 @@ def test_tiny_study_runs_end_to_end_and_fine_tunes_from_the_pretrained_model(tmp
         assert list(run["success"]) == list(EVAL_SPLITS) and set(run["validation"]) == {"counterfactual", "seen"}
         assert all(math.isclose(sum(v.values()), 1.0) for v in run["outcomes"].values())
         assert run["instruction_sensitivity"] >= 0.0 and run["corpus_episodes"] == 2
+        assert set(run["by_task"]["counterfactual"]) <= {"reach-v3", "pick-place-v3", "faucet-close-v3"}
     assert runs["apt"]["pretrain_s"] == runs["apt_ft_vlm"]["pretrain_s"]  # one shared, cached pretraining
     assert runs["apt"]["pretrain_switch_step"] == 1 and runs["baseline"]["pretrain_switch_step"] is None
     assert len(list(tmp_path.glob("pretrained-metaworld-pi0-*"))) == 2
+    assert sorted(p.name for p in (tmp_path / "fine-tuned").iterdir())[0] == "pi0-apt-seed0.pt"
+    assert len(list((tmp_path / "fine-tuned").iterdir())) == 3
     assert study["environment"]["versions"]["mujoco"] and study["vlm"]["coverage"]["all"]["words"] > 0
     assert dataclasses.asdict(config) == study["config"]
