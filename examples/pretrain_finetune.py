@@ -13,7 +13,10 @@ methods that share them (``apt`` and ``apt_ft_vlm``). The protocol, the settings
 
 Writes ``results.json`` (the schema of ``docs/study_results.json``; each run also holds ``validation``, its
 success on validation episodes, and ``step0_max_diff``, 0.0 when fine-tuning started exactly from the pretrained
-model), ``table.md``, and with ``--combine``, ``success.png`` and ``outcomes.png``.
+model, and ``environment``, the versions and CPU it ran on), ``table.md``, and with ``--combine``, ``success.png`` and
+``outcomes.png``. A run (not ``--combine``) also prints its rows beside ``--reference``'s (the 3-seed study the
+README reports) and writes that comparison to ``agreement.md``: bit-exact where the versions and CPU kernels match
+the reference's, otherwise whether each row lies within the reference's seed spread (apt_studies.reference).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import json
 import sys
 from pathlib import Path
 
+from apt_studies.environment import environment_record, same_kernels
 from apt_studies.pretrain_goal import format_goal_table, goal_check
+from apt_studies.reference import compare, format_agreement
 from apt_studies.report import aggregate, format_outcome_table, format_table, plot_outcomes, plot_success
 from apt_studies.study import ARCHS, METHOD_NAMES, PRETRAIN_METHODS, StudyConfig, run_study
 
@@ -46,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path("docs/study_results.json"),
         help="with --combine: the task-only study, the 'no pretraining' arm (its baselines enter the goal check)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=Path(__file__).parents[1] / "docs" / "study_pretrain_results.json",
+        help="the study a run's rows are compared with (default: the README's 3-seed study)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/pretrain_study"))
     return parser.parse_args(argv)
@@ -99,6 +110,22 @@ def write_tables(study: dict, out: Path, task_runs: list[dict] | None = None) ->
     return text
 
 
+REFERENCE_SPLITS = ("seen", "paraphrase", "counterfactual", "novel_layout")
+
+
+def compare_with_reference(study: dict, reference: dict, out: Path) -> str:
+    """This run's rows beside the reference study's seeds (``agreement.md``), with the verdict."""
+    rows = compare(study["runs"], reference["runs"], study["config"]["eval_episodes"], REFERENCE_SPLITS)
+    differences = same_kernels(study.get("environment"), reference.get("environment"))
+    text = (
+        f"Beside the reference ({len({r['seed'] for r in reference['runs']})} seeds; "
+        f"environment {'the same' if not differences else 'differs: ' + '; '.join(differences)}):\n\n"
+        f"{format_agreement(rows, same_environment=not differences)}\n"
+    )
+    (out / "agreement.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
         study = run_study(config, out=args.out, cache_dir=args.cache_dir)
         study["command"] = " ".join(["python", *sys.argv])
+        study["environment"] = environment_record()
     task_runs = json.loads(args.task_results.read_text())["runs"] if args.combine else None
     print(write_tables(study, args.out, task_runs))
+    if not args.combine and args.reference.exists():
+        print(compare_with_reference(study, json.loads(args.reference.read_text()), args.out))
     print(f"Wall time {study['wall_s']:.0f} s. Wrote {args.out}/results.json, table.md, success.png, outcomes.png.")
     return study
 

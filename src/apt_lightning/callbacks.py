@@ -49,8 +49,8 @@ def check_site_outputs(pl_module: pl.LightningModule) -> None:
 
 
 class APTStageScheduler(Callback):
-    """Drives the module's :class:`APT` controller through a stage plan: the Lightning side of ``apt.prepare``
-    and ``apt.set_step``.
+    """Drives the module's :class:`APT` controller through a stage plan: the Lightning side of ``apt.prepare`` and
+    of the clock (the Trainer's ``global_step`` is ``apt.step``).
 
     Four plans cover APT's workflows and the baseline it is measured against:
 

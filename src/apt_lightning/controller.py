@@ -115,7 +115,9 @@ class APT:
         self._counters: Counters | None = None
         self._plan: StagePlan | None = None
         self._step = 0
+        self._micro_batch = 0
         self._finetune = False
+        self._before_finetune: tuple[StagePlan | None, int, bool] | None = None
         self._sites: dict[str, GatedFusionLayer] = {}
         self._feature_cache: Stage1FeatureCache | None = None
         self._mask_rows_checked = 0
@@ -315,9 +317,18 @@ class APT:
                     "(APTStageScheduler(..., finetune=True, warm_start=True)) to use its weights as a starting point "
                     "only."
                 )
+        self._before_finetune = (self._plan, self._step, self._finetune)
         self._build(plan)
         self._finetune = True
         self._set_step(0)
+
+    def _undo_finetune(self) -> None:
+        """Return to the plan and step held before :meth:`start_finetune` (weights never changed in between)."""
+        if self._before_finetune is not None:
+            self._plan, step, self._finetune = self._before_finetune
+            self._before_finetune = None
+            if self._plan is not None:
+                self._set_step(step)
 
     def advance(self) -> None:
         """Record that the weights took one optimizer step.
@@ -333,7 +344,7 @@ class APT:
         mode). The Lightning adapter sets the Trainer's step here; everything else advances."""
         self._step = _check_step(step)
         if micro_batch is not None:
-            self._micro_batch = _check_step(micro_batch, "micro_batch")
+            self._micro_batch = _check_step(micro_batch, "micro_batch")  # Lightning's batch index: language dropout
         stage = self.stage
         for site in self._sites.values():
             site.active = stage == 2
@@ -341,8 +352,6 @@ class APT:
             self.vlm_module.eval()
         elif self.model.training:
             self.vlm_module.train()
-
-    _micro_batch = 0
 
     def _after_train_mode(self, mode: bool) -> None:
         """After ``model.train(mode)``: a frozen VLM goes back to eval mode (the mixin calls it)."""
@@ -595,6 +604,7 @@ class APT:
             return
         if self._plan is not None:
             if self._finetune and not record.finetune and self._step == 0:
+                self._undo_finetune()  # the fit's setup started it: the refusal leaves the model as it was given
                 raise StageMismatchError(
                     f"This fit fine-tunes from step 0, but the state being restored is the pretraining run's "
                     f"({record.plan.name!r} plan, step {record.step}), not a fine-tune's: resuming it would continue "

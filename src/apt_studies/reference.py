@@ -1,0 +1,106 @@
+"""Compare a run's rows with a study's reference runs: bit for bit where the environment allows, else within the
+seed spread, so a user on another machine learns whether their numbers agree."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SPREAD = 2.0
+"""A value agrees with the reference when it lies within mean ± SPREAD x (seed standard deviation), widened by the
+binomial standard error of a success rate over the run's evaluation episodes (seed noise and evaluation noise)."""
+
+
+@dataclass(frozen=True)
+class Agreement:
+    arch: str
+    method: str
+    split: str
+    value: float
+    mean: float
+    std: float
+    seeds: int
+    tolerance: float
+    same_seed_value: float | None
+
+    @property
+    def agrees(self) -> bool:
+        return abs(self.value - self.mean) <= self.tolerance
+
+    @property
+    def bit_exact(self) -> bool:
+        return self.same_seed_value is not None and self.same_seed_value == self.value
+
+
+def compare(
+    runs: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]], episodes: int, splits: Sequence[str]
+) -> list[Agreement]:
+    """One :class:`Agreement` per (arch, method, split) of ``runs`` that the reference also ran.
+
+    Example::
+
+        >>> ref = [{"arch": "a", "method": "m", "seed": s, "success": {"x": v}} for s, v in enumerate([0.5, 0.6, 0.7])]
+        >>> row = compare([{"arch": "a", "method": "m", "seed": 0, "success": {"x": 0.55}}], ref, 100, ["x"])[0]
+        >>> round(row.mean, 2), row.agrees, row.bit_exact
+        (0.6, True, False)
+    """
+    found = []
+    for run in runs:
+        for split in splits:
+            values = {
+                r["seed"]: r["success"][split]
+                for r in reference
+                if r["arch"] == run["arch"] and r["method"] == run["method"] and split in r.get("success", {})
+            }
+            if not values or split not in run.get("success", {}):
+                continue
+            value = float(run["success"][split])
+            mean = statistics.fmean(values.values())
+            std = statistics.stdev(values.values()) if len(values) > 1 else 0.0
+            binomial = (max(value * (1 - value), 0.0) / max(episodes, 1)) ** 0.5
+            found.append(
+                Agreement(
+                    run["arch"],
+                    run["method"],
+                    split,
+                    value,
+                    mean,
+                    std,
+                    len(values),
+                    SPREAD * std + binomial,
+                    values.get(run["seed"]),
+                )
+            )
+    return found
+
+
+def format_agreement(rows: Sequence[Agreement], same_environment: bool) -> str:
+    """A markdown table of :func:`compare`'s rows and a one-line verdict."""
+    lines = [
+        "| arch | method | split | this run | reference (mean ± std, seeds) | agrees | same seed, bit-exact |",
+        "| :--- | :--- | :--- | ---: | ---: | :---: | :---: |",
+    ]
+    for row in rows:
+        exact = "-" if row.same_seed_value is None else ("yes" if row.bit_exact else f"no ({row.same_seed_value:.2f})")
+        lines.append(
+            f"| {row.arch} | {row.method} | {row.split} | {row.value:.2f} | {row.mean:.2f} ± {row.std:.2f} "
+            f"({row.seeds}) | {'yes' if row.agrees else 'NO'} | {exact} |"
+        )
+    disagree = [r for r in rows if not r.agrees]
+    verdict = (
+        "All rows agree with the reference within its seed spread."
+        if not disagree
+        else f"{len(disagree)} of {len(rows)} rows lie outside the reference's seed spread."
+    )
+    if same_environment:
+        exact = all(r.bit_exact for r in rows if r.same_seed_value is not None)
+        verdict += " Same versions and CPU kernels as the reference: " + (
+            "the same-seed rows are bit-exact, as expected."
+            if exact
+            else "the same-seed rows SHOULD be bit-exact but are not."
+        )
+    else:
+        verdict += " Other versions or CPU kernels than the reference: bit-exact rows are not expected."
+    return "\n".join(lines) + "\n\n" + verdict
