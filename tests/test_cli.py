@@ -148,3 +148,112 @@ def test_evaluate_names_the_bad_line_of_an_instruction_file(tmp_path):
     bad.write_text("pick up the red circle\nplease do something\n")
     with pytest.raises(InstructionResolutionError, match=r"bad\.txt:2"):
         evaluate_main([str(checkpoint), "--instructions", str(bad)])
+
+
+# ---------------------------------------------------------------------------- one-line errors (issue 26, item 4)
+def _run_cli(entry, argv, capsys) -> list[str]:
+    """Run a console script; return its stderr lines after checking it exited 2 with one error line."""
+    with pytest.raises(SystemExit) as info:
+        entry(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert sum(line.startswith(("apt-lightning: error:", "apt-evaluate: error:")) for line in err) == 1
+    return err
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--model.init_args.apt_config.lr", "-1"], "`lr` must be a finite number >= 0, got -1.0"),
+        (["--model.init_args.apt_config.vlm_mode", "bogus"], "`vlm_mode` must be one of ('frozen', 'lora', 'full')"),
+        (["--model.init_args.apt_config.bogus", "1"], "invalid configuration: APTConfig.__init__() got an unexpected"),
+        (["--data.batch_size", "0"], "`data.batch_size` must be a positive integer, got 0"),
+    ],
+    ids=["negative-lr", "bad-vlm-mode", "unknown-key", "batch-size-0"],
+)
+def test_bad_config_values_end_apt_lightning_with_one_line(tmp_path, capsys, flags, expected):
+    from apt_studies.cli import cli_entry
+
+    err = _run_cli(cli_entry, ["fit", "--config", str(_small_config(tmp_path, "groot_apt")), *flags], capsys)
+    assert err[-1].startswith("apt-lightning: error:") and expected in err[-1], err[-1]
+    assert not list(tmp_path.rglob("*.ckpt"))  # no step ran
+
+
+def test_an_unwritable_output_directory_is_one_line_before_anything_is_built(tmp_path, capsys):
+    from apt_studies.cli import cli_entry
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    flags = ["--trainer.default_root_dir", str(blocker / "runs")]
+    err = _run_cli(cli_entry, ["fit", "--config", str(_small_config(tmp_path, "groot_apt")), *flags], capsys)
+    assert f"`trainer.default_root_dir` {blocker / 'runs'} cannot be written (NotADirectoryError" in err[-1]
+    assert "Choose a writable directory" in err[-1]
+
+
+def test_a_model_flag_beside_ckpt_path_is_refused_not_dropped(tmp_path, capsys):
+    from apt_studies.cli import cli_entry
+
+    config = _small_config(tmp_path, "groot_apt")
+    main(["fit", "--config", str(config)])
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    argv = ["fit", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.max_steps", "4"]
+    err = _run_cli(cli_entry, [*argv, "--model.init_args.head_depth", "2"], capsys)
+    assert "`--model.init_args.head_depth`: checkpoint 4, command line 2" in err[-1] and "Drop those flags" in err[-1]
+    main([*argv, "--model.init_args.head_depth", "4"])  # the checkpoint's own value resumes
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--episodes", "-1"], "--episodes -1 is not a number of rollouts: pass an integer from 1 to 100,000"),
+        (["--episodes", "0"], "--episodes 0 is not a number of rollouts"),
+        (["--episodes", "1000000000"], "--episodes 1000000000 is not a number of rollouts"),
+        (["--per-instruction", "0"], "--per-instruction 0 is not a number of rollouts"),
+        (["--splits", "seen", "bogus"], "--splits bogus: no such benchmark split. Choose from seen paraphrase"),
+    ],
+    ids=["negative", "zero", "huge", "per-instruction", "unknown-split"],
+)
+def test_apt_evaluate_refuses_bad_counts_and_splits_before_loading_anything(tmp_path, capsys, flags, expected):
+    from apt_studies.cli import evaluate_entry
+
+    err = _run_cli(evaluate_entry, [str(tmp_path / "missing.ckpt"), *flags], capsys)  # checked before the file
+    assert err[-1].startswith("apt-evaluate: error:") and expected in err[-1], err[-1]
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "directory"])
+def test_apt_evaluate_json_that_cannot_be_written_fails_before_the_evaluation(tmp_path, capsys, where):
+    from apt_studies.cli import evaluate_entry
+
+    target = tmp_path / "no-such-dir" / "out.json" if where == "missing-dir" else tmp_path
+    err = _run_cli(evaluate_entry, [str(tmp_path / "missing.ckpt"), "--json", str(target)], capsys)
+    assert f"--json file {target}" in err[-1] and "missing.ckpt" not in err[-1]
+
+
+def test_a_results_file_is_complete_or_absent_when_the_disk_fills(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from apt_studies.errors import OutputPathError
+    from apt_studies.output import atomic_write_text
+
+    target = tmp_path / "eval.json"
+    atomic_write_text(target, '{"old": 1}')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputPathError, match=r"eval\.json \(OSError: No space left on device\); no partial file"):
+        atomic_write_text(target, '{"new": 2}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"] and target.read_text() == '{"old": 1}'
+
+
+def test_a_checkpoint_write_that_fails_is_one_line_in_the_cli():
+    from apt_lightning.checksum import CheckpointWriteError
+    from apt_studies.cli import user_error
+
+    message = user_error(RuntimeError("outer").with_traceback(None))
+    assert message is None  # a bug keeps its traceback
+    error = CheckpointWriteError("Could not write the checkpoint x.ckpt (OSError: No space left on device)")
+    assert user_error(error) == str(error)

@@ -38,10 +38,18 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from apt_lightning.errors import AptError
-from apt_lightning.models.base import FlowMatchingPolicy, PolicyCheckpointError, read_checkpoint
+from apt_lightning.checksum import CheckpointWriteError
+from apt_lightning.errors import AptError, ConfigError
+from apt_lightning.models.base import (
+    FlowMatchingPolicy,
+    PolicyCheckpointError,
+    configuration_differences,
+    read_checkpoint,
+)
 from apt_studies.datamodule import TabletopDataModule
+from apt_studies.errors import OutputPathError
 from apt_studies.language import InstructionResolutionError
+from apt_studies.output import atomic_write_text, check_writable_dir, check_writable_file
 from apt_studies.user_file import InstructionFileError
 
 __all__ = [
@@ -68,7 +76,13 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     InstructionResolutionError,
     PolicyCheckpointError,
     ModelDataMismatchError,
+    ConfigError,
+    OutputPathError,
+    CheckpointWriteError,
 )
+
+MAX_EPISODES = 100_000
+"""Most rollouts ``apt-evaluate`` runs per split or per user instruction (about a day on 2 CPU cores)."""
 """Errors caused by the command's inputs: the console scripts print them as one line, not a traceback."""
 
 
@@ -85,6 +99,7 @@ class APTLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        _check_output_dirs(config)
         if not config.get("pretrained_vlm"):
             return
         from apt_lightning.models import tiny_paligemma_config
@@ -105,10 +120,61 @@ class APTLightningCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
             _check_resume_checkpoint(Path(ckpt_path))
+            # LightningCLI now replaces the model's arguments by the checkpoint's: refuse flags it would drop
+            _check_overrides_match_checkpoint(self.config[subcommand], self._explicit_model_arguments())
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         _check_model_matches_data(self.model, self.datamodule)
+
+    def _explicit_model_arguments(self) -> set[str]:
+        """``--model.init_args.NAME`` flags given on the command line (what a ``--ckpt_path`` must not drop)."""
+        argv = self._cli_args if self._cli_args is not None else sys.argv[1:]
+        prefix = "--model.init_args."
+        return {arg[len(prefix) :].split("=", 1)[0].split(".", 1)[0] for arg in argv if str(arg).startswith(prefix)}
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        self._cli_args = [str(a) for a in args] if isinstance(args, (list, tuple)) else None
+        super().parse_arguments(parser, args)
+
+    _cli_args: list[str] | None = None
+
+
+def _check_output_dirs(config: Any) -> None:
+    """The Trainer's ``default_root_dir`` and every ``ModelCheckpoint.dirpath`` can be written, before anything is
+    built (an unwritable directory otherwise fails with a traceback, or after the first steps)."""
+    trainer = config.get("trainer") or {}
+    root = trainer.get("default_root_dir")
+    if root:
+        check_writable_dir(root, "`trainer.default_root_dir`")
+    for callback in trainer.get("callbacks") or []:
+        init_args = callback.get("init_args") if hasattr(callback, "get") else None
+        dirpath = init_args.get("dirpath") if init_args is not None and hasattr(init_args, "get") else None
+        if dirpath:
+            check_writable_dir(dirpath, "`ModelCheckpoint.dirpath`")
+
+
+def _check_overrides_match_checkpoint(config: Any, explicit: set[str]) -> None:
+    """With ``--ckpt_path``, LightningCLI builds the model from the checkpoint's hyper-parameters: a
+    ``--model.init_args.X`` flag that differs from the checkpoint's value would be dropped without a word. Refuse
+    it, naming both values."""
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path or not explicit or str(ckpt_path) in _SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
+        return
+    recorded = read_checkpoint(Path(ckpt_path), verify=False).get("hyper_parameters") or {}
+    init_args = config["model"]["init_args"]
+    init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+    given = {name: init_args.get(name) for name in explicit if name in init_args}
+    differences = configuration_differences(recorded, given)
+    if differences:
+        shown = "; ".join(
+            f"`--model.init_args.{n}`: checkpoint {a!r}, command line {b!r}" for n, a, b in differences[:4]
+        )
+        raise PolicyCheckpointError(
+            f"--ckpt_path {ckpt_path} resumes a model trained with other values than the command line asks for "
+            f"({shown}); resuming would ignore them. Drop those flags to resume as trained, or drop --ckpt_path to "
+            "train a new model with them."
+        )
 
 
 def _check_resume_checkpoint(path: Path) -> None:
@@ -195,9 +261,44 @@ def cli_entry(argv: list[str] | None = None) -> None:
 def _one_line_errors(prog: str, run: Any, argv: list[str] | None) -> None:
     try:
         run(argv)
-    except USER_ERRORS as error:
-        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    except Exception as error:  # re-raised below unless the user's input caused it
+        cause = user_error(error)
+        if cause is None:
+            raise
+        print(f"{prog}: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one-line message for an error caused by the command's input, or ``None`` for a bug (a traceback).
+
+    Input errors are :data:`USER_ERRORS` (and any :class:`~apt_lightning.errors.ConfigError`), also when
+    jsonargparse wraps them while it builds the model or data from the config ("Does not validate against any of
+    the Union subtypes"); a wrapped ``TypeError`` of a config class (an unknown key) and jsonargparse's own
+    "Option ... is not accepted" count too.
+    """
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    for link in chain:
+        if isinstance(link, USER_ERRORS):
+            return " ".join(str(link).split())
+    wrapped = any(
+        type(link).__module__.startswith("jsonargparse")
+        or str(link).startswith(
+            ("Does not validate against any of the Union subtypes", "Problem with given class_path")
+        )
+        for link in chain
+    )
+    if not wrapped:
+        return None
+    innermost = " ".join(str(chain[-1]).split())
+    return (
+        f"invalid configuration: {innermost}. Correct or remove that key in the config file or flag (`apt-lightning "
+        "fit --print_config` shows every accepted key)."
+    )
 
 
 def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -235,6 +336,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    _check_evaluate_arguments(args, EVAL_SPLITS)
+    if args.json is not None:
+        check_writable_file(args.json, "--json file")  # before the evaluation, not after it
     if args.checkpoint.is_dir():
         raise PolicyCheckpointError(f"checkpoint {args.checkpoint} is a directory; pass the .ckpt file inside it.")
     if not args.checkpoint.is_file():
@@ -256,8 +360,28 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         if key in results:
             print(f"  {key:<20} {results[key]:.4f}")
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1))
+        atomic_write_text(args.json, json.dumps(results, indent=1), "--json file")
     return results
+
+
+def _check_evaluate_arguments(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
+    """Counts are integers in ``[1, MAX_EPISODES]`` and splits exist, before anything is loaded.
+
+    Raises:
+        ConfigError: naming the flag, the value, what is accepted and the fix.
+    """
+    for flag, value in (("--episodes", args.episodes), ("--per-instruction", args.per_instruction)):
+        if not 1 <= value <= MAX_EPISODES:
+            raise ConfigError(
+                f"{flag} {value} is not a number of rollouts: pass an integer from 1 to {MAX_EPISODES:,} "
+                f"(e.g. {flag} 100)."
+            )
+    unknown = [split for split in args.splits if split not in splits]
+    if unknown:
+        raise ConfigError(
+            f"--splits {' '.join(unknown)}: no such benchmark split. Choose from {' '.join(splits)} (or omit "
+            "--splits for all of them)."
+        )
 
 
 def _one_line_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> None:

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 from apt_lightning.data import ResumableDataLoader
+from apt_lightning.errors import ConfigError
 from apt_studies.data import DemonstrationDataset, collect_demonstrations
 from apt_studies.data import collate as bench_collate
 from apt_studies.language import default_tokenizer
@@ -59,11 +60,12 @@ class TabletopDataModule(pl.LightningDataModule):
         val_episodes: int = 20,
     ) -> None:
         super().__init__()
-        if episodes <= 0 or batch_size <= 0 or chunk_size <= 0:
-            raise ValueError(
-                f"`episodes`, `batch_size` and `chunk_size` must be positive, "
-                f"got {episodes}, {batch_size}, {chunk_size}."
-            )
+        for name, value in (("episodes", episodes), ("batch_size", batch_size), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(
+                    f"`data.{name}` must be a positive integer, got {value!r}. Set e.g. `--data.{name} "
+                    f"{ {'episodes': 300, 'batch_size': 32, 'chunk_size': 8}[name] }`."
+                )
         self.save_hyperparameters()
         self.tokenizer = default_tokenizer()
         self.train_set: DemonstrationDataset | None = None
