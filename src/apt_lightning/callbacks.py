@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import lightning.pytorch as pl
 import torch
@@ -22,6 +22,17 @@ from apt_lightning.sharding import prime_optimizer_state
 __all__ = ["APTStageScheduler", "GateMonitor", "non_finite_entries"]
 
 log = logging.getLogger(__name__)
+
+
+class _TrainerSettings(Protocol):
+    """Public ``Trainer`` attributes that Lightning's connectors assign and its class does not annotate."""
+
+    callbacks: list[Callback]
+    log_every_n_steps: int
+
+
+def _settings(trainer: pl.Trainer) -> _TrainerSettings:
+    return cast(_TrainerSettings, trainer)
 
 
 def _controller(pl_module: pl.LightningModule) -> APT:
@@ -118,9 +129,10 @@ class APTStageScheduler(Callback):
         check_strategy(trainer, self.plan)
         check_budget(trainer, self.plan)
         check_learning_rate(pl_module, apt)
-        if self.check_finite and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
+        callbacks = _settings(trainer).callbacks
+        if self.check_finite and not any(isinstance(c, NonFiniteGuard) for c in callbacks):
             # its own callback, right after this one (before checkpointing): Lightning calls its hooks from here on
-            trainer.callbacks.insert(trainer.callbacks.index(self) + 1, NonFiniteGuard())
+            callbacks.insert(callbacks.index(self) + 1, NonFiniteGuard())
         if self.finetune:
             apt.start_finetune(self.plan, warm_start=self.warm_start)
         else:
@@ -222,7 +234,7 @@ class GateMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        every = self.every_n_steps or trainer.log_every_n_steps
+        every = self.every_n_steps or _settings(trainer).log_every_n_steps
         step = trainer.global_step
         if step % max(every, 1) != 0 and step != 1:
             return

@@ -88,11 +88,12 @@ class ResumableDataLoader(DataLoader):
         else:
             if "sampler" in kwargs or "batch_sampler" in kwargs:
                 raise ConfigError("ResumableDataLoader owns its sampler; remove `sampler`/`batch_sampler`.")
-            self._order = _EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
+            size = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style ones have it
+            self._order = _EpochSampler(size, shuffle, seed)
             super().__init__(dataset, batch_size=batch_size, sampler=self._order, **kwargs)
         self._epoch, self._batches = 0, 0
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator: it counts batches
         self._order.epoch, self._order.skip = self._epoch, self._batches * (self.batch_size or 1)
         for batch in super().__iter__():
             self._batches += 1

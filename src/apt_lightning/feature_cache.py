@@ -28,7 +28,7 @@ import numbers
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -179,17 +179,13 @@ class Stage1FeatureCache(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(getattr(pl_module, "apt", None), APT):
-            raise FeatureCacheError(
-                f"{type(pl_module).__name__} has no APT controller: the Stage-1 feature cache serves "
-                "`self.apt.cached_vlm`. Assign `self.apt = APT(self, ...)` or remove Stage1FeatureCache from the "
-                "callbacks."
-            )
+        apt = _controller(pl_module)
         if stage == "fit":
-            pl_module.apt._attach_feature_cache(self)
+            apt._attach_feature_cache(self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plan = pl_module.apt.plan
+        apt = _controller(pl_module)
+        plan = apt.plan
         if plan.is_joint or plan.first_stage != 1:
             raise FeatureCacheError(
                 f"Stage1FeatureCache was added to a run whose plan has no Stage 1 ({plan}): the VLM's outputs "
@@ -202,7 +198,7 @@ class Stage1FeatureCache(Callback):
             _check_spill_dir(self._spill_dir)
         self._checked_batch_keys = False
         self._stage1_started, self._served_before_first = False, None
-        self._vlm_fingerprint = weights_fingerprint(pl_module.apt.vlm_module)
+        self._vlm_fingerprint = weights_fingerprint(apt.vlm_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._samples_expected = _dataset_size(trainer)
@@ -210,8 +206,9 @@ class Stage1FeatureCache(Callback):
             self._check_budget()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(self) and pl_module.apt.stage == 1:
-            fingerprint = weights_fingerprint(pl_module.apt.vlm_module)
+        apt = _controller(pl_module)
+        if len(self) and apt.stage == 1:
+            fingerprint = weights_fingerprint(apt.vlm_module)
             if fingerprint != self._vlm_fingerprint:
                 self.clear()  # weights changed under us (a callback loaded new ones): recompute, never serve stale
                 self._vlm_fingerprint = fingerprint
@@ -230,7 +227,7 @@ class Stage1FeatureCache(Callback):
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        stage = pl_module.apt.stage
+        stage = _controller(pl_module).stage
         if len(self) and stage != 1:
             self.clear()  # the switch: nothing cached is valid in Stage 2, free the memory
         if stage == 1 and not self._stage1_started:  # the first Stage-1 batch of this fit: did it ask the cache?
@@ -238,8 +235,9 @@ class Stage1FeatureCache(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clear()
-        if pl_module.apt._feature_cache is self:
-            pl_module.apt._attach_feature_cache(None)
+        apt = _controller(pl_module)
+        if apt._feature_cache is self:
+            apt._attach_feature_cache(None)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # contents are recomputed after a resume: the frozen VLM gives the same values
@@ -500,14 +498,28 @@ def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(tensors)
     out = tensors[0].new_zeros((len(tensors), *shape))
     for row, t in enumerate(tensors):
-        out[(row, *(slice(0, n) for n in t.shape))] = t
+        index: tuple[int | slice, ...] = (row, *(slice(0, n) for n in t.shape))
+        out[index] = t
     return out
+
+
+def _controller(pl_module: pl.LightningModule) -> APT:
+    """The module's :class:`APT` controller (``self.apt``), or a :class:`FeatureCacheError` that says how to add one."""
+    controller = getattr(pl_module, "apt", None)
+    if not isinstance(controller, APT):
+        raise FeatureCacheError(
+            f"{type(pl_module).__name__} has no APT controller: the Stage-1 feature cache serves "
+            "`self.apt.cached_vlm`. Assign `self.apt = APT(self, ...)` or remove Stage1FeatureCache from the "
+            "callbacks."
+        )
+    return controller
 
 
 def _dataset_size(trainer: pl.Trainer) -> int | None:
     """Samples one rank may cache: the whole dataset (a shuffling distributed sampler deals every rank a new
     share each epoch), when the train dataloader knows its size."""
     try:
-        return len(trainer.train_dataloader.dataset)  # type: ignore[union-attr, arg-type]
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        return len(dataset) if isinstance(dataset, Sized) else None
     except (AttributeError, TypeError):  # iterable datasets, custom loaders: checked at the first overflow instead
         return None

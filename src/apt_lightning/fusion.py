@@ -221,7 +221,7 @@ class GatedFusionLayer(nn.Module):
         self.apt_fusion = block
         self.active = False
         self.output_problem: str | None = None
-        self._context: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._context: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def set_context(self, context: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         self._context = None if context is None else (context, mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,7 +26,7 @@ def _where(module: APT | None) -> str:
     return f" (stage {module.stage}, plan {module.plan.name})"
 
 
-def _gates_finite(gates: list[torch.Tensor]) -> torch.Tensor:
+def _gates_finite(gates: Sequence[torch.Tensor]) -> torch.Tensor:
     """On the device: whether every gate (this rank's shards) is finite."""
     return torch.isfinite(torch.cat([local_shard(g.detach()).flatten() for g in gates])).all()
 
@@ -114,6 +115,7 @@ class NonFiniteGuard(Callback):
                 "`APTConfig.gate_lr` or enable gradient clipping."
             )
         if not ok[0]:
+            assert self._loss is not None  # the loss was found non-finite, so on_before_backward recorded it
             where = " on some rank" if sharded else ""
             self._stop(trainer, module, f"The loss is {self._loss.float().cpu().tolist()}{where}")
         if named and not ok[1]:

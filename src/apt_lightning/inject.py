@@ -82,7 +82,7 @@ def _infer_width(module: nn.Module) -> int | None:
 def _module_at(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    return parent, child, (parent[int(child)] if child.isdigit() else getattr(parent, child))
+    return parent, child, parent.get_submodule(child)
 
 
 def fusion_geometry_problems(model: nn.Module, sites: list[str], config: FusionConfig) -> list[str]:
@@ -139,11 +139,13 @@ def inject_fusion(model: nn.Module, config: FusionConfig, forbidden_prefix: str 
         parent, child, module = _module_at(model, site)
         if isinstance(module, GatedFusionLayer):
             continue
+        dim = config.hidden_dim or _infer_width(module)
+        assert dim is not None and context_dim is not None  # fusion_geometry_problems refused unknown widths
         block = GatedCrossAttentionBlock(
-            config.hidden_dim or _infer_width(module),
+            dim,
             context_dim,
             config.num_heads,
-            config.head_dim,  # type: ignore[arg-type]
+            config.head_dim,
             config.ff_mult,
             config.dropout,
             config.gate,
@@ -152,11 +154,7 @@ def inject_fusion(model: nn.Module, config: FusionConfig, forbidden_prefix: str 
         param = next(module.parameters(), None)
         if param is not None:
             block.to(device=param.device, dtype=param.dtype)
-        wrapper = GatedFusionLayer(module, block)
-        if child.isdigit():
-            parent[int(child)] = wrapper
-        else:
-            setattr(parent, child, wrapper)
+        setattr(parent, child, GatedFusionLayer(module, block))  # a container's index is its child's name
     return sites
 
 
@@ -164,7 +162,4 @@ def unload_fusion(model: nn.Module) -> None:
     """Replace every :class:`GatedFusionLayer` by its ``base_layer``: original modules, original keys."""
     for name, wrapper in list(fusion_sites(model)):
         parent, child, _ = _module_at(model, name)
-        if child.isdigit():
-            parent[int(child)] = wrapper.base_layer
-        else:
-            setattr(parent, child, wrapper.base_layer)
+        setattr(parent, child, wrapper.base_layer)

@@ -91,7 +91,7 @@ class APTMixin:
     def __getattr__(self, name: str) -> Any:
         if name in REMOVED_NAMES:
             raise _removed(type(self).__name__, name)
-        return super().__getattr__(name)  # type: ignore[misc]  # nn.Module's: parameters, buffers, submodules
+        return super().__getattr__(name)  # type: ignore[misc]  # a mixin: nn.Module.__getattr__ is later in the MRO
 
     @property
     def apt(self) -> APT:
@@ -131,7 +131,7 @@ class APTMixin:
 
     def train(self, mode: bool = True) -> Any:
         """Lightning calls ``train()`` at every epoch and after validation: keep a frozen VLM in eval mode."""
-        result = super().train(mode)  # type: ignore[misc]
+        result = super().train(mode)  # type: ignore[misc]  # a mixin: nn.Module.train comes later in the MRO
         controller = self.__dict__.get("_apt")
         if controller is not None:
             controller._after_train_mode(mode)

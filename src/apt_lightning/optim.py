@@ -8,6 +8,7 @@ function of it, applied right before every step, so no second counter (the sched
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,7 +55,7 @@ def param_groups(apt: APT) -> list[dict[str, Any]]:
 
 
 def configure_apt_optimizers(
-    apt: APT, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_kwargs: Any
+    apt: APT, optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_kwargs: Any
 ) -> dict[str, Any]:
     """``configure_optimizers`` output: ``optimizer_cls`` over :func:`param_groups`, bound to APT's clock
     (:func:`bind_optimizer`), with a :class:`StageLRScheduler` whose factor for each group is 0 outside its stages
@@ -127,9 +128,10 @@ class StageLRScheduler(LRScheduler):
         super().__init__(optimizer)
         optimizer.register_step_pre_hook(lambda *_: None if getattr(optimizer, PRIMING_FLAG, False) else self._apply())
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]  # torch types this list[float | Tensor]
+    def get_lr(self) -> list[float]:  # type: ignore[override]  # torch: list[float | Tensor]; floats here
         step = self._apt.step
-        return [base * factor(step) for base, factor in zip(self.base_lrs, self.factors, strict=True)]
+        lrs: list[Any] = [base * factor(step) for base, factor in zip(self.base_lrs, self.factors, strict=True)]
+        return lrs  # floats, as param_groups gives them; a Tensor learning rate would stay a Tensor
 
     def _apply(self) -> None:
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):

@@ -17,6 +17,7 @@ from apt_lightning.errors import ConfigError, StageMismatchError
 Stage = Literal[0, 1, 2]
 JOINT: Stage = 0
 """The baseline "stage": ordinary joint training, no APT masking, no fusion blocks."""
+_STAGES: dict[int, Stage] = {JOINT: JOINT, 1: 1, 2: 2}
 GROUP_STAGES: dict[str, tuple[int, ...]] = {"expert": (0, 1, 2), "fusion": (2,), "gates": (2,), "vlm": (0, 2)}
 
 
@@ -37,7 +38,7 @@ def parse_stage(value: Any, name: str = "stage") -> Stage:
         elif isinstance(value, (float, str)):
             hint = f" (a {type(value).__name__} is not a stage: write the int {name}=1 or {name}=2)"
         raise ConfigError(f"`{name}` must be 1, 2 or 'joint' (0), got {value!r}{hint}.")
-    return int(value)  # type: ignore[return-value]
+    return _STAGES[int(value)]
 
 
 @dataclass(frozen=True)

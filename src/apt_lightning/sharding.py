@@ -13,13 +13,17 @@ expert and fusion blocks (the mixed ``requires_grad`` that FSDP1's flat paramete
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
 
 from apt_lightning.errors import ContractError
 from apt_lightning.fusion import GatedCrossAttentionBlock
+from apt_lightning.optim import PRIMING_FLAG
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def fully_shard_apt(module: nn.Module, units: str | list[str] | None = None, **fully_shard_kwargs: Any) -> list[str]:
@@ -66,7 +70,7 @@ def fully_shard_apt(module: nn.Module, units: str | list[str] | None = None, **f
     return chosen
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
+def is_sharded(tensor: torch.Tensor) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a DTensor (FSDP2, tensor parallel), of which this rank holds a shard."""
     return hasattr(tensor, "to_local") and hasattr(tensor, "placements")
 
@@ -124,10 +128,10 @@ def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
                 group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
         for p in missing:
             p.grad = torch.zeros_like(p)
-        optimizer.apt_priming = True  # type: ignore[attr-defined]  # APT's step hooks stand aside (optim.py)
+        setattr(optimizer, PRIMING_FLAG, True)  # APT's step hooks stand aside (optim.py)
         optimizer.step()
     finally:
-        optimizer.apt_priming = False  # type: ignore[attr-defined]
+        setattr(optimizer, PRIMING_FLAG, False)
         for group, (params, lr) in zip(optimizer.param_groups, saved, strict=True):
             group["params"] = params
             if lr is not None:
