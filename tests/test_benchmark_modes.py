@@ -68,3 +68,11 @@ def test_the_latency_benchmark_checks_its_fusion_calls_and_compiled_graph():
         latency.check_latency_mode(policy, "compiled", fusion_calls=4, new_graphs=0, first=True)
     with pytest.raises(ModeNotInEffectError, match=r"fusion blocks never ran"):
         latency.check_latency_mode(policy, "eager", fusion_calls=0, new_graphs=0, first=True)
+
+
+def test_the_paired_cached_ratio_benchmark_proves_the_cache_served():
+    import cached_ratio
+
+    result = cached_ratio.paired_ratio("groot", pairs=2, scale=128, batch_size=2, warmup=1)
+    assert result["evidence"]["stage1_cached"] == {"fusion_calls": 0, "cache_hits": 4, "cache_misses": 2}
+    assert result["median_paired_ratio"] > 0
