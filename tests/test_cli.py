@@ -169,8 +169,9 @@ def _run_cli(entry, argv, capsys) -> list[str]:
         (["--model.init_args.apt_config.vlm_mode", "bogus"], "`vlm_mode` must be one of ('frozen', 'lora', 'full')"),
         (["--model.init_args.apt_config.bogus", "1"], "invalid configuration: APTConfig.__init__() got an unexpected"),
         (["--data.batch_size", "0"], "`data.batch_size` must be a positive integer, got 0"),
+        (["--data.val_split", "sen"], "`data.val_split`='sen' is no benchmark split. Choose one of ['seen'"),
     ],
-    ids=["negative-lr", "bad-vlm-mode", "unknown-key", "batch-size-0"],
+    ids=["negative-lr", "bad-vlm-mode", "unknown-key", "batch-size-0", "unknown-split"],
 )
 def test_bad_config_values_end_apt_lightning_with_one_line(tmp_path, capsys, flags, expected):
     from apt_studies.cli import cli_entry

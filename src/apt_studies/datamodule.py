@@ -16,6 +16,7 @@ from apt_lightning.errors import ConfigError
 from apt_studies.data import DemonstrationDataset, collect_demonstrations
 from apt_studies.data import collate as bench_collate
 from apt_studies.language import default_tokenizer
+from apt_studies.splits import EVAL_SPLITS
 
 __all__ = ["TabletopDataModule", "policy_batch"]
 
@@ -66,6 +67,13 @@ class TabletopDataModule(pl.LightningDataModule):
                     f"`data.{name}` must be a positive integer, got {value!r}. Set e.g. `--data.{name} "
                     f"{ {'episodes': 300, 'batch_size': 32, 'chunk_size': 8}[name] }`."
                 )
+        if val_split is not None and val_split not in EVAL_SPLITS:
+            raise ConfigError(
+                f"`data.val_split`={val_split!r} is no benchmark split. Choose one of {list(EVAL_SPLITS)}, or null for "
+                "no validation."
+            )
+        if isinstance(val_episodes, bool) or not isinstance(val_episodes, int) or val_episodes <= 0:
+            raise ConfigError(f"`data.val_episodes` must be a positive integer, got {val_episodes!r}.")
         self.save_hyperparameters()
         self.tokenizer = default_tokenizer()
         self.train_set: DemonstrationDataset | None = None
