@@ -122,3 +122,21 @@ def test_preparing_another_plan_on_trained_weights_is_refused_and_changes_nothin
     ):
         model.apt.prepare(StagePlan(first_stage=2))
     assert model.apt.plan == StagePlan(first_stage=1, switch_step=SWITCH) and model.apt.step == SWITCH + 1
+
+
+def test_an_idle_step_that_creates_optimizer_state_moves_neither_the_clock_nor_the_weights():
+    """What torch.distributed.checkpoint does before loading a sharded optimizer: zero grads, every lr set to 0, step,
+    lrs put back. AdamW's decoupled weight decay would move the weights if the schedule gave that step an lr."""
+    model = build()
+    optimizer, _ = optimizer_of(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    assert model.apt.step == 0 and all(group["apt_step"] == 0 for group in optimizer.param_groups)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

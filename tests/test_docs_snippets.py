@@ -26,7 +26,7 @@ def test_the_readme_snippets_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "readme"}
     for number, block in enumerate(blocks):
-        exec(compile(block, f"README.md block {number}", "exec"), namespace)  # noqa: S102 -- the README is ours
+        exec(compile(block, f"README.md block {number}", "exec"), namespace)
     assert (tmp_path / "my_vla_apt" / "apt_config.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
 
 

@@ -26,6 +26,7 @@ from apt_lightning import (
     StageMismatchError,
     StagePlan,
 )
+from apt_lightning.fit_checks import check_strategy
 from helpers import loader, make_batch, make_policy, trainer
 
 
@@ -205,7 +206,7 @@ def test_one_fit_plan_under_ddp_requires_find_unused_parameters():
         accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False
     )
     with pytest.raises(AptError, match="ddp_find_unused_parameters_true"):
-        APTStageScheduler(switch_at_step=5)._check_strategy(t)
+        check_strategy(t, StagePlan(first_stage=1, switch_step=5))
 
 
 def test_the_ddp_check_reads_the_wrapped_model_when_lightning_keeps_no_kwargs():

@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from apt_lightning import APTStageScheduler, AptError, ConfigError, StageMismatchError
+from apt_lightning import AptError, APTStageScheduler, ConfigError, StageMismatchError
 from apt_lightning.models import PI0Policy, load_policy
 from helpers import loader, make_policy, trainer
 

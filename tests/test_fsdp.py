@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from apt_lightning import AptError, APTStageScheduler, ContractError, StagePlan
+from apt_lightning.fit_checks import check_strategy
 from apt_lightning.sharding import fully_shard_apt
 from helpers import make_policy, run_script
 
@@ -45,10 +46,10 @@ def test_fsdp1_without_original_parameters_is_refused_at_setup():
         strategy = FSDPStrategy(use_orig_params=False)
 
     with pytest.raises(AptError, match=r"use_orig_params=True.*apt_fully_shard"):
-        scheduler._check_strategy(Trainer())
+        check_strategy(Trainer(), scheduler.plan)
     for accepted in (FSDPStrategy(use_orig_params=True), FSDPStrategy()):  # Lightning's default keeps them
         Trainer.strategy = accepted
-        scheduler._check_strategy(Trainer())
+        check_strategy(Trainer(), scheduler.plan)
 
 
 def test_model_parallel_without_sharding_is_refused_before_the_first_step():

@@ -16,6 +16,7 @@ from apt_lightning.config import APTConfig, FusionConfig
 from apt_lightning.controller import APT
 from apt_lightning.errors import (
     AptError,
+    CheckpointWriteError,
     ClockError,
     ConfigError,
     ContractError,
@@ -58,6 +59,7 @@ from apt_lightning.structure import fusion_sites
 
 if TYPE_CHECKING:
     from apt_lightning.callbacks import APTStageScheduler, GateMonitor
+    from apt_lightning.checksum import VerifiedCheckpointIO
     from apt_lightning.feature_cache import Stage1FeatureCache
     from apt_lightning.guard import NonFiniteGuard
     from apt_lightning.mixin import APTMixin
@@ -68,6 +70,7 @@ _LIGHTNING_ADAPTER = {
     "GateMonitor": "apt_lightning.callbacks",
     "NonFiniteGuard": "apt_lightning.guard",
     "Stage1FeatureCache": "apt_lightning.feature_cache",
+    "VerifiedCheckpointIO": "apt_lightning.checksum",
 }
 """Public names that need Lightning, imported when first used (PEP 562)."""
 
@@ -90,6 +93,7 @@ __all__ = [
     "APTMixin",
     "APTStageScheduler",
     "AptError",
+    "CheckpointWriteError",
     "ClockError",
     "ConfigError",
     "ContractError",
@@ -120,6 +124,7 @@ __all__ = [
     "StrategyError",
     "UnverifiedCheckpointWarning",
     "UnverifiedExportWarning",
+    "VerifiedCheckpointIO",
     "__version__",
     "check_language_mask",
     "export_fusion",

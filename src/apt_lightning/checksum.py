@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from apt_lightning.errors import AptError, PolicyCheckpointError, UnverifiedCheckpointWarning
+from apt_lightning.errors import CheckpointWriteError, PolicyCheckpointError, UnverifiedCheckpointWarning
 
 DIGEST_KEY = "apt_state_dict_sha256"
 """Top-level checkpoint key holding :func:`state_dict_digest` of the checkpoint's ``state_dict`` (weights only)."""
@@ -79,10 +79,6 @@ those are verified where the file is read (:func:`apt_lightning.models.base.read
 :class:`VerifiedCheckpointIO`)."""
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class CheckpointWriteError(AptError, OSError):
-    """A checkpoint could not be written (full disk, unwritable directory); no partial file was left behind."""
 
 
 def digestible(state_dict: Mapping[str, Any]) -> bool:
@@ -227,7 +223,9 @@ def _refuse_damaged_entries(checkpoint: Mapping[str, Any], path: str | Path) -> 
             "was written. Use the original checkpoint file."
         )
     missing = [name for name in record if name not in checkpoint]
-    unrecorded = [name for name in PARTS if name in checkpoint and name not in record]
+    # Lightning's load_from_checkpoint adds `hyper_parameters` (empty, or its keyword arguments) to a checkpoint whose
+    # module saved none, before any hook sees it: its absence from the record is not damage.
+    unrecorded = [name for name in PARTS if name in checkpoint and name not in record and name != "hyper_parameters"]
     if missing or unrecorded:
         raise PolicyCheckpointError(
             f"{path} does not match its digest record: parts {missing or unrecorded} are "

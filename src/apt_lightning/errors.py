@@ -98,3 +98,7 @@ class RemovedNameError(AptError, AttributeError):
 class StrategyError(AptError, RuntimeError):
     """The Lightning strategy cannot run APT as configured (DeepSpeed, DDP without unused-parameter detection for a
     one-fit plan, FSDP1 without ``use_orig_params``); the message says which strategy to use instead."""
+
+
+class CheckpointWriteError(AptError, OSError):
+    """A checkpoint could not be written (full disk, unwritable directory); no partial file was left behind."""

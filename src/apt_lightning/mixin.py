@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from apt_lightning.checksum import DIGEST_KEY, add_checkpoint_digest, verify_checkpoint_digest
+from apt_lightning.checksum import VerifiedCheckpointIO, add_checkpoint_digest, verify_checkpoint_digest
 from apt_lightning.controller import APT
-from apt_lightning.errors import ContractError, RemovedNameError
+from apt_lightning.errors import ContractError, PolicyCheckpointError, RemovedNameError
 from apt_lightning.record import StateRecord
 
 CHECKPOINT_KEY = "apt"
@@ -124,6 +124,37 @@ class APTMixin:
         return trainer.global_step, trainer.global_rank, int(getattr(loop, "batch_idx", 0) or 0)
 
     # ------------------------------------------------------------------ Lightning hooks
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path: Any, map_location: Any = None, weights_only: bool | None = True, **kwargs: Any
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` passed explicitly (whatever
+        ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says): a checkpoint never unpickles Python objects. The digest and APT's
+        record are checked in :meth:`on_load_checkpoint`, before any weight loads.
+
+        Raises:
+            PolicyCheckpointError: ``weights_only=False``.
+        """
+        if weights_only is False:
+            raise PolicyCheckpointError(
+                f"Refusing `{cls.__name__}.load_from_checkpoint(..., weights_only=False)`: unpickling anything but "
+                "tensors and plain data runs code from the file. Drop `weights_only=False`."
+            )
+        parent: Any = super()
+        return parent.load_from_checkpoint(checkpoint_path, map_location=map_location, weights_only=True, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        """Install :class:`~apt_lightning.VerifiedCheckpointIO` around the strategy's checkpoint IO (once), so a
+        resume (``Trainer.fit(ckpt_path=)``) reads with ``weights_only=True`` and verifies every digest part, and a
+        checkpoint write is atomic, with any Trainer; then the next class's ``setup``."""
+        trainer = self.__dict__.get("_trainer")
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None and not isinstance(strategy.checkpoint_io, VerifiedCheckpointIO):
+            strategy.checkpoint_io = VerifiedCheckpointIO(strategy.checkpoint_io)
+        parent = getattr(super(), "setup", None)
+        if parent is not None:
+            parent(stage)
+
     def configure_optimizers(self) -> Any:
         """AdamW over APT's per-role groups with the stage-aware schedule. For another optimiser:
         ``return self.apt.configure_optimizers(torch.optim.SGD, momentum=0.9)``."""
@@ -153,8 +184,7 @@ class APTMixin:
         """Verify the digest, then restore APT's record through :meth:`APT.load_state_dict` (the one load path: a
         fresh module takes the checkpoint's plan, a resumed fit must run the same plan, and a differently
         configured module is refused) before any weight loads."""
-        if DIGEST_KEY in checkpoint:
-            verify_checkpoint_digest(checkpoint, "The checkpoint being loaded")
+        verify_checkpoint_digest(checkpoint, "The checkpoint being loaded")  # a damaged digest key is refused too
         record = checkpoint.get(CHECKPOINT_KEY)
         if record:
             self.apt.load_state_dict(record)

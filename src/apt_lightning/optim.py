@@ -25,9 +25,15 @@ if TYPE_CHECKING:
 PARAM_GROUPS = ("expert", "fusion", "gates", "vlm")
 STEP_KEY = "apt_step"
 """Param-group entry counting the optimizer steps taken; saved with ``optimizer.state_dict()``."""
-PRIMING_FLAG = "apt_priming"
-"""Optimizer attribute set while :func:`~apt_lightning.sharding.prime_optimizer_state` takes its zero-lr step: the
-clock and the schedule stand aside (that step is not a training step)."""
+
+
+def is_idle_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every param group's learning rate is 0: a step that moves no weight and is not a training step.
+
+    Code that creates optimizer state takes such steps (``torch.distributed.checkpoint`` before it loads a sharded
+    optimizer, :func:`~apt_lightning.sharding.prime_optimizer_state`): the clock does not count them, and the
+    schedule does not give them a learning rate (AdamW's decoupled weight decay would then move the weights)."""
+    return all(float(group.get("lr", 0.0)) == 0.0 for group in optimizer.param_groups)
 
 
 def param_groups(apt: APT) -> list[dict[str, Any]]:
@@ -81,9 +87,11 @@ def bind_optimizer(apt: APT, optimizer: torch.optim.Optimizer) -> None:
     """
     for group in optimizer.param_groups:
         group.setdefault(STEP_KEY, 0)
+    idle = [False]  # whether the step under way is idle, as the pre-hook saw it (the schedule may change lrs after)
 
     def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if getattr(optimizer, PRIMING_FLAG, False):
+        idle[0] = is_idle_step(optimizer)
+        if idle[0]:
             return
         trainer_clock = apt._counters() if apt._counters is not None else None
         for group in optimizer.param_groups:
@@ -99,7 +107,7 @@ def bind_optimizer(apt: APT, optimizer: torch.optim.Optimizer) -> None:
                 )
 
     def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if getattr(optimizer, PRIMING_FLAG, False):
+        if idle[0]:
             return
         apt.advance()
         for group in optimizer.param_groups:
@@ -114,7 +122,8 @@ class StageLRScheduler(LRScheduler):
 
     The factors read APT's clock, not a counter of the scheduler's own, and are applied before every optimizer step
     (an optimizer pre-hook): a scheduler that is not stepped, stepped twice, or restored from another run's state
-    still gives each step the learning rate of its stage. ``step()`` re-applies them for logging. Its
+    still gives each step the learning rate of its stage. An idle step (every learning rate set to 0 by whoever
+    steps, :func:`is_idle_step`) keeps its zeros. ``step()`` re-applies them for logging. Its
     ``state_dict`` is plain data (no controller, no callables), so it loads with ``weights_only=True``.
     """
 
@@ -126,7 +135,7 @@ class StageLRScheduler(LRScheduler):
         self._apt = apt
         self.factors = factors
         super().__init__(optimizer)
-        optimizer.register_step_pre_hook(lambda *_: None if getattr(optimizer, PRIMING_FLAG, False) else self._apply())
+        optimizer.register_step_pre_hook(lambda *_: None if is_idle_step(optimizer) else self._apply())
 
     def get_lr(self) -> list[float]:  # type: ignore[override]  # torch: list[float | Tensor]; floats here
         step = self._apt.step

@@ -20,7 +20,6 @@ from torch import nn
 
 from apt_lightning.errors import ContractError
 from apt_lightning.fusion import GatedCrossAttentionBlock
-from apt_lightning.optim import PRIMING_FLAG
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -128,10 +127,8 @@ def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
                 group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
         for p in missing:
             p.grad = torch.zeros_like(p)
-        setattr(optimizer, PRIMING_FLAG, True)  # APT's step hooks stand aside (optim.py)
         optimizer.step()
     finally:
-        setattr(optimizer, PRIMING_FLAG, False)
         for group, (params, lr) in zip(optimizer.param_groups, saved, strict=True):
             group["params"] = params
             if lr is not None:

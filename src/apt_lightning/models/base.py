@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 
-from apt_lightning.checksum import VerifiedCheckpointIO, load_checkpoint_file, verify_checkpoint_digest
+from apt_lightning.checksum import load_checkpoint_file, verify_checkpoint_digest
 from apt_lightning.config import APTConfig
 from apt_lightning.errors import ConfigError, LanguageMaskError, PolicyCheckpointError
 from apt_lightning.guidance import PriorGuidance
@@ -246,7 +246,7 @@ def chunk_mse(prediction: torch.Tensor, target: torch.Tensor, pad_mask: torch.Te
 def pad_last_dim(x: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad the last dimension of ``x`` to ``size`` (pi0 pads state/actions to ``max_*_dim``)."""
     if x.shape[-1] > size:
-        raise ValueError(f"Last dimension {x.shape[-1]} exceeds the model's maximum {size}.")
+        raise ConfigError(f"Last dimension {x.shape[-1]} exceeds the model's maximum {size}.")
     return torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
@@ -572,15 +572,3 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
                     "training without `ckpt_path`."
                 )
         super().on_load_checkpoint(checkpoint)
-
-    def setup(self, stage: str) -> None:
-        """Install :class:`~apt_lightning.checksum.VerifiedCheckpointIO` around the strategy's checkpoint IO (once),
-        so a resume (``Trainer.fit(ckpt_path=)``) reads with ``weights_only=True`` and verifies every digest part,
-        and a checkpoint write is atomic, with any Trainer; then the mixin's setup."""
-        trainer = self._trainer if hasattr(self, "_trainer") else None
-        strategy = getattr(trainer, "strategy", None)
-        if strategy is not None and not isinstance(strategy.checkpoint_io, VerifiedCheckpointIO):
-            strategy.checkpoint_io = VerifiedCheckpointIO(strategy.checkpoint_io)
-        parent = getattr(super(), "setup", None)
-        if parent is not None:
-            parent(stage)

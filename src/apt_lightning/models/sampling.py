@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from apt_lightning.errors import ConfigError
 from apt_lightning.fusion import GatedFusionLayer
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "language_mask")
@@ -50,7 +51,7 @@ def pad_prompt(batch: dict[str, torch.Tensor], bucket: int, pad_id: int = 0) -> 
         (torch.Size([1, 8]), 5.0, 5)
     """
     if bucket < 1:
-        raise ValueError(f"`bucket` must be a positive number of tokens, got {bucket!r}.")
+        raise ConfigError(f"`bucket` must be a positive number of tokens, got {bucket!r}.")
     length = batch["input_ids"].shape[1]
     extra = -length % bucket
     if extra == 0:

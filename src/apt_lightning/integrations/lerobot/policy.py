@@ -169,7 +169,7 @@ def saved_plan_and_step(record: dict[str, Any]) -> tuple[StagePlan, int]:
     """The plan and step of an ``apt_record``."""
     step = record["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step {step!r}")
+        raise ConfigError(f"The APT record's `step` must be an int >= 0 (optimizer steps taken), got {step!r}.")
     return StagePlan(**record["plan"]), step
 
 

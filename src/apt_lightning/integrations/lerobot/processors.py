@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from apt_lightning.errors import ContractError
 from apt_lightning.integrations.lerobot._compat import require_lerobot
 from apt_lightning.integrations.lerobot.base import INSTRUCTION_MASK
 from apt_lightning.integrations.lerobot.data import instruction_token_mask
@@ -68,7 +69,7 @@ class APTTokenizerProcessorStep(TokenizerProcessorStep):
             self.input_tokenizer, prompts, instructions, self.max_length, padding=self.padding
         )
         if mask.shape != tokens.shape:  # the same tokenizer call as LeRobot's step, so never; checked, not assumed
-            raise RuntimeError(f"instruction mask {tuple(mask.shape)} vs tokens {tuple(tokens.shape)}")
+            raise ContractError(f"instruction mask {tuple(mask.shape)} vs tokens {tuple(tokens.shape)}")
         tokenized[INSTRUCTION_MASK] = mask.to(tokens.device)
         return tokenized
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from apt_lightning.errors import ConfigError
 from apt_lightning.integrations.lerobot._compat import lerobot_module
 
 __all__ = [
@@ -117,7 +118,7 @@ def tiny_pi_policy(
         seed: ``torch.manual_seed`` before construction (weights are random).
     """
     if kind not in ("pi0", "pi05"):
-        raise ValueError(f"`kind` must be 'pi0' or 'pi05', got {kind!r}.")
+        raise ConfigError(f"`kind` must be 'pi0' or 'pi05', got {kind!r}.")
     config = config if config is not None else tiny_pi_config(kind)
     modeling = lerobot_module(f"policies.{kind}.modeling_{kind}")
     cls = modeling.PI0Policy if kind == "pi0" else modeling.PI05Policy
