@@ -71,6 +71,31 @@ def make_config(args: argparse.Namespace) -> MetaWorldStudyConfig:
     )
 
 
+def format_by_task(runs: list[dict]) -> str:
+    """Success and habitual share per task of ``seen`` and ``counterfactual`` (runs that recorded ``by_task``)."""
+    rows = [r for r in runs if "by_task" in r]
+    if not rows:
+        return "(no run recorded outcomes per task)"
+    splits = ("seen", "counterfactual")
+    tasks = [(s, t) for s in splits for t in dict.fromkeys(x for r in rows for x in r["by_task"][s])]
+    lines = ["| arch | method | seeds | " + " | ".join(f"{t} ({s})" for s, t in tasks) + " |"]
+    lines.append("| :--- | :--- | ---: |" + " ---: |" * len(tasks))
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["arch"] == arch and r["method"] == method]
+            if not mine:
+                continue
+            cells = []
+            for s, t in tasks:
+                parts = [r["by_task"][s][t] for r in mine if t in r["by_task"][s]]
+                n = sum(p["n"] for p in parts)
+                success = sum(p["success"] * p["n"] for p in parts) / n
+                habitual = sum(p["habitual"] * p["n"] for p in parts) / n
+                cells.append(f"{success:.2f} / {habitual:.2f}")
+            lines.append(f"| {arch} | {method} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(study: dict, out: Path) -> str:
     summary = aggregate(study["runs"])
     study["summary"] = summary
@@ -79,7 +104,8 @@ def write_outputs(study: dict, out: Path) -> str:
     text = (
         f"{format_table(summary, fmt='markdown')}\n\nCounterfactual episodes, where they ended:\n\n"
         f"{format_outcome_table(summary, fmt='markdown')}\n\nGoal check (docs/metaworld.md, choice rule):\n\n"
-        f"{format_goal_table(goal)}\n\nVLM vocabulary coverage (share of Meta-World words):\n\n"
+        f"{format_goal_table(goal)}\n\nPer task, success / ended doing the habitual task (pooled over seeds):\n\n"
+        f"{format_by_task(study['runs'])}\n\nVLM vocabulary coverage (share of Meta-World words):\n\n"
         "| register | words | in the VLM's vocabulary | in its pretraining texts |\n| :--- | ---: | ---: | ---: |\n"
         + "\n".join(
             f"| {k} | {int(v['words'])} | {v['vocabulary']:.2f} | {v['pretraining_text']:.2f} |"
