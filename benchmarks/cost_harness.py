@@ -213,10 +213,10 @@ def attach_cache(policy: FlowMatchingPolicy, cache: Stage1FeatureCache) -> None:
     a spill directory), and check that the controller now serves from it."""
     cache.setup(None, policy, "fit")  # type: ignore[arg-type]
     cache.on_fit_start(None, policy)  # type: ignore[arg-type]
-    if policy.apt.feature_cache is not cache:
+    if policy.apt._feature_cache is not cache:
         raise ModeNotInEffectError(
             f"{type(cache).__name__} is not attached to the controller after its setup hook (the controller serves "
-            f"{policy.apt.feature_cache!r}): a cached mode would run uncached."
+            f"{policy.apt._feature_cache!r}): a cached mode would run uncached."
         )
 
 
