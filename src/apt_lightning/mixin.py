@@ -66,7 +66,7 @@ REMOVED_NAMES: dict[str, str] = {
 
 def _removed(owner: str, name: str) -> RemovedNameError:
     return RemovedNameError(
-        f"`{owner}.{name}` was removed in apt_lightning 1.0 and is ignored: use {REMOVED_NAMES[name]} instead "
+        f"`{owner}.{name}` was removed in apt_lightning 1.0: use {REMOVED_NAMES[name]} instead "
         "(docs/guide.md, 'Migrating to 1.0')."
     )
 
