@@ -39,9 +39,7 @@ import enum
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -49,6 +47,7 @@ from typing import Any
 
 import torch
 
+from apt_lightning.atomic import atomic_write
 from apt_lightning.errors import CheckpointWriteError, PolicyCheckpointError, UnverifiedCheckpointWarning
 
 DIGEST_KEY = "apt_state_dict_sha256"
@@ -335,6 +334,11 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
     return checkpoint
 
 
+def _save_to_file(obj: Any, path: str) -> None:
+    with open(path, "wb") as file:
+        torch.save(obj, file)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` through a temporary file in the same directory and a rename: ``path`` is either
     the complete new file or untouched (the previous file, or none), never a truncated one.
@@ -344,27 +348,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             is removed), naming ``path``.
     """
     path = Path(path)
-    handle, temporary = None, None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(handle, "wb") as file:
-            handle = None
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        temporary = None
+        atomic_write(path, lambda temporary: _save_to_file(obj, temporary))
     except OSError as error:
         raise CheckpointWriteError(
             f"Could not write the checkpoint {path} ({type(error).__name__}: {error.strerror or error}); no partial "
             "file was left. Free disk space or choose a writable directory (`dirpath`, `default_root_dir`)."
         ) from error
-    finally:
-        if handle is not None:
-            os.close(handle)
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 try:

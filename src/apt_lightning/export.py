@@ -35,8 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from apt_lightning.atomic import atomic_write
 from apt_lightning.errors import ExportError, UnverifiedExportWarning
 from apt_lightning.fusion import GatedCrossAttentionBlock
 from apt_lightning.lora import merged_state_dict
@@ -201,7 +200,8 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     return digest.hexdigest()
 
 
-def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Sorted keys of the floating or complex tensors holding a NaN or an infinity."""
     return sorted(
         k for k, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
     )
@@ -222,7 +222,7 @@ def _save(tensors: dict[str, torch.Tensor], path: str | Path, kind: str, extra: 
             f"{path / (kind + '.safetensors')}."
         )
     contiguous = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    bad = _non_finite(contiguous)
+    bad = non_finite_keys(contiguous)
     if bad:
         raise ExportError(
             f"Refusing to export {kind} to {path}: {len(bad)} tensor(s) contain NaN or Inf: {_head(bad)}. Nothing "
@@ -232,16 +232,7 @@ def _save(tensors: dict[str, torch.Tensor], path: str | Path, kind: str, extra: 
     metadata = {FORMAT_KEY: kind, FORMAT_VERSION_KEY: str(FORMAT_VERSION), VERSION_KEY: _library_version(), **extra}
     metadata[HASH_KEY] = content_hash(contiguous, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(contiguous, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written export under the final name
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))  # never a half-written export
     return path
 
 
@@ -290,7 +281,7 @@ def _read(path: str | Path, kind: str | None) -> tuple[dict[str, torch.Tensor], 
                 f"to {actual!r}. The file was modified or corrupted after export: copy it again from its source, "
                 f"or re-export it with {writer}."
             )
-    bad = _non_finite(tensors)
+    bad = non_finite_keys(tensors)
     if bad:
         raise ExportError(
             f"{path} contains NaN or Inf in {len(bad)} tensor(s): {_head(bad)}. Loading it would break the model: "

@@ -21,9 +21,6 @@ config whose hash names weights that are not there, which loading refuses.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from apt_lightning.atomic import atomic_write
 from apt_lightning.errors import ExportError
-from apt_lightning.export import content_hash, context_sources, fusion_geometry
+from apt_lightning.export import content_hash, context_sources, fusion_geometry, non_finite_keys
 from apt_lightning.record import StateRecord
 from apt_lightning.structure import lora_parameters, original_state_dict_keys
 
@@ -83,7 +81,7 @@ def save_pretrained(apt: APT, directory: str | Path) -> Path:
         raise ExportError(f"Cannot save APT files to {directory}: it is a file. Pass a directory path.")
     state = apt.model.state_dict()
     tensors = {clean: state[key].detach().to("cpu").contiguous().clone() for clean, key in trained_keys(apt).items()}
-    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    bad = non_finite_keys(tensors)
     if bad:
         raise ExportError(
             f"Refusing to save APT files to {directory}: {len(bad)} weight(s) hold NaN or Inf ({bad[:4]}). Nothing "
@@ -101,9 +99,9 @@ def save_pretrained(apt: APT, directory: str | Path) -> Path:
         "base_vlm_sha256": base_vlm_digest(apt),
     }
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
 
@@ -181,7 +179,7 @@ def _read_weights(directory: Path, config: dict[str, Any]) -> dict[str, torch.Te
             f"{path} failed its content check against {CONFIG_NAME}: the weights were modified, corrupted, or belong "
             "to another save. Copy the directory again from its source, or save it again."
         )
-    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    bad = non_finite_keys(tensors)
     if bad:
         raise ExportError(f"{path} holds NaN or Inf in {bad[:4]}: save again from a healthy model.")
     return tensors
@@ -200,19 +198,6 @@ def _check_structure(apt: APT, config: dict[str, Any], directory: Path) -> None:
                 f"{directory} was saved from a model whose {what} differ from {type(apt.model).__name__}'s: saved "
                 f"{saved!r}, this model {current!r}. Build the model with the code and configuration it was saved from."
             )
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _library_version() -> str:
