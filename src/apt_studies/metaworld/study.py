@@ -32,7 +32,6 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from apt_lightning.schedule import StagePlan
 from apt_studies.datamodule import policy_batch
 from apt_studies.determinism import fixed_threads
 from apt_studies.disk_cache import cache_key, cached_directory, default_cache_dir
+from apt_studies.environment import environment_record
 from apt_studies.evaluation import EVAL_SEED, VALIDATION_SEED
 from apt_studies.metaworld.camera import DEFAULT_IMAGE_SIZE
 from apt_studies.metaworld.corpus import CORPUS_TASKS, cached_corpus
@@ -382,30 +382,6 @@ def evaluate_metaworld(
     }
 
 
-def environment() -> dict[str, Any]:
-    """Versions and threads the numbers depend on (issue 25, item 6)."""
-    import platform
-
-    versions = {}
-    for name in ("torch", "transformers", "numpy", "mujoco", "metaworld", "lightning"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and "cpu" not in versions:
-                versions["cpu"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    return {"versions": versions, "isa": isa, "python": platform.python_version(), "threads": torch.get_num_threads()}
-
-
 def prepare_data(
     config: MetaWorldStudyConfig, cache_dir: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -543,5 +519,5 @@ def _run(
         "wall_s": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "environment": environment(),
+        "environment": environment_record(),
     }

@@ -128,5 +128,5 @@ def test_tiny_study_runs_end_to_end_and_fine_tunes_from_the_pretrained_model(tmp
     assert len(list(tmp_path.glob("pretrained-metaworld-pi0-*"))) == 2
     assert sorted(p.name for p in (tmp_path / "fine-tuned").iterdir())[0] == "pi0-apt-seed0.pt"
     assert len(list((tmp_path / "fine-tuned").iterdir())) == 3
-    assert study["environment"]["versions"]["mujoco"] and study["vlm"]["coverage"]["all"]["words"] > 0
+    assert study["environment"]["packages"]["mujoco"] and study["vlm"]["coverage"]["all"]["words"] > 0
     assert dataclasses.asdict(config) == study["config"]
