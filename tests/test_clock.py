@@ -107,6 +107,47 @@ def test_an_optimizer_apt_did_not_build_advances_the_clock_with_advance():
     assert model.apt.step == SWITCH and model.apt.stage == 2
 
 
+def own_optimizer_loop(model: PlainVLA, steps: int, advance: bool, reload_at: int | None = None) -> None:
+    """A plain loop with an optimizer APT did not build (plain SGD over every trainable weight)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(steps):
+        if step == reload_at:  # e.g. the loop reloads its best weights: one in-place change, not a step
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        loss = model.loss(plain_batch(step % 2, seed=step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if advance:
+            model.apt.advance()
+
+
+def test_forgetting_advance_with_an_own_optimizer_stops_at_the_second_step_instead_of_staying_in_stage1():
+    model = build()
+    with pytest.raises(ClockError, match=r"changed 2 times .* stayed at 0.*configure_optimizers.*apt\.advance\(\)"):
+        own_optimizer_loop(model, TOTAL, advance=False)
+    assert model.apt.step == 0
+
+
+def test_an_own_optimizer_with_advance_and_a_weight_reload_trains_through_the_switch():
+    model = build()
+    own_optimizer_loop(model, TOTAL, advance=True, reload_at=2)
+    assert model.apt.step == TOTAL and model.apt.stage == 2
+
+
+def test_gradient_accumulation_with_advance_after_each_optimizer_step_is_not_mistaken_for_a_forgotten_clock():
+    model = build()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(SWITCH + 1):
+        for micro in range(3):  # forwards with no weight change in between
+            model.loss(plain_batch(micro % 2, seed=10 * step + micro)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.apt.advance()
+    assert model.apt.step == SWITCH + 1 and model.apt.stage == 2
+
+
 def test_the_controller_imports_without_lightning():
     probe = "import sys; from apt_lightning import APT, StagePlan; print(any(m == 'lightning' for m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)

@@ -16,6 +16,7 @@ from apt_lightning import (
     AptError,
     APTMixin,
     APTStageScheduler,
+    ConfigError,
     ContractError,
     FusionConfig,
     GatedCrossAttentionBlock,
@@ -114,6 +115,21 @@ def test_fusion_target_matching_nothing_lists_nearest_names():
     ):
         policy.apt.prepare(StagePlan())
     assert not policy.apt.sites, "a failed injection must leave the model untouched"
+
+
+def test_lora_targets_matching_no_vlm_module_are_refused_with_the_vlms_own_names_and_nothing_changed():
+    from plain_vla import PlainVLA
+
+    model = PlainVLA()  # a VLM of torch's own TransformerEncoder: none of the default q_proj/v_proj names
+    model.apt.config = APTConfig(vlm_mode="lora")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"lora_target_modules.*matches no module of the VLM.*'linear1', 'linear2'"):
+        model.apt.prepare(StagePlan(first_stage=2))
+    assert not model.apt.is_prepared and not model.apt.sites
+    assert model.state_dict().keys() == before.keys(), "neither fusion blocks nor LoRA adapters were added"
+    model.apt.config = APTConfig(vlm_mode="lora", lora_target_modules=["linear1", "linear2"])
+    model.apt.prepare(StagePlan(first_stage=2))
+    assert any(".lora_A." in k for k in model.state_dict())
 
 
 def test_fusion_target_inside_the_vlm_is_rejected():

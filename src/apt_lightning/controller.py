@@ -51,10 +51,11 @@ from apt_lightning.errors import (
 from apt_lightning.fusion import GatedFusionLayer
 from apt_lightning.guidance import PriorGuidance, check_guidance_scale
 from apt_lightning.inject import fusion_geometry_problems, inject_fusion, resolve_targets, unload_fusion
-from apt_lightning.lora import has_lora, inject_vlm_lora, remove_vlm_lora
+from apt_lightning.lora import check_lora_targets, has_lora, inject_vlm_lora, remove_vlm_lora
 from apt_lightning.masking import PrefixMasks, check_language_mask, language_blind_masks
 from apt_lightning.record import StateRecord, configuration_mismatches, read_record
 from apt_lightning.schedule import JOINT, Stage, StagePlan, check_resume
+from apt_lightning.step_watch import UncountedStepWatch
 from apt_lightning.structure import fusion_sites, is_fusion_key, language_gates
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class APT:
         self._feature_cache: Stage1FeatureCache | None = None
         self._mask_rows_checked = 0
         self._contexts_seen = False
+        self._step_watch = UncountedStepWatch()
         problems = self._declaration_problems()
         if problems:
             raise ContractError(f"APT(...) on {type(model).__name__}:\n- " + "\n- ".join(problems))
@@ -274,6 +276,8 @@ class APT:
                 f"{type(self.model).__name__} already holds APT fusion blocks, but the plan is the joint baseline, "
                 "which has none. Build a fresh model for the baseline (or call `model.apt.unload()` first)."
             )
+        if self.config.vlm_mode == "lora" and plan.trains_vlm:
+            check_lora_targets(self.vlm_module, self.config)  # before any change: a refusal leaves the model as it was
         if not plan.is_joint:
             inject_fusion(self.model, self.resolved_fusion, forbidden_prefix=self.vlm)
             self._sites = dict(fusion_sites(self.model))
@@ -398,6 +402,8 @@ class APT:
         mode, whatever ``model.train()`` did since)."""
         self.plan  # noqa: B018 -- unprepared: no stage to decide this, NotPreparedError
         self._keep_frozen_vlm_in_eval()
+        if self._counters is None and self.model.training:  # a plain loop: is the clock advancing?
+            self._step_watch.observe(self.model.parameters(), self._step)
         return torch.no_grad() if self.vlm_frozen else contextlib.nullcontext()
 
     def _keep_frozen_vlm_in_eval(self) -> None:

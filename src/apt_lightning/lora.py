@@ -12,9 +12,11 @@ import copy
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from apt_lightning.config import APTConfig
+from apt_lightning.errors import ConfigError
 from apt_lightning.structure import lora_parameters
 
 
@@ -23,20 +25,44 @@ def has_lora(module: nn.Module) -> bool:
 
 
 def inject_vlm_lora(vlm: nn.Module, config: APTConfig) -> None:
-    """Add LoRA adapters to ``vlm`` (no-op if it already has them) and make only them trainable."""
+    """Add LoRA adapters to ``vlm`` (no-op if it already has them) and make only them trainable.
+
+    Call :func:`check_lora_targets` first: peft's own error for a target that matches nothing says neither which
+    VLM nor how to fix it.
+    """
     if not has_lora(vlm):
         lora_config = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules
-            if isinstance(config.lora_target_modules, str)
-            else list(config.lora_target_modules),
+            target_modules=_peft_targets(config),
         )
         inject_adapter_in_model(lora_config, vlm)
     vlm.requires_grad_(False)
     for param in lora_parameters(vlm):
         param.requires_grad_(True)
+
+
+def check_lora_targets(vlm: nn.Module, config: APTConfig) -> None:
+    """Refuse ``lora_target_modules`` that match no module of ``vlm`` (peft's matching rule), changing nothing.
+
+    Raises:
+        ConfigError: nothing matches; the message lists the VLM's own linear-layer names to choose from.
+    """
+    probe = LoraConfig(target_modules=_peft_targets(config))
+    if any(check_target_module_exists(probe, name) for name, _ in vlm.named_modules() if name):
+        return
+    linear = sorted({name.rpartition(".")[2] for name, m in vlm.named_modules() if isinstance(m, nn.Linear)})
+    raise ConfigError(
+        f"vlm_mode='lora': `lora_target_modules`={config.lora_target_modules!r} matches no module of the VLM "
+        f"({type(vlm).__name__}). Set `APTConfig(lora_target_modules=[...])` to names of its linear layers "
+        f"(its own: {linear[:8]}), or to one regex over their full names."
+    )
+
+
+def _peft_targets(config: APTConfig) -> str | list[str]:
+    targets = config.lora_target_modules
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def merged_state_dict(vlm: nn.Module) -> dict[str, torch.Tensor]:
