@@ -173,3 +173,11 @@ def test_every_controller_attribute_a_page_names_exists(page):
     instance = APT.__init__.__code__.co_names  # attributes set in __init__ (model, vlm, fusion, config)
     missing = sorted(n for n in named if not hasattr(APT, n) and n not in instance)
     assert missing == [], f"{page} names APT attributes that do not exist: {missing}"
+
+
+def test_the_methods_setup_fails_a_method_that_drops_apts_param_groups(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    wrong = "def configure_optimizers(self):\n    return torch.optim.SGD(self.parameters(), lr=0.1)\n"
+    block = Block("docs/new.md", 1, "python", wrong, "setup=readme_methods")
+    with pytest.raises(AssertionError, match="does not build on APT's param groups"):
+        run_block(block, "readme_methods")
