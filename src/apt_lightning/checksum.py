@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO as _TorchCheckpointIO
 
 from apt_lightning.atomic import atomic_write
 from apt_lightning.errors import CheckpointWriteError, PolicyCheckpointError, UnverifiedCheckpointWarning
@@ -119,7 +121,7 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
         if tensor.numel():
             flat = tensor.to("cpu").contiguous().reshape(-1)
-            digest.update(flat.view(torch.uint8).numpy() if flat.dtype != torch.uint8 else flat.numpy())
+            digest.update((flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat).numpy().data)  # not copied
     return digest.hexdigest()
 
 
@@ -279,7 +281,7 @@ def verify_checkpoint_digest(
             f"{path} records a digest but its `state_dict` is {_describe(state)} with sharded or no tensors: it was "
             "not written by apt_lightning as it is. Use the original checkpoint file."
         )
-    expected = dict(record) if record is not None else {"state_dict": legacy}
+    expected: dict[str, Any] = dict(record) if record is not None else {"state_dict": legacy}
     if record is not None and legacy is not None and legacy != record["state_dict"]:
         raise PolicyCheckpointError(
             f"{path} records two different digests of its weights (`{DIGEST_KEY}` and `{RECORD_KEY}`): the file was "
@@ -358,15 +360,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         ) from error
 
 
-try:
-    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _CheckpointIO
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO as _TorchCheckpointIO
-except ImportError:  # pragma: no cover - Lightning is a dependency; kept importable without it
-    _CheckpointIO = object  # type: ignore[assignment,misc]
-    _TorchCheckpointIO = None  # type: ignore[assignment,misc]
-
-
-class VerifiedCheckpointIO(_CheckpointIO):  # type: ignore[misc,valid-type]
+class VerifiedCheckpointIO(_CheckpointIO):
     """A Trainer ``CheckpointIO`` that never unpickles objects, verifies every digest part and writes atomically.
 
     * load: ``weights_only=True`` always (an explicit ``weights_only=False`` is refused), then

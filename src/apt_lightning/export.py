@@ -38,7 +38,7 @@ import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,6 +55,9 @@ from apt_lightning.structure import (
     original_named_modules,
     original_state_dict_keys,
 )
+
+if TYPE_CHECKING:  # for annotations only: export reads a controller's attributes and never builds one
+    from apt_lightning.controller import APT
 
 FORMAT_KEY = "apt_format"
 FORMAT_VERSION_KEY = "apt_format_version"
@@ -194,7 +197,7 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     for key in sorted(tensors):
         tensor = tensors[key].detach().to("cpu").contiguous()
         digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # `.data`: the array's buffer, not copied
     rest = {k: v for k, v in (metadata or {}).items() if k != HASH_KEY}
     digest.update(json.dumps(rest, sort_keys=True).encode())
     return digest.hexdigest()
@@ -209,7 +212,7 @@ def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def _fusion_config(module: Any) -> str:
     config = getattr(getattr(module, "apt", None), "fusion", None)
-    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else None
     return json.dumps(fields, sort_keys=True, default=repr)
 
 
@@ -370,9 +373,11 @@ def _check_context_sources(module: nn.Module, metadata: dict[str, str], path: Pa
     recorded = _recorded(metadata, CONTEXT_SOURCES_KEY, path)
     if recorded is None or current is None:
         if recorded is not None or current is not None:
-            silent = f"the exporting model did not declare them, but {model}'s sites read {_head(current.values(), 3)}"
             if current is None:
                 silent = f"{model} does not declare its own (no `apt_context_sources()` method or `per_site_language`)"
+            else:
+                read = _head(current.values(), 3)
+                silent = f"the exporting model did not declare them, but {model}'s sites read {read}"
             warnings.warn(
                 f"{path}: which VLM states each fusion site reads cannot be compared: {silent}.",
                 UnverifiedExportWarning,
@@ -437,30 +442,35 @@ def _copy(module: nn.Module, tensors: dict[str, torch.Tensor], select: dict[str,
             state[actual].copy_(tensors[clean])
 
 
+def _apt(module: nn.Module) -> APT:
+    """``module.apt``: the APT controller of a model built with one (``nn.Module.__getattr__`` types it loosely)."""
+    return cast("APT", module.apt)
+
+
 def _prior_keys(module: nn.Module) -> dict[str, str]:
     """``{original key: state-dict key}`` of everything outside the VLM and the fusion blocks."""
-    vlm = module.apt.vlm + "."
-    keys = original_state_dict_keys(module)  # type: ignore[arg-type]
+    vlm = _apt(module).vlm + "."
+    keys = original_state_dict_keys(module)
     return {k: v for k, v in keys.items() if not k.startswith(vlm) and not is_fusion_key(k)}
 
 
 def _fusion_keys(module: nn.Module) -> dict[str, str]:
     """``{original key: state-dict key}`` of every fusion block parameter."""
-    return {k: v for k, v in original_state_dict_keys(module).items() if is_fusion_key(k)}  # type: ignore[arg-type]
+    return {k: v for k, v in original_state_dict_keys(module).items() if is_fusion_key(k)}
 
 
 def _provenance(module: nn.Module) -> dict[str, str]:
     return {
-        GEOMETRY_KEY: json.dumps(fusion_geometry(module), sort_keys=True),  # type: ignore[arg-type]
+        GEOMETRY_KEY: json.dumps(fusion_geometry(module), sort_keys=True),
         FUSION_CONFIG_KEY: _fusion_config(module),
-        CONTEXT_SOURCES_KEY: json.dumps(context_sources(module), sort_keys=True),  # type: ignore[arg-type]
+        CONTEXT_SOURCES_KEY: json.dumps(context_sources(module), sort_keys=True),
     }
 
 
 # ---------------------------------------------------------------------------------------------- public API
 def va_prior_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Everything outside the VLM and the fusion blocks: the language-agnostic expert (Stage-1 result)."""
-    state = module.state_dict()  # type: ignore[attr-defined]
+    state = module.state_dict()
     return {clean: state[key] for clean, key in _prior_keys(module).items()}
 
 
@@ -470,8 +480,8 @@ def export_va_prior(module: nn.Module, path: str | Path) -> Path:
     Raises:
         ExportError: a prior tensor is NaN or infinite (nothing is written), or ``path`` is a directory.
     """
-    layout = attention_layout(module, skip=module.apt.vlm)  # type: ignore[arg-type]
-    extra = {"vlm": module.apt.vlm, LAYOUT_KEY: json.dumps(layout, sort_keys=True), **_provenance(module)}
+    layout = attention_layout(module, skip=_apt(module).vlm)
+    extra = {"vlm": _apt(module).vlm, LAYOUT_KEY: json.dumps(layout, sort_keys=True), **_provenance(module)}
     return _save(va_prior_state_dict(module), path, "va_prior", extra)
 
 
@@ -485,15 +495,15 @@ def load_va_prior(module: nn.Module, path: str | Path) -> None:
     path = Path(path)
     tensors, metadata = _read(path, "va_prior")
     select = _prior_keys(module)
-    _load_into(module, tensors, select, "VA prior", path)  # type: ignore[arg-type]
-    layout = attention_layout(module, skip=module.apt.vlm)  # type: ignore[arg-type]
+    _load_into(module, tensors, select, "VA prior", path)
+    layout = attention_layout(module, skip=_apt(module).vlm)
     _check_layout(layout, metadata, path, type(module).__name__)
-    _copy(module, tensors, select)  # type: ignore[arg-type]
+    _copy(module, tensors, select)
 
 
 def fusion_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Weights and gates of every fusion block, keyed ``<site>.apt_fusion.<param>``."""
-    state = module.state_dict()  # type: ignore[attr-defined]
+    state = module.state_dict()
     return {clean: state[key] for clean, key in _fusion_keys(module).items()}
 
 
@@ -503,7 +513,7 @@ def export_fusion(module: nn.Module, path: str | Path) -> Path:
     Raises:
         ExportError: a fusion tensor is NaN or infinite (nothing is written), or ``path`` is a directory.
     """
-    sites = json.dumps(sorted(module.apt.sites))
+    sites = json.dumps(sorted(_apt(module).sites))
     return _save(fusion_state_dict(module), path, "fusion", {"sites": sites, **_provenance(module)})
 
 
@@ -517,11 +527,11 @@ def load_fusion(module: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     tensors, metadata = _read(path, "fusion")
-    _check_geometry(module, metadata, path)  # type: ignore[arg-type]
-    _check_context_sources(module, metadata, path)  # type: ignore[arg-type]
+    _check_geometry(module, metadata, path)
+    _check_context_sources(module, metadata, path)
     select = _fusion_keys(module)
-    _load_into(module, tensors, select, "fusion", path)  # type: ignore[arg-type]
-    _copy(module, tensors, select)  # type: ignore[arg-type]
+    _load_into(module, tensors, select, "fusion", path)
+    _copy(module, tensors, select)
 
 
 def export_vlm(module: nn.Module, path: str | Path) -> Path:
@@ -530,9 +540,9 @@ def export_vlm(module: nn.Module, path: str | Path) -> Path:
     Raises:
         ExportError: a VLM tensor is NaN or infinite (nothing is written), or ``path`` is a directory.
     """
-    layout = attention_layout(module.apt.vlm_module)
-    extra = {"vlm": module.apt.vlm, LAYOUT_KEY: json.dumps(layout, sort_keys=True), **_provenance(module)}
-    return _save(merged_state_dict(module.apt.vlm_module), path, "vlm", extra)
+    layout = attention_layout(_apt(module).vlm_module)
+    extra = {"vlm": _apt(module).vlm, LAYOUT_KEY: json.dumps(layout, sort_keys=True), **_provenance(module)}
+    return _save(merged_state_dict(_apt(module).vlm_module), path, "vlm", extra)
 
 
 def load_vlm(module: nn.Module, path: str | Path) -> None:
@@ -544,7 +554,7 @@ def load_vlm(module: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     tensors, metadata = _read(path, "vlm")
-    vlm = module.apt.vlm_module
+    vlm = _apt(module).vlm_module
     select = {k: k for k in vlm.state_dict()}
     _load_into(vlm, tensors, select, "VLM", path)
     _check_layout(attention_layout(vlm), metadata, path, type(vlm).__name__)

@@ -185,6 +185,14 @@ def test_an_export_from_a_model_that_did_not_declare_its_sources_warns_instead_o
         load_fusion(_groot(True), path)
 
 
+def test_a_model_that_does_not_declare_its_sources_loads_a_declaring_export_with_a_warning(tmp_path, monkeypatch):
+    """The reverse case: the export records its sources, the loading model does not (once an AttributeError)."""
+    path = export_fusion(_groot(True), tmp_path / "fusion.safetensors")
+    monkeypatch.setattr("apt_lightning.export.context_sources", lambda module: None)
+    with pytest.warns(UnverifiedExportWarning, match=r"cannot be compared: GR00TStylePolicy does not declare its own"):
+        load_fusion(_groot(True), path)
+
+
 # ---------------------------------------------------------------------------------------------- CLI and studies
 def test_cli_model_data_mismatch_is_one_line_with_the_matching_fix(tmp_path, capsys):
     from test_cli import _small_config
