@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from apt_lightning import ClockError, StageMismatchError, StagePlan
-from plain_vla import SWITCH, TOTAL, PlainVLA, build, optimizer_of, train
+from plain_vla import SWITCH, TOTAL, PlainVLA, build, optimizer_of, plain_batch, train
 
 
 @functools.cache

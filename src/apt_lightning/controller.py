@@ -163,7 +163,7 @@ class APT:
         problems = self._declaration_problems()
         target_problem = False
         if not problems:
-            fusion = self.resolved_fusion
+            fusion = self._resolved_fusion
             try:
                 sites = resolve_targets(self.model, fusion.target_modules, fusion.exclude_modules, self.vlm)
             except NoMatchingTargetError as error:
@@ -176,7 +176,7 @@ class APT:
             raise error_cls(f"APT cannot be applied to {type(self.model).__name__}:\n- " + "\n- ".join(problems))
 
     @property
-    def resolved_fusion(self) -> FusionConfig:
+    def _resolved_fusion(self) -> FusionConfig:
         """``fusion`` with ``context_dim`` read from the VLM's transformers config when unset (left ``None``
         if there is none: :meth:`validate` then asks for it)."""
         if self.fusion.context_dim is not None:
@@ -279,7 +279,7 @@ class APT:
         if self.config.vlm_mode == "lora" and plan.trains_vlm:
             check_lora_targets(self.vlm_module, self.config)  # before any change: a refusal leaves the model as it was
         if not plan.is_joint:
-            inject_fusion(self.model, self.resolved_fusion, forbidden_prefix=self.vlm)
+            inject_fusion(self.model, self._resolved_fusion, forbidden_prefix=self.vlm)
             self._sites = dict(fusion_sites(self.model))
         vlm = self.vlm_module
         if self.config.vlm_mode == "lora" and plan.trains_vlm:
@@ -569,12 +569,6 @@ class APT:
         """``tanh`` of every gate, per site."""
         return {name: site.apt_fusion.gate_values() for name, site in self._sites.items()}
 
-    def fully_shard(self, units: str | list[str] | None = None, **fully_shard_kwargs: Any) -> list[str]:
-        """Shard the model with FSDP2 (see :func:`~apt_lightning.fully_shard_apt`); returns the units' names."""
-        from apt_lightning.sharding import fully_shard_apt
-
-        return fully_shard_apt(self.model, units, **fully_shard_kwargs)
-
     # ------------------------------------------------------------------ state and files
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python resumable state: the plan, the step, whether this run is a fine-tune, and the configuration
@@ -659,7 +653,7 @@ class APT:
         """Build fusion and LoRA modules for state-dict ``keys`` of a file written without an APT record (older
         checkpoints), so their weights have somewhere to load."""
         if any(is_fusion_key(k) for k in keys) and not self._sites:
-            inject_fusion(self.model, self.resolved_fusion, forbidden_prefix=self.vlm)
+            inject_fusion(self.model, self._resolved_fusion, forbidden_prefix=self.vlm)
             self._sites = dict(fusion_sites(self.model))
         vlm_prefix = self.vlm + "."
         if any(k.startswith(vlm_prefix) and ".lora_" in k for k in keys) and not has_lora(self.vlm_module):

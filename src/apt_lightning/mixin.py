@@ -29,6 +29,7 @@ from apt_lightning.checksum import VerifiedCheckpointIO, add_checkpoint_digest, 
 from apt_lightning.controller import APT
 from apt_lightning.errors import ContractError, PolicyCheckpointError, RemovedNameError
 from apt_lightning.record import StateRecord
+from apt_lightning.sharding import fully_shard_apt
 
 CHECKPOINT_KEY = "apt"
 """Key of APT's record (:class:`~apt_lightning.record.StateRecord`) in a Lightning checkpoint."""
@@ -210,4 +211,4 @@ class APTMixin:
         if mesh is not None and "mesh" not in fully_shard_kwargs:
             names = mesh.mesh_dim_names or ()
             fully_shard_kwargs["mesh"] = mesh["data_parallel"] if "data_parallel" in names else mesh
-        return self.apt.fully_shard(units, **fully_shard_kwargs)
+        return fully_shard_apt(self.apt.model, units, **fully_shard_kwargs)

@@ -63,7 +63,7 @@ class StateRecord:
 
 def configuration_of(apt: APT) -> dict[str, Any]:
     """The structure-defining configuration of ``apt``'s model, as JSON-plain data."""
-    fusion = dataclasses.asdict(apt.resolved_fusion)
+    fusion = dataclasses.asdict(apt._resolved_fusion)
     configuration: dict[str, Any] = {"vlm": apt.vlm, "vlm_mode": apt.config.vlm_mode, "fusion": fusion}
     if apt.config.vlm_mode == "lora":
         configuration["lora"] = {name: getattr(apt.config, name) for name in LORA_FIELDS}
