@@ -33,8 +33,8 @@ from apt_lightning import (
     export_fusion,
 )
 from apt_lightning.integrations.lerobot import FUSION_FILE
-from apt_lightning.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from apt_lightning.integrations.lerobot.tiny import tiny_builds
+from apt_lightning.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 KINDS = ["pi0", "pi05", "smolvla"]
 SWITCH, TOTAL = 3, 6
