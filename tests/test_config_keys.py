@@ -45,7 +45,7 @@ def test_groot_refuses_a_misspelt_vlm_key():
     config["text_config"]["num_atention_heads"] = 4
     with pytest.raises(ConfigError, match=r"`vlm_config\.text_config\.num_atention_heads`.*'num_attention_heads'"):
         GR00TStylePolicy(config, select_layer=1, head_width=16, head_depth=2)
-    with pytest.raises(ConfigError, match="vlm_config.text_config.num_atention_heads"):
+    with pytest.raises(ConfigError, match=r"vlm_config\.text_config\.num_atention_heads"):
         GR00TStylePolicy.vlm_text_width({"vlm_config": config})  # the command line's sizing path checks too
 
 
