@@ -215,7 +215,8 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         """
         directory = Path(directory)
         self.lerobot_policy().save_pretrained(directory)
-        self.apt.save_pretrained(directory)
+        if self.apt.is_prepared:  # an adapter never prepared has no plan to record: LeRobot's files only
+            self.apt.save_pretrained(directory)
         return directory
 
     def load_fusion_from(self, directory: str | Path) -> None:
