@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from apt_lightning import NotPreparedError, StagePlan
 from apt_lightning.models import FlowMatchingPolicy, GR00TStylePolicy, PI0Policy, load_policy
-from apt_lightning.models.files import POLICY_CONFIG_NAME, POLICY_WEIGHTS_NAME, _digest
+from apt_lightning.models.files import POLICY_CONFIG_NAME, POLICY_WEIGHTS_NAME, config_digest
 from apt_lightning.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from helpers import make_batch, make_policy
 
@@ -129,12 +129,12 @@ def test_an_edited_config_is_refused_and_a_crafted_one_downloads_nothing(saved, 
 
     # a file crafted with a valid digest still cannot choose code or a download
     crafted = {**body, "policy_class": "os.system"}
-    crafted["config_sha256"] = _digest(crafted)
+    crafted["config_sha256"] = config_digest(crafted)
     path.write_text(json.dumps(crafted))
     with pytest.raises(ValueError, match=r"`policy_class`='os\.system', which is not a subclass"):
         load_policy(directory)
     crafted = {**body, "init_args": {**body["init_args"], "vlm_pretrained": str(tmp_path / "nowhere")}}
-    crafted["config_sha256"] = _digest(crafted)
+    crafted["config_sha256"] = config_digest(crafted)
     path.write_text(json.dumps(crafted))
     assert load_policy(directory).apt.stage == 2  # the path was set to None, never read
 

@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 _RESAVE = "Copy the directory again from its source, or save it again with `policy.save_pretrained(dir)`."
 
 
-def _digest(body: dict[str, Any]) -> str:
+def config_digest(body: dict[str, Any]) -> str:
     """sha256 of ``body`` as canonical JSON (sorted keys, no spaces), without its own ``config_sha256``."""
     rest = {k: v for k, v in body.items() if k != "config_sha256"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -114,7 +114,7 @@ def save_policy_directory(policy: FlowMatchingPolicy, directory: str | Path) -> 
         "weights_sha256": content_hash(base),
         "apt_config_sha256": _file_digest(directory / CONFIG_NAME),
     }
-    body["config_sha256"] = _digest(body)
+    body["config_sha256"] = config_digest(body)
     text = json.dumps(body, indent=2, sort_keys=True)
     atomic_write(directory / POLICY_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
@@ -206,7 +206,7 @@ def _read_policy_config(directory: Path) -> dict[str, Any]:
             f"{path} has `format_version`={version!r}, written by apt_lightning {body.get('apt_version')!r}; this "
             f"apt_lightning {_library_version()} reads up to {FORMAT_VERSION}. Upgrade apt_lightning."
         )
-    if body.get("config_sha256") != _digest(body) or not isinstance(body.get("init_args"), dict):
+    if body.get("config_sha256") != config_digest(body) or not isinstance(body.get("init_args"), dict):
         raise PolicyCheckpointError(
             f"{path} failed its content check: it was edited or corrupted after saving. {_RESAVE} To change the "
             "model, build it with the new arguments and train it."
