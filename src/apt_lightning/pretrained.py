@@ -105,11 +105,43 @@ def save_pretrained(apt: APT, directory: str | Path) -> Path:
     return directory
 
 
-def load_pretrained(apt: APT, directory: str | Path, verify_base: bool = True) -> None:
-    """Load what :func:`save_pretrained` wrote into ``apt``'s model (see the module docstring)."""
+def read_pretrained(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The configuration and weights :func:`save_pretrained` wrote to ``directory``, verified (format, version,
+    content hash, finiteness) without touching any model: what a loader checks before it builds anything.
+
+    Raises:
+        ExportError: a missing, unreadable, modified or corrupted file, naming it and the fix.
+    """
     directory = Path(directory)
     config = _read_config(directory)
-    tensors = _read_weights(directory, config)
+    return config, _read_weights(directory, config)
+
+
+def load_pretrained(apt: APT, directory: str | Path, verify_base: bool = True) -> None:
+    """Load what :func:`save_pretrained` wrote into ``apt``'s model (see the module docstring)."""
+    select, tensors, state = _checked(apt, Path(directory), verify_base)
+    with torch.no_grad():
+        for clean, key in select.items():
+            state[key].copy_(tensors[clean])
+
+
+def pretrained_differences(apt: APT, directory: str | Path, verify_base: bool = True) -> list[str]:
+    """Rebuild and check ``apt``'s model against :func:`save_pretrained`'s files like :func:`load_pretrained`, but
+    compare instead of copying: the sorted original keys whose weights in the model differ from the file's.
+
+    For a loader that read the weights from another file first (LeRobot's ``model.safetensors``): an empty list
+    says both files hold the same trained weights.
+    """
+    select, tensors, state = _checked(apt, Path(directory), verify_base)
+    return sorted(clean for clean, key in select.items() if not torch.equal(state[key].detach().cpu(), tensors[clean]))
+
+
+def _checked(
+    apt: APT, directory: Path, verify_base: bool
+) -> tuple[dict[str, str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read and verify the files, restore the record (structure), then check keys, shapes and the base VLM:
+    ``(trained keys, file tensors, model state)`` ready to copy or compare."""
+    config, tensors = read_pretrained(directory)
     apt.load_state_dict(config["record"])  # configuration and plan checks, then the structure
     _check_structure(apt, config, directory)
     select = trained_keys(apt)
@@ -134,9 +166,7 @@ def load_pretrained(apt: APT, directory: str | Path, verify_base: bool = True) -
             "digest differs): its adapter weights would give other actions. Load the same pretrained VLM, or pass "
             "`verify_base=False` if you changed the base on purpose."
         )
-    with torch.no_grad():
-        for clean, key in select.items():
-            state[key].copy_(tensors[clean])
+    return select, tensors, state
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

@@ -131,7 +131,11 @@ def _describe_differences(differences: list[tuple[str, Any, Any]]) -> str:
 
 
 def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> FlowMatchingPolicy:
-    """Load a reference policy saved by a ``Trainer`` checkpoint, whichever class it is, in its saved stage.
+    """Load a reference policy saved by a ``Trainer`` checkpoint or :meth:`FlowMatchingPolicy.save_pretrained`,
+    whichever class it is, in its saved stage.
+
+    A directory is read by :func:`apt_lightning.models.files.load_policy_directory`: its config, base weights and
+    APT adapter files are verified against their digests before the policy is built, under the same rules as below.
 
     The checkpoint is self-contained: the model config and APT settings are in its hyper-parameters and the
     weights in its state dict. Loading it is safe against a crafted file:
@@ -154,6 +158,10 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
         PolicyCheckpointError: If ``path`` is not a readable checkpoint, holds no ``policy_class``, names a
             class that is not a registered policy (the message lists the known ones), or fails its content check.
     """
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
+        from apt_lightning.models.files import load_policy_directory
+
+        return load_policy_directory(path, map_location)
     checkpoint = read_checkpoint(path, map_location, verify=False)
     name = checkpoint.get("policy_class")
     if name is None:
@@ -499,6 +507,32 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         values["apt_config"] = dataclasses.asdict(as_apt_config(values.get("apt_config")))
         values["_class_path"] = policy_class_name(type(self))
         self.save_hyperparameters(plain_data(values))
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write this policy to ``directory``: ``policy_config.json`` (class and constructor arguments),
+        ``policy_model.safetensors`` (the base weights) and APT's own ``apt_config.json`` / ``apt_model.safetensors``
+        (:meth:`APT.save_pretrained`), each verified by a digest; :meth:`from_pretrained` or :func:`load_policy`
+        reads it back exactly (:mod:`apt_lightning.models.files`).
+
+        Raises:
+            NotPreparedError: the policy has no stage plan yet.
+            ExportError: a weight is NaN or infinite (nothing is written), or ``directory`` is a file.
+        """
+        from apt_lightning.models.files import save_policy_directory
+
+        return save_policy_directory(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> FlowMatchingPolicy:
+        """Load what :meth:`save_pretrained` wrote, in its saved stage and eval mode; ``cls`` must be the saved class
+        or a base of it (``FlowMatchingPolicy.from_pretrained`` takes any reference policy).
+
+        Raises:
+            PolicyCheckpointError: a missing, modified or corrupted file (named, with the fix), or another class.
+        """
+        from apt_lightning.models.files import load_policy_directory
+
+        return load_policy_directory(directory, map_location, expected=cls)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["policy_class"] = policy_class_name(type(self))

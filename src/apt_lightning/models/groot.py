@@ -30,6 +30,7 @@ from apt_lightning.models.base import (
     tiny_siglip,
 )
 from apt_lightning.models.dit import DiTActionHead
+from apt_lightning.models.hf_config import check_config_keys
 from apt_lightning.models.sampling import SamplingCondition
 
 
@@ -54,10 +55,17 @@ def tiny_paligemma_config(
 
 
 def _vlm_config(config: PretrainedConfig | dict[str, Any] | None) -> PretrainedConfig:
-    """A backbone config from a config, its dict (YAML, checkpoints) or ``None`` (the tiny PaliGemma)."""
+    """A backbone config from a config, its dict (YAML, checkpoints) or ``None`` (the tiny PaliGemma).
+
+    Raises:
+        ConfigError: a key transformers would silently ignore (``num_atention_heads`` in ``text_config``), named
+            with the closest valid keys.
+    """
     if config is None:
         return tiny_paligemma_config()
-    return AutoConfig.for_model(**config) if isinstance(config, dict) else config
+    built = AutoConfig.for_model(**config) if isinstance(config, dict) else config
+    check_config_keys(config, built, "vlm_config")
+    return built
 
 
 class VLSelfAttention(nn.Module):

@@ -31,6 +31,7 @@ from apt_lightning.models.base import (
     tiny_gemma,
     tiny_siglip,
 )
+from apt_lightning.models.hf_config import check_config_keys
 from apt_lightning.models.sampling import SamplingCondition
 
 
@@ -79,10 +80,17 @@ def _output_cache(out: Any) -> Any:
 
 
 def _pi0_config(config: PI0Config | dict[str, Any] | None) -> PI0Config:
-    """A ``PI0Config`` from a config, its dict (YAML, checkpoints) or ``None`` (the tiny default)."""
+    """A ``PI0Config`` from a config, its dict (YAML, checkpoints) or ``None`` (the tiny default).
+
+    Raises:
+        ConfigError: a key transformers would silently ignore (``hidden_sizee`` in ``dit_config``), named with the
+            closest valid keys.
+    """
     if config is None:
         return tiny_pi0_config()
-    return PI0Config.from_dict(config) if isinstance(config, dict) else config
+    built = PI0Config.from_dict(config) if isinstance(config, dict) else config
+    check_config_keys(config, built, "config")
+    return built
 
 
 class PI0Policy(FlowMatchingPolicy):

@@ -21,10 +21,20 @@ pytest.importorskip(
 import torch
 from lerobot_helpers import ADAPTERS, LossRecorder, loader, make_adapter, make_batch, noise, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
 
-from apt_lightning import APTStageScheduler, LanguageMaskError, StageMismatchError, StagePlan
+from apt_lightning import (
+    APTConfig,
+    APTStageScheduler,
+    ExportError,
+    LanguageMaskError,
+    StageMismatchError,
+    StagePlan,
+    export_fusion,
+)
 from apt_lightning.integrations.lerobot import FUSION_FILE
 from apt_lightning.integrations.lerobot.tiny import tiny_builds
+from apt_lightning.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 KINDS = ["pi0", "pi05", "smolvla"]
 SWITCH, TOTAL = 3, 6
@@ -133,19 +143,46 @@ def test_save_pretrained_loads_into_lerobot_unchanged(kind, tmp_path):
     trainer(SWITCH + 2, [APTStageScheduler(switch_at_step=SWITCH)]).fit(adapter, loader())
     assert any(site.apt_fusion.apt_gate_attn.item() != 0 for site in adapter.apt.sites.values())
     adapter.save_pretrained(tmp_path)
-    assert (tmp_path / FUSION_FILE).is_file() and (tmp_path / "model.safetensors").is_file()
+    assert {"model.safetensors", CONFIG_NAME, WEIGHTS_NAME} <= {p.name for p in tmp_path.iterdir()}
+    assert not (tmp_path / FUSION_FILE).exists()
     policy_cls = type(adapter.policy)
     with tiny_builds(kind) if kind != "smolvla" else contextlib.nullcontext():
         reloaded = policy_cls.from_pretrained(tmp_path)  # LeRobot's own loader, strict keys
     clean = adapter.lerobot_policy().state_dict()
     assert set(reloaded.state_dict()) == set(clean)
     assert all(torch.equal(v, clean[k]) for k, v in reloaded.state_dict().items())
+    legacy = ADAPTERS[kind](copy.deepcopy(reloaded))
     again = ADAPTERS[kind](reloaded)
-    again.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))  # step 0: the fusion would sit inactive
+    again.apt.load_pretrained(tmp_path)  # APT's own files: plan, step and fusion blocks rebuilt, no prepare needed
+    assert (again.apt.plan, again.apt.step, again.apt.stage) == (adapter.apt.plan, SWITCH + 2, 2)
+    adapter.eval(), again.eval()
+    batch = make_batch(["left", "right"])
+    expected = adapter.sample_actions(batch, noise())
+    assert torch.equal(again.sample_actions(batch, noise()), expected)
+
+    # a directory written before APT's files: apt_fusion.safetensors, loaded into a controller prepared by hand
+    export_fusion(adapter, tmp_path / FUSION_FILE)
+    (tmp_path / CONFIG_NAME).unlink()
+    legacy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH))  # step 0: the fusion would sit inactive
     with pytest.raises(StageMismatchError, match="inactive"):
-        again.load_fusion_from(tmp_path)
-    again.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH + 2)
-    again.load_fusion_from(tmp_path)
+        legacy.load_fusion_from(tmp_path)
+    legacy.apt.prepare(StagePlan(first_stage=1, switch_step=SWITCH), step=SWITCH + 2)
+    legacy.load_fusion_from(tmp_path)
+    legacy.eval()
+    assert torch.equal(legacy.sample_actions(batch, noise()), expected)
+
+
+def test_a_lora_run_reloads_onto_its_base_policy_not_onto_the_merged_one(tmp_path):
+    base = make_adapter("smolvla").policy
+    adapter = ADAPTERS["smolvla"](copy.deepcopy(base), APTConfig(lr=1e-3, vlm_mode="lora", lora_rank=2, vlm_lr=1e-2))
+    trainer(SWITCH + 2, [APTStageScheduler(switch_at_step=SWITCH)]).fit(adapter, loader())
+    adapter.save_pretrained(tmp_path)
+    assert any(".lora_B." in k for k in load_file(tmp_path / WEIGHTS_NAME))
+    merged = ADAPTERS["smolvla"](type(base).from_pretrained(tmp_path), APTConfig(vlm_mode="lora", lora_rank=2))
+    with pytest.raises(ExportError, match="not the base VLM"):  # its VLM has the adapters merged in
+        merged.apt.load_pretrained(tmp_path)
+    again = ADAPTERS["smolvla"](base, APTConfig(vlm_mode="lora", lora_rank=2))
+    again.apt.load_pretrained(tmp_path)
     adapter.eval(), again.eval()
     batch = make_batch(["left", "right"])
     assert torch.equal(again.sample_actions(batch, noise()), adapter.sample_actions(batch, noise()))

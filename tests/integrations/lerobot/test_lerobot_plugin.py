@@ -27,10 +27,10 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetad
 from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 from lerobot.utils.feature_utils import dataset_to_policy_features
 from lerobot_runs import REPO_ID, run_cli
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
-from apt_lightning import AptError, StageMismatchError, StagePlan
+from apt_lightning import AptError, StageMismatchError, StagePlan, UnverifiedCheckpointWarning
 from apt_lightning.integrations.lerobot import INSTRUCTION_MASK
 from apt_lightning.integrations.lerobot._compat import APTPolicyLoadError, LeRobotBatchError, PromptTruncationError
 from apt_lightning.integrations.lerobot.tiny import (
@@ -38,6 +38,7 @@ from apt_lightning.integrations.lerobot.tiny import (
     tiny_pi_config,
     tiny_smolvla_config,
 )
+from apt_lightning.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 KINDS = ["pi0", "pi05", "smolvla"]
 CONFIGS = {
@@ -113,6 +114,7 @@ def _record(directory: Path) -> dict:
 def test_lerobot_train_runs_both_stages_on_lerobots_optimizer_steps(smolvla_run):
     at2, at4 = (smolvla_run / f"00000{s}/pretrained_model" for s in (2, 4))
     assert _record(at2)["step"] == 2 and _record(at4)["step"] == 4 and _record(at4)["stage"] == 2
+    assert json.loads((at4 / CONFIG_NAME).read_text())["record"]["step"] == 4  # APT's own files, beside LeRobot's
     w2, w4 = load_file(at2 / "model.safetensors"), load_file(at4 / "model.safetensors")
     gates = [k for k in w2 if ".apt_fusion.apt_gate_" in k]
     vlm = [k for k in w2 if ".vlm_with_expert.vlm." in k]
@@ -170,6 +172,7 @@ def test_saved_policy_acts_exactly_like_the_trained_one(kind, assets, tmp_path):
     assert (policy.apt.step, policy.apt.stage) == (4, 2)
     assert any(abs(g) > 0 for site in policy.apt.gate_values().values() for g in site.values())
     policy.save_pretrained(tmp_path)
+    assert (tmp_path / CONFIG_NAME).is_file() and (tmp_path / WEIGHTS_NAME).is_file()
     preprocessor.save_pretrained(tmp_path), postprocessor.save_pretrained(tmp_path)
     policy.eval()
     expected = policy.predict_action_chunk(batch, noise=chunk_noise(config))
@@ -247,3 +250,63 @@ def test_changed_fusion_shape_on_load_is_refused(assets, tmp_path):
     changed = PreTrainedConfig.from_pretrained(tmp_path, cli_overrides=["--apt_fusion_heads=4"])
     with pytest.raises(APTPolicyLoadError, match="num_heads"):
         get_policy_class("smolvla_apt").from_pretrained(tmp_path, config=changed)
+
+
+@pytest.fixture
+def saved_smolvla(assets, tmp_path):
+    """A Stage-2 ``smolvla_apt`` directory (gates opened so the fusion weights matter)."""
+    policy = build("smolvla", plugin_config("smolvla", assets, apt_stage="2"))
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "apt_gate" in name:
+                parameter.fill_(0.5)
+    policy.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_model_file(directory: Path, pick) -> str:
+    weights = load_file(directory / "model.safetensors")
+    key = next(k for k in sorted(weights) if pick(k))
+    weights[key] = weights[key] + 1
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return key
+
+
+def test_apt_files_are_verified_against_lerobots_on_load(saved_smolvla):
+    loaded = load("smolvla", saved_smolvla)
+    assert loaded.apt.stage == 2 and any(abs(g) > 0 for s in loaded.apt.gate_values().values() for g in s.values())
+    original = (saved_smolvla / "model.safetensors").read_bytes()
+    _edit_model_file(saved_smolvla, lambda k: ".apt_fusion." in k)  # a trained weight
+    with pytest.raises(
+        APTPolicyLoadError, match=r"model\.safetensors and .*apt_model\.safetensors disagree on the trained"
+    ):
+        load("smolvla", saved_smolvla)
+    (saved_smolvla / "model.safetensors").write_bytes(original)
+    _edit_model_file(saved_smolvla, lambda k: ".vlm_with_expert.vlm." in k)  # the frozen base VLM
+    with pytest.raises(APTPolicyLoadError, match="disagree on the VLM weights APT does not train"):
+        load("smolvla", saved_smolvla)
+    (saved_smolvla / "model.safetensors").write_bytes(original)
+    assert load("smolvla", saved_smolvla).apt.stage == 2  # restored: loads again
+
+
+def test_modified_apt_files_are_refused_before_building(saved_smolvla):
+    weights = saved_smolvla / WEIGHTS_NAME
+    original = weights.read_bytes()
+    data = bytearray(original)
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(APTPolicyLoadError, match=r"apt_model\.safetensors failed its content check"):
+        load("smolvla", saved_smolvla)
+    weights.write_bytes(original)
+    config = json.loads((saved_smolvla / CONFIG_NAME).read_text())
+    config["record"]["step"] = 5  # still Stage 2, but not the step config.json records
+    (saved_smolvla / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(APTPolicyLoadError, match=r"`step`: config\.json 0, apt_config\.json 5"):
+        get_policy_class("smolvla_apt").from_pretrained(saved_smolvla)
+
+
+def test_a_directory_without_apt_files_loads_with_a_warning(saved_smolvla):
+    (saved_smolvla / CONFIG_NAME).unlink(), (saved_smolvla / WEIGHTS_NAME).unlink()
+    with pytest.warns(UnverifiedCheckpointWarning, match="without their content checks"):
+        loaded = load("smolvla", saved_smolvla)
+    assert loaded.apt.stage == 2

@@ -3,9 +3,11 @@ noise, sampling and saving back to LeRobot's own format.
 
 The adapter *holds* the policy (``self.policy``): the parameters it trains are LeRobot's own modules, and
 :meth:`LeRobotAPTModule.save_pretrained` writes a directory that ``<Policy>.from_pretrained`` loads unchanged. The
-Stage-2 fusion blocks are not part of LeRobot's model: they go to their own file beside it,
-``apt_fusion.safetensors`` (:func:`apt_lightning.export_fusion`), which :meth:`LeRobotAPTModule.load_fusion_from`
-reads back into an adapter around the reloaded policy.
+Stage-2 fusion blocks are not part of LeRobot's model: APT's own adapter files go beside it (``apt_config.json``,
+``apt_model.safetensors``: :meth:`APT.save_pretrained`, the format of every APT model), and
+``adapter.apt.load_pretrained(dir)`` on an adapter around the reloaded policy rebuilds the fusion blocks (plan, step
+and structure from ``apt_config.json``) and loads them. Directories written before hold ``apt_fusion.safetensors``
+instead, which :meth:`LeRobotAPTModule.load_fusion_from` still reads.
 
 Batches are LeRobot's processed batches (what its pre-processor returns, or
 :class:`~apt_lightning.integrations.lerobot.data.LeRobotDataModule` yields): ``observation.images.<camera>``,
@@ -30,7 +32,6 @@ from apt_lightning import (
     APTMixin,
     FusionConfig,
     StageMismatchError,
-    export_fusion,
     load_fusion,
 )
 from apt_lightning.inject import unload_fusion
@@ -39,7 +40,9 @@ from apt_lightning.integrations.lerobot._compat import LeRobotBatchError, requir
 __all__ = ["FUSION_FILE", "INSTRUCTION_MASK", "LeRobotAPTModule"]
 
 FUSION_FILE = "apt_fusion.safetensors"
-"""File name of the Stage-2 fusion weights that :meth:`LeRobotAPTModule.save_pretrained` writes beside LeRobot's."""
+"""File name of the Stage-2 fusion weights that :meth:`LeRobotAPTModule.save_pretrained` wrote beside LeRobot's before
+it wrote APT's own adapter files (``apt_config.json``, ``apt_model.safetensors``); read by
+:meth:`LeRobotAPTModule.load_fusion_from`."""
 INSTRUCTION_MASK = "observation.language.instruction_mask"
 """Batch key of the (B, L) bool mask of instruction tokens within ``observation.language.tokens``."""
 
@@ -201,25 +204,40 @@ class LeRobotAPTModule(APTMixin, L.LightningModule):
         return clean
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the policy with LeRobot's ``save_pretrained`` (loads with ``<Policy>.from_pretrained`` unchanged)
-        and, once fusion blocks exist, :data:`FUSION_FILE` beside it."""
+        """Write the policy with LeRobot's ``save_pretrained`` (loads with ``<Policy>.from_pretrained`` unchanged:
+        fusion wrappers removed, LoRA merged) and APT's own files beside it (:meth:`APT.save_pretrained`:
+        ``apt_config.json`` and ``apt_model.safetensors``, what the plan trains, LoRA adapters unmerged).
+
+        Reload with ``adapter = PI0APT(PI0Policy.from_pretrained(base)); adapter.apt.load_pretrained(directory)``,
+        where ``base`` holds the VLM the run started from: ``directory`` itself when the VLM stayed frozen or
+        trained fully; the original pretrained policy after a LoRA run (``directory``'s VLM has the adapters merged
+        in, which the base VLM digest refuses).
+        """
         directory = Path(directory)
         self.lerobot_policy().save_pretrained(directory)
-        if self.apt.sites:
-            export_fusion(self, directory / FUSION_FILE)
+        if self.apt.is_prepared:  # an adapter never prepared has no plan to record: LeRobot's files only
+            self.apt.save_pretrained(directory)
         return directory
 
     def load_fusion_from(self, directory: str | Path) -> None:
-        """Load :data:`FUSION_FILE` from a :meth:`save_pretrained` directory into this adapter's fusion blocks.
+        """Load the fusion blocks of a :meth:`save_pretrained` directory into this adapter.
 
-        Prepare the controller first with the plan and step the weights were trained to, so that the blocks exist
-        and are active: ``adapter.apt.prepare(StagePlan(first_stage=1, switch_step=S), step=N)`` with ``N >= S``,
-        or ``StagePlan(first_stage=2)``.
+        A directory with APT's files (``apt_config.json``) is loaded by :meth:`APT.load_pretrained` (structure, plan
+        and step from the file; prefer calling ``adapter.apt.load_pretrained(directory)`` directly). One written
+        before holds :data:`FUSION_FILE`; then prepare the controller first with the plan and step the weights were
+        trained to, so that the blocks exist and are active:
+        ``adapter.apt.prepare(StagePlan(first_stage=1, switch_step=S), step=N)`` with ``N >= S``, or
+        ``StagePlan(first_stage=2)``.
 
         Raises:
-            StageMismatchError: the controller is not in Stage 2, so the loaded fusion would sit unused and the
-                adapter would silently act as the Stage-1 prior.
+            StageMismatchError: (:data:`FUSION_FILE`) the controller is not in Stage 2, so the loaded fusion would sit
+                unused and the adapter would silently act as the Stage-1 prior.
         """
+        from apt_lightning.pretrained import CONFIG_NAME
+
+        if (Path(directory) / CONFIG_NAME).is_file():
+            self.apt.load_pretrained(directory)
+            return
         plan, step = self.apt.plan, self.apt.step
         if self.apt.stage != 2:
             raise StageMismatchError(

@@ -14,8 +14,12 @@ lets it run every pass, so LeRobot's loop, optimizer, checkpoints and inference 
 * ``predict_action_chunk`` / ``select_action`` sample through the adapter (the prefix cache once per chunk, fusion
   in Stage 2), LeRobot's action queue unchanged;
 * ``save_pretrained`` writes every weight, fusion blocks and LoRA adapters included, into LeRobot's own
-  ``model.safetensors``, and APT's record (plan, step, fusion shape, VLM mode) into ``config.json``
-  (``apt_record``). ``from_pretrained`` rebuilds that structure from the config before loading strictly.
+  ``model.safetensors``, APT's record (plan, step, fusion shape, VLM mode) into ``config.json`` (``apt_record``),
+  and APT's own adapter files beside them (``apt_config.json``, ``apt_model.safetensors``: the format
+  :meth:`APT.save_pretrained` writes for every model). ``from_pretrained`` verifies APT's files and their agreement
+  with ``config.json`` before building anything, rebuilds the structure from ``apt_config.json``, loads
+  ``model.safetensors`` strictly, then checks it against APT's files: the trained weights must be the same tensors
+  and the rest of the VLM must have the recorded digest.
 
 A directory saved this way names its type (``"type": "smolvla_apt"``): loading it through the plain class
 (``SmolVLAPolicy.from_pretrained``) raises :class:`~apt_lightning.integrations.lerobot.APTPolicyLoadError` instead
@@ -34,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from apt_lightning import APTConfig, ContractError, StageMismatchError, StagePlan
-from apt_lightning.errors import ConfigError
+from apt_lightning.errors import ConfigError, ExportError, UnverifiedCheckpointWarning
 from apt_lightning.integrations.lerobot._compat import APTPolicyLoadError
 from apt_lightning.schedule import check_resume, parse_stage
 from apt_lightning.structure import is_fusion_key
@@ -210,9 +214,10 @@ class APTPolicyMixin:
         """The :class:`~apt_lightning.APT` controller: plan, step, stage, fusion sites."""
         return self.apt_adapter.apt
 
-    def _apt_build(self) -> None:
+    def _apt_build(self, saved: dict[str, Any] | None = None) -> None:
         """Build the structure the config asks for: the recorded plan and step when the config comes with saved
-        weights, else the requested plan at step 0."""
+        weights, else the requested plan at step 0. ``saved`` is ``apt_config.json``'s record: the structure is then
+        restored from it (:meth:`APT.load_state_dict`, which also checks fusion and LoRA configuration)."""
         config = self.config  # type: ignore[attr-defined]
         plan, record = config.apt_plan(), config.apt_saved_record()
         if record is None:
@@ -229,7 +234,10 @@ class APTPolicyMixin:
                     f"({saved_plan.to_dict()}); to start a new run of another plan from these weights add "
                     "`--policy.apt_finetune=true`."
                 ) from error
-        self.apt.prepare(saved_plan, step=step)  # the structure the saved weights have
+        if saved is None:
+            self.apt.prepare(saved_plan, step=step)  # the structure the saved weights have
+        else:
+            self.apt.load_state_dict(saved)
 
     def _apt_check_shape(self, record: dict[str, Any]) -> None:
         config = self.config  # type: ignore[attr-defined]
@@ -267,6 +275,24 @@ class APTPolicyMixin:
     def _save_pretrained(self, save_directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         self.config.apt_record = json.dumps(self.apt_record())  # type: ignore[attr-defined]
         super()._save_pretrained(save_directory, state_dict=state_dict)  # type: ignore[misc]
+        self.apt.save_pretrained(save_directory)  # APT's own files: one format with every other APT model
+
+    def _apt_check_files(self, directory: Path, weights: str) -> None:
+        """After ``model.safetensors`` loaded: its trained weights must equal ``apt_model.safetensors``'s and the rest
+        of its VLM must be the base the APT files record."""
+        from apt_lightning.pretrained import WEIGHTS_NAME, base_vlm_digest, pretrained_differences, read_pretrained
+
+        try:
+            differing = pretrained_differences(self.apt, directory, verify_base=False)
+        except ExportError as error:
+            raise APTPolicyLoadError(f"{directory} holds APT files that do not fit this policy: {error}") from error
+        recorded = read_pretrained(directory)[0].get("base_vlm_sha256")
+        if differing or (recorded is not None and base_vlm_digest(self.apt) != recorded):
+            what = f"the trained weights {differing[:4]}" if differing else "the VLM weights APT does not train"
+            raise APTPolicyLoadError(
+                f"{weights} and {Path(directory) / WEIGHTS_NAME} disagree on {what}: one of them was modified or comes "
+                "from another save. Copy the directory again from its source, or save the policy again."
+            )
 
     @classmethod
     def from_pretrained(
@@ -304,6 +330,8 @@ class APTPolicyMixin:
                 f"{cls.config_class.__name__}. Use `get_policy_class({config.type!r})` for that directory."  # type: ignore[attr-defined]
             )
         weights = _weights_file(pretrained_name_or_path, hub)
+        apt_files = _apt_files(pretrained_name_or_path, hub) if config.apt_saved_record() is not None else None
+        saved = _saved_apt_record(apt_files, config) if apt_files is not None else None
         with safe_open(weights, framework="pt") as f:
             apt_keys = [k for k in f.keys() if is_fusion_key(k) or ".lora_" in k or ".base_layer." in k]  # noqa: SIM118
         if config.apt_saved_record() is None:
@@ -320,7 +348,13 @@ class APTPolicyMixin:
                 _DEFER.reset(token_)
             policy._apt_build()
         else:
-            policy = cls(config, **kwargs)
+            token_ = _DEFER.set(saved is not None)
+            try:
+                policy = cls(config, **kwargs)
+            finally:
+                _DEFER.reset(token_)
+            if saved is not None:
+                policy._apt_build(saved)  # the structure apt_config.json describes
             from lerobot.utils.device_utils import resolve_safetensors_device
 
             missing, unexpected = load_model(
@@ -332,6 +366,8 @@ class APTPolicyMixin:
                     f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}). The config's `apt_record` and "
                     "APT options must be the ones saved with these weights."
                 )
+            if apt_files is not None:
+                policy._apt_check_files(apt_files, weights)
             policy._apt_after_load()
         policy.to(config.device)
         policy.eval()
@@ -391,6 +427,67 @@ class APTPolicyMixin:
             )
         self.eval()  # type: ignore[attr-defined]
         return self.apt_adapter.sample_actions(batch, noise)
+
+
+def _apt_files(path: str | Path, hub: dict[str, Any]) -> Path | None:
+    """The directory holding ``apt_config.json`` and ``apt_model.safetensors`` of a local directory or a Hub
+    repository, or ``None`` (with :class:`~apt_lightning.errors.UnverifiedCheckpointWarning`) for a directory saved
+    before APT's files were written beside LeRobot's."""
+    import warnings
+
+    from apt_lightning.pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+    if os.path.isdir(path):
+        directory: Path | None = Path(path) if (Path(path) / CONFIG_NAME).is_file() else None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            directory = Path(hf_hub_download(repo_id=str(path), filename=CONFIG_NAME, **hub)).parent
+            hf_hub_download(repo_id=str(path), filename=WEIGHTS_NAME, **hub)
+        except EntryNotFoundError:
+            directory = None
+    if directory is None:
+        warnings.warn(
+            f"{path} holds an APT policy saved without APT's own files ({CONFIG_NAME}, {WEIGHTS_NAME}): it loads "
+            "from model.safetensors and config.json's `apt_record` alone, without their content checks. Save it again "
+            "to add them.",
+            UnverifiedCheckpointWarning,
+            stacklevel=3,
+        )
+    return directory
+
+
+def _saved_apt_record(directory: Path, config: Any) -> dict[str, Any]:
+    """``apt_config.json``'s record, verified (format, content hash of APT's weights) and consistent with the APT
+    record of ``config`` (``config.json``): plan, step, stage, fusion shape and VLM mode, before anything is built."""
+    from apt_lightning.pretrained import CONFIG_NAME, read_pretrained
+    from apt_lightning.record import read_record
+
+    try:
+        files = read_pretrained(directory)[0]["record"]
+        read_record(files, f"The record of {directory / CONFIG_NAME}")
+    except (ExportError, ConfigError) as error:
+        raise APTPolicyLoadError(str(error)) from error
+    record = config.apt_saved_record()
+    configuration = files.get("configuration") or {}
+    fusion = configuration.get("fusion") or {}
+    pairs = {
+        "plan": (record.get("plan"), files.get("plan")),
+        "step": (record.get("step"), files.get("step")),
+        "vlm_mode": (record.get("vlm_mode"), configuration.get("vlm_mode")),
+    }
+    for key in ("num_heads", "ff_mult"):
+        pairs[f"fusion.{key}"] = ((record.get("fusion") or {}).get(key), fusion.get(key))
+    differ = [f"`{name}`: config.json {a!r}, {CONFIG_NAME} {b!r}" for name, (a, b) in pairs.items() if a != b]
+    if differ:
+        raise APTPolicyLoadError(
+            f"{directory} holds APT files from another save than its config.json's `apt_record`: "
+            + "; ".join(differ)
+            + ". Copy the directory again from its source, or save the policy again."
+        )
+    return files
 
 
 def _weights_file(path: str | Path, hub: dict[str, Any]) -> str:
