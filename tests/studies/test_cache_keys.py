@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import apt_studies.disk_cache as disk_cache
-from apt_studies.metaworld.study import MetaWorldStudyConfig, pretrained_metaworld_policy
+from apt_studies.metaworld.study import MetaWorldStudyConfig
 from apt_studies.pretrain_study import pretrained_policy
 from apt_studies.study import PRETRAIN_METHODS, StudyConfig
 
@@ -75,7 +75,6 @@ def test_metaworld_pretraining_keys_are_unchanged(looked_up, arch, method, keys)
     config = MetaWorldStudyConfig(archs=("pi0", "groot"))
     vlm = Path("vlm-metaworld-5714a3d72122")
     found = [
-        looked_up(pretrained_metaworld_policy, config, arch, method, seed, {}, vlm, _PROBE, "/nonexistent")
-        for seed in (0, 1, 2)
+        looked_up(pretrained_policy, config, arch, method, seed, {}, vlm, _PROBE, "/nonexistent") for seed in (0, 1, 2)
     ]
     assert found == [f"pretrained-metaworld-{arch}-{key}" for key in keys]
