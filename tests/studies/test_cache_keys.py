@@ -78,3 +78,20 @@ def test_metaworld_pretraining_keys_are_unchanged(looked_up, arch, method, keys)
         looked_up(pretrained_policy, config, arch, method, seed, {}, vlm, _PROBE, "/nonexistent") for seed in (0, 1, 2)
     ]
     assert found == [f"pretrained-metaworld-{arch}-{key}" for key in keys]
+
+
+@pytest.mark.parametrize(("seed", "key"), [(0, "e75dfb8e462d"), (1, "0980edaa03ef"), (2, "aa7e05d22299")])
+def test_metaworld_demonstration_keys_are_unchanged(looked_up, seed, key):
+    """The study's fine-tuning demonstrations (100 ``train`` episodes, chunk 8, 96 px), as cached by the published
+    study; the key holds the simulator's versions, so it is pinned for the ones it was built with."""
+    from importlib import metadata
+
+    from apt_studies.metaworld.demos import cached_demonstrations
+
+    try:
+        versions = (metadata.version("metaworld"), metadata.version("mujoco"))
+    except metadata.PackageNotFoundError:
+        pytest.skip("metaworld or mujoco is not installed")
+    if versions != ("3.1.1", "3.3.0"):
+        pytest.skip(f"the pinned keys are of metaworld 3.1.1 and mujoco 3.3.0, not {versions}")
+    assert looked_up(cached_demonstrations, "train", 100, seed, 8) == key

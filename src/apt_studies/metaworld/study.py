@@ -71,6 +71,7 @@ __all__ = [
     "prepare_data",
     "prepare_metaworld_vlm",
     "run_metaworld_study",
+    "study_data",
 ]
 
 # FORMAT_VERSION (pretrained policies) is :data:`apt_studies.pretrain_study.FORMAT_VERSION`: one pretraining code.
@@ -280,6 +281,24 @@ def evaluate_metaworld(
     }
 
 
+def study_data(
+    config: MetaWorldStudyConfig, seed: int, cache_dir: str | Path | None = None, progress: bool = True
+) -> MetaWorldDataModule:
+    """The fine-tuning demonstrations of ``seed`` (habit-biased ``train`` episodes, cached), set up for fitting."""
+    data = MetaWorldDataModule(
+        config.episodes,
+        seed,
+        config.chunk_size,
+        config.batch_size,
+        habit=config.habit,
+        image_size=config.image_size,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    data.setup("fit")
+    return data
+
+
 def prepare_data(
     config: MetaWorldStudyConfig, cache_dir: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -293,17 +312,7 @@ def prepare_data(
         prepare_metaworld_vlm(config, cache_dir, progress)
     out: dict[str, Any] = {"vlm_s": time.perf_counter() - tic}
     for seed in config.seeds:
-        data = MetaWorldDataModule(
-            config.episodes,
-            seed,
-            config.chunk_size,
-            config.batch_size,
-            habit=config.habit,
-            image_size=config.image_size,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-        data.setup("fit")
+        data = study_data(config, seed, cache_dir, progress)
         corpus = corpus_dataset(config, seed, cache_dir, progress)
         out[f"seed{seed}"] = {"demo_samples": len(data.train_set), "corpus_samples": len(corpus)}
     out["wall_s"] = time.perf_counter() - tic
@@ -342,17 +351,7 @@ def _run(
     try:
         for index, (arch, seed, trained_as, methods) in enumerate(tqdm(plan, desc="runs", disable=not progress)):
             if seed not in data:
-                data[seed] = MetaWorldDataModule(
-                    config.episodes,
-                    seed,
-                    config.chunk_size,
-                    config.batch_size,
-                    habit=config.habit,
-                    image_size=config.image_size,
-                    cache_dir=cache_dir,
-                    progress=progress,
-                )
-                data[seed].setup("fit")
+                data[seed] = study_data(config, seed, cache_dir, progress)
             policy, _, monitor, train_s, extra = finetune_method(
                 config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], cache_dir=cache_dir, progress=progress
             )
