@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from apt_lightning.integrations.lerobot import require_lerobot
 from apt_studies.lerobot_format import IMAGE_KEY
 from apt_studies.metaworld.camera import DEFAULT_IMAGE_SIZE
 from apt_studies.metaworld.demos import Demonstrations, demonstration_settings, find_demonstrations, read_demonstrations
@@ -94,7 +95,11 @@ def write_lerobot_dataset(
 
     Returns:
         The finalised ``LeRobotDataset`` (read it back with ``LeRobotDataset(repo_id, root=root, ...)``).
+
+    Raises:
+        LeRobotUnavailableError: LeRobot (Python >= 3.12) is not installed here.
     """
+    require_lerobot()
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     image_size = demos.images.shape[1]
@@ -125,8 +130,10 @@ def export_demonstrations(
     cached_demonstrations` takes them) to a new ``LeRobotDataset`` at ``root``; nothing is rolled out.
 
     Raises:
+        LeRobotUnavailableError: LeRobot (Python >= 3.12) is not installed here (checked before anything is read).
         MetaWorldCacheError: they are not cached under ``cache_dir`` (the message says how to build them).
     """
+    require_lerobot()
     settings = demonstration_settings(split, n_episodes, seed, chunk_size, habit=habit, image_size=image_size)
     demos = read_demonstrations(find_demonstrations(settings, cache_dir))
     return write_lerobot_dataset(demos, root, repo_id=repo_id)
