@@ -8,11 +8,14 @@ frozen, or fully fine-tuned at 0.1 x lr). Protocol, choice rule and budgets: ``d
     python examples/metaworld_study.py --seeds 0                      # one seed, both archs (see docs for its cost)
     python examples/metaworld_study.py --seeds 1 --out runs/mw/s1     # another seed, for --combine
     python examples/metaworld_study.py --combine runs/mw/*/results.json --out runs/mw/all --publish
+    .cache/venv-lerobot/bin/python examples/metaworld_study.py --export-lerobot data/mw_s0 --seeds 0   # LeRobotDataset
 
 Writes ``results.json`` (the schema of ``docs/study_pretrain_results.json``, plus ``vlm`` with the vocabulary
 coverage and ``environment``), ``table.md``, ``success.png`` and ``outcomes.png`` to ``--out``; ``--publish`` also
 copies them to ``docs/study_metaworld_*``. Demonstrations, corpus, VLMs and pretrained policies are cached under
-``--cache-dir`` (default ``$APT_LIGHTNING_CACHE`` or ``~/.cache/apt_lightning``).
+``--cache-dir`` (default ``$APT_LIGHTNING_CACHE`` or ``~/.cache/apt_lightning``). ``--export-lerobot DIR`` writes
+one seed's cached fine-tuning demonstrations (``--episodes``) as a ``LeRobotDataset`` instead of running; it needs
+LeRobot's Python, not metaworld (build the demonstrations first with ``--prepare``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/metaworld_study"))
     parser.add_argument("--publish", action="store_true", help="also write docs/study_metaworld_*")
     parser.add_argument("--prepare", action="store_true", help="only build the cached inputs (VLM, demos, corpus)")
+    parser.add_argument(
+        "--export-lerobot",
+        type=Path,
+        metavar="DIR",
+        help="write one seed's cached fine-tuning demonstrations as a new LeRobotDataset at DIR (LeRobot's Python)",
+    )
     parser.add_argument(
         "--jobs", type=int, default=2, help="one process per arch, up to this many at once (1 thread each)"
     )
@@ -158,8 +167,39 @@ def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
     return out
 
 
+def export_lerobot(args: argparse.Namespace) -> dict:
+    """``--export-lerobot``: the seed's cached ``train`` demonstrations as a LeRobotDataset (no metaworld needed)."""
+    from apt_studies.metaworld.lerobot_export import export_demonstrations
+
+    if len(args.seeds) != 1:
+        raise SystemExit(f"--export-lerobot writes one seed's demonstrations; got --seeds {args.seeds}.")
+    config = make_config(args)
+    tic = time.perf_counter()
+    dataset = export_demonstrations(
+        args.export_lerobot,
+        "train",
+        config.episodes,
+        args.seeds[0],
+        config.chunk_size,
+        habit=config.habit,
+        image_size=config.image_size,
+        cache_dir=args.cache_dir,
+    )
+    summary = {
+        "root": str(args.export_lerobot),
+        "episodes": dataset.meta.total_episodes,
+        "frames": dataset.meta.total_frames,
+        "fps": dataset.meta.fps,
+        "seconds": round(time.perf_counter() - tic, 1),
+    }
+    print(summary)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.export_lerobot is not None:
+        return export_lerobot(args)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.combine:
         parts = [json.loads(path.read_text()) for path in args.combine]

@@ -18,6 +18,12 @@ before loading (``model.apt.prepare`` with the Stage-2 plan) so gates and fusion
 largest difference between the pretrained model's sampled actions and the fine-tuning model's at fine-tuning step
 0 (``step0_max_diff``, on a fixed task batch with fixed noise, both in eval mode): ``0.0`` exactly means the
 fine-tuning started from exactly the pretrained model.
+
+The pieces are shared with the Meta-World study (:mod:`apt_studies.metaworld.study`): what differs between the
+benchmarks is asked of the :class:`~apt_studies.study.StudyConfig` (its corpus as a dataset, the corpus's and model
+sizes' part of the cache key, the directory prefix, what a run records of the corpus); the pretraining
+:class:`~apt_lightning.APTConfig` and plan, the cache key's other entries, the training loop, the step-0 check and
+the fine-tuning are written once, here.
 """
 
 from __future__ import annotations
@@ -34,27 +40,47 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from apt_lightning.callbacks import APTStageScheduler, GateMonitor
+from apt_lightning.config import APTConfig
 from apt_lightning.data import ResumableDataLoader
+from apt_lightning.errors import ConfigError
 from apt_lightning.models.base import FlowMatchingPolicy
 from apt_lightning.schedule import StagePlan
 from apt_studies.data import DemonstrationDataset, collect_demonstrations
-from apt_studies.datamodule import TabletopDataModule, policy_batch
+from apt_studies.datamodule import policy_batch
 from apt_studies.disk_cache import cache_key, cached_directory, default_cache_dir
 from apt_studies.pretrain_corpus import make_corpus
+from apt_studies.study import METHOD_BY_NAME, StudyConfig
 from apt_studies.trainer import quiet_trainer
 
-__all__ = ["FORMAT_VERSION", "PROBE_SAMPLES", "corpus_data", "finetune_method", "pretrained_policy", "probe_batch"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PROBE_SAMPLES",
+    "Step0Check",
+    "corpus_data",
+    "finetune_method",
+    "pretrained_policy",
+    "pretraining_config",
+    "pretraining_plan",
+    "probe_batch",
+    "sample",
+    "structure",
+]
 
 FORMAT_VERSION = 1
-"""Bumped whenever pretraining changes in a way its key does not see, so stale caches are never reused."""
+"""Bumped whenever pretraining changes in a way its key does not see (on either benchmark), so stale caches are
+never reused."""
 PROBE_SAMPLES = 16
 """Task samples of the step-0 check."""
 _FILES = ("policy.pt", "probe_actions.pt", "pretraining.json")
 _CORPORA: dict[tuple[Any, ...], DemonstrationDataset] = {}  # demonstrations are collected once per process
 
+Probe = tuple[dict[str, torch.Tensor], torch.Tensor]
+"""A fixed task batch and fixed noise (:func:`probe_batch`)."""
 
-def corpus_data(config: Any, seed: int, corpus: str, chunk_size: int) -> DemonstrationDataset:
-    """Expert demonstrations of the ``"balanced"`` or ``"habit"`` corpus of ``seed`` (memoised per process)."""
+
+def corpus_data(config: StudyConfig, seed: int, corpus: str, chunk_size: int) -> DemonstrationDataset:
+    """Expert demonstrations of the tabletop's ``"balanced"`` or ``"habit"`` corpus of ``seed`` (memoised per
+    process)."""
     key = (config.corpus_layouts, config.corpus_episodes_per_layout, seed, corpus, config.corpus_habit, chunk_size)
     if key not in _CORPORA:
         episodes = make_corpus(
@@ -67,16 +93,22 @@ def corpus_data(config: Any, seed: int, corpus: str, chunk_size: int) -> Demonst
     return _CORPORA[key]
 
 
-def probe_batch(data: TabletopDataModule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """A fixed task batch (the first :data:`PROBE_SAMPLES` samples) and fixed noise for the step-0 check."""
-    assert data.train_set is not None, "call setup('fit') first"
+def probe_batch(data: Any) -> Probe:
+    """A fixed task batch (the first :data:`PROBE_SAMPLES` samples of ``data.train_set``) and fixed noise for the
+    step-0 check.
+
+    Raises:
+        ConfigError: If ``data`` has no training set yet.
+    """
+    if getattr(data, "train_set", None) is None:
+        raise ConfigError(f"{type(data).__name__} has no training set: call `setup('fit')` on it first.")
     batch = policy_batch([data.train_set[i] for i in range(min(PROBE_SAMPLES, len(data.train_set)))])
     noise = torch.randn(batch["actions"].shape, generator=torch.Generator().manual_seed(0))
     return batch, noise
 
 
 @torch.no_grad()
-def _sample(policy: FlowMatchingPolicy, probe: tuple[dict[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def sample(policy: FlowMatchingPolicy, probe: Probe) -> torch.Tensor:
     """Sampled actions on the probe in eval mode; every module's mode is put back."""
     modes = {module: module.training for module in policy.modules()}
     policy.eval()
@@ -87,18 +119,17 @@ def _sample(policy: FlowMatchingPolicy, probe: tuple[dict[str, torch.Tensor], to
             module.training = training
 
 
-def _pretraining_config(config: Any, arch: str, method: str, seed: int) -> Any:
+def pretraining_config(config: StudyConfig, arch: str, method: str, seed: int) -> APTConfig:
     """The :class:`APTConfig` of ``method``'s pretraining: APT's VLM stays frozen, the baselines' as on the task."""
-    from apt_studies.study import METHODS
-
-    entry = next(m for m in METHODS if m.name == method)
     ft = config.apt_config(arch, method, seed)
-    if not entry.two_stage:
+    if not METHOD_BY_NAME[method].two_stage:
         return ft
     return dataclasses.replace(ft, vlm_mode=config.apt_vlm_mode, vlm_lr=None, language_dropout=0.0)
 
 
-def _pretraining_plan(config: Any, method: str) -> tuple[APTStageScheduler, int | None]:
+def pretraining_plan(config: StudyConfig, method: str) -> tuple[APTStageScheduler, int | None]:
+    """``(scheduler, switch step)`` of ``method``'s pretraining: joint for the baselines, Stage 1 for
+    :meth:`~apt_studies.study.StudyConfig.stage1_share` of the steps then Stage 2 for APT."""
     share = config.stage1_share(method)
     if share is None:
         return APTStageScheduler(stage="joint"), None
@@ -108,10 +139,9 @@ def _pretraining_plan(config: Any, method: str) -> tuple[APTStageScheduler, int 
     return APTStageScheduler(switch_at_step=switch), switch
 
 
-def _structure(config: Any, arch: str, method: str) -> dict[str, Any]:
-    from apt_studies.study import METHODS
-
-    entry = next(m for m in METHODS if m.name == method)
+def structure(config: StudyConfig, arch: str, method: str) -> dict[str, Any]:
+    """What of ``method``'s model structure its weights depend on: the head's language path, fusion, per-site."""
+    entry = METHOD_BY_NAME[method]
     return {
         "head_language": config.head_language(arch, method),
         "fusion": [list(f) for f in entry.fusion],
@@ -120,51 +150,50 @@ def _structure(config: Any, arch: str, method: str) -> dict[str, Any]:
 
 
 def pretrained_policy(
-    config: Any,
+    config: StudyConfig,
     arch: str,
     method: str,
     seed: int,
     vocabulary: Mapping[str, int],
     vlm_dir: str | Path | None,
-    probe: tuple[dict[str, torch.Tensor], torch.Tensor],
+    probe: Probe,
     cache_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Directory of ``method``'s corpus-pretrained weights for ``(arch, seed)``, pretraining only if not cached.
 
-    The key holds the architecture, the pretraining :class:`APTConfig` and plan, the corpus, the budget, the
-    model sizes, the VLM it starts from, the thread count and :data:`FORMAT_VERSION`; methods whose pretraining
-    is identical (``apt``, ``apt_ft_vlm``) therefore share one directory. It holds ``policy.pt`` (state dict),
-    ``probe_actions.pt`` (the pretrained model's actions on ``probe``) and ``pretraining.json``.
+    The key holds the architecture, the pretraining :class:`APTConfig` and plan, the budget, the structure, the VLM
+    it starts from, the thread count, :data:`FORMAT_VERSION` and the benchmark's own part
+    (:meth:`~apt_studies.study.StudyConfig.pretraining_payload`: the corpus and model sizes); methods whose
+    pretraining is identical (``apt``, ``apt_ft_vlm``) therefore share one directory,
+    ``<config.pretrained_prefix>-<arch>-<key>``. It holds ``policy.pt`` (state dict), ``probe_actions.pt`` (the
+    pretrained model's actions on ``probe``) and ``pretraining.json``. ``progress`` shows the corpus being built
+    where the benchmark has a bar for it.
     """
-    from apt_studies.study import METHODS
-
-    entry = next(m for m in METHODS if m.name == method)
-    apt_config = _pretraining_config(config, arch, method, seed)
-    scheduler, switch = _pretraining_plan(config, method)
+    apt_config = pretraining_config(config, arch, method, seed)
+    scheduler, switch = pretraining_plan(config, method)
     payload = {
         "arch": arch,
         "seed": seed,
         "apt_config": dataclasses.asdict(apt_config),
         "plan": scheduler.plan.name,
         "switch": switch,
-        "corpus": entry.corpus,
-        "corpus_settings": [config.corpus_layouts, config.corpus_episodes_per_layout, config.corpus_habit],
         "steps": config.pretrain_steps,
         "batch_size": config.batch_size,
-        "sizes": [config.hidden_size, config.chunk_size],
-        "structure": _structure(config, arch, method),
+        "structure": structure(config, arch, method),
         "vlm": Path(vlm_dir).name if vlm_dir is not None else None,
         "threads": config.threads,
         "format_version": FORMAT_VERSION,
+        **config.pretraining_payload(method),
     }
     key = cache_key(payload)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    directory = root / f"pretrained-{arch}-{key}"
+    directory = root / f"{config.pretrained_prefix}-{arch}-{key}"
 
     def build(staging: Path) -> None:
+        data = config.pretraining_corpus(method, seed, cache_dir, progress)  # before seeding: it may draw
         pl.seed_everything(seed, verbose=False)  # the same expert initialisation as the task regime
         policy = config.method_policy(arch, method, apt_config, vocabulary, vlm_dir)
-        data = corpus_data(config, seed, entry.corpus, config.chunk_size)
         loader = ResumableDataLoader(
             data, batch_size=config.batch_size, shuffle=True, seed=seed, collate_fn=policy_batch
         )
@@ -172,7 +201,7 @@ def pretrained_policy(
         quiet_trainer(config.pretrain_steps, [scheduler]).fit(policy, loader)
         train_s = time.perf_counter() - tic
         torch.save(policy.state_dict(), staging / "policy.pt")
-        torch.save(_sample(policy, probe), staging / "probe_actions.pt")
+        torch.save(sample(policy, probe), staging / "probe_actions.pt")
         record = {**payload, "key": key, "train_s": train_s, "samples": len(data), "episodes": len(data.episodes)}
         (staging / "pretraining.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
@@ -180,47 +209,62 @@ def pretrained_policy(
     return directory, json.loads((directory / "pretraining.json").read_text())
 
 
-class _Step0Check(Callback):
-    """Records the largest difference from the pretrained model's probe actions when fine-tuning starts."""
+class Step0Check(Callback):
+    """Records the largest difference from the pretrained model's probe actions when fine-tuning starts.
 
-    def __init__(self, probe: tuple[dict[str, torch.Tensor], torch.Tensor], reference: torch.Tensor) -> None:
+    ``max_diff`` is ``0.0`` exactly when the fine-tuning model samples the pretrained model's actions bit for bit.
+
+    Example::
+
+        >>> import torch
+        >>> class Doubler(torch.nn.Module):
+        ...     def sample_actions(self, batch, noise):
+        ...         return 2 * noise
+        >>> check = Step0Check(({}, torch.ones(2, 3)), torch.full((2, 3), 2.5))
+        >>> check.on_train_start(None, Doubler())
+        >>> check.max_diff
+        0.5
+    """
+
+    def __init__(self, probe: Probe, reference: torch.Tensor) -> None:
         self.probe, self.reference = probe, reference
         self.max_diff: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        actions = _sample(pl_module, self.probe)
+        actions = sample(pl_module, self.probe)
         self.max_diff = 0.0 if torch.equal(actions, self.reference) else float((actions - self.reference).abs().max())
 
 
 def finetune_method(
-    config: Any,
+    config: StudyConfig,
     arch: str,
     method: str,
     seed: int,
     vocabulary: Mapping[str, int],
     vlm_dir: str | Path | None,
-    data: TabletopDataModule,
+    data: Any,
     callbacks: list[Callback] | None = None,
     cache_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> tuple[FlowMatchingPolicy, pl.Trainer, GateMonitor, float, dict[str, Any]]:
     """Pretrain (or load) ``method`` on the corpus, then fine-tune it on the task in a fresh ``Trainer``.
 
+    ``data`` is the task's datamodule, set up for fitting (``train_set``, ``train_dataloader()``).
+
     Returns:
         ``(policy, trainer, gate monitor, fine-tuning seconds, record)``; the record holds ``pretrain_steps``,
-        ``pretrain_s``, ``pretrain_switch_step``, ``stage1_fraction``, ``corpus`` and ``step0_max_diff``.
+        ``pretrain_s``, ``pretrain_switch_step``, ``stage1_fraction``, what
+        :meth:`~apt_studies.study.StudyConfig.corpus_record` gives (``corpus``, ...) and ``step0_max_diff``.
     """
-    from apt_studies.study import METHODS
-
-    entry = next(m for m in METHODS if m.name == method)
     probe = probe_batch(data)
-    directory, record = pretrained_policy(config, arch, method, seed, vocabulary, vlm_dir, probe, cache_dir)
+    directory, record = pretrained_policy(config, arch, method, seed, vocabulary, vlm_dir, probe, cache_dir, progress)
     pl.seed_everything(seed, verbose=False)
     policy = config.method_policy(arch, method, config.apt_config(arch, method, seed), vocabulary, vlm_dir)
-    if entry.two_stage:
+    if METHOD_BY_NAME[method].two_stage:
         policy.apt.prepare(StagePlan(first_stage=2))  # fusion blocks must exist before the weights load into them
     policy.load_state_dict(torch.load(directory / "policy.pt", weights_only=True), strict=True)
     policy.train()
-    check = _Step0Check(probe, torch.load(directory / "probe_actions.pt", weights_only=True))
+    check = Step0Check(probe, torch.load(directory / "probe_actions.pt", weights_only=True))
     monitor = GateMonitor(every_n_steps=10)
     trainer = quiet_trainer(config.steps, [config.scheduler(method), monitor, check, *(callbacks or [])])
     tic = time.perf_counter()
@@ -231,7 +275,7 @@ def finetune_method(
         "pretrain_s": record["train_s"],
         "pretrain_switch_step": record["switch"],
         "stage1_fraction": config.stage1_share(method),
-        "corpus": entry.corpus,
+        **config.corpus_record(method, record),
         "step0_max_diff": check.max_diff,
     }
     return policy, trainer, monitor, time.perf_counter() - tic, extra

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -61,6 +61,7 @@ __all__ = [
     "CURVE_SPLITS",
     "DEFAULT_METHODS",
     "METHODS",
+    "METHOD_BY_NAME",
     "METHOD_NAMES",
     "LearningCurve",
     "Method",
@@ -70,6 +71,7 @@ __all__ = [
     "run_study",
     "study_data",
     "train_method",
+    "training_runs",
 ]
 
 ARCHS = ("pi0", "groot")
@@ -245,7 +247,8 @@ PRETRAIN_METHODS: tuple[str, ...] = (
 )
 """The methods of the ``"pretrain"`` regime's study (``examples/pretrain_finetune.py``)."""
 REGIMES: tuple[str, ...] = ("task", "pretrain")
-_BY_NAME = {m.name: m for m in METHODS}
+METHOD_BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
+"""Every catalogue entry by name."""
 
 
 @dataclass
@@ -319,6 +322,9 @@ class StudyConfig:
     corpus_habit: float = 0.9
     threads: int = STUDY_THREADS
 
+    pretrained_prefix: ClassVar[str] = "pretrained"
+    """``"pretrain"`` regime: cached pretrained policies live in ``<cache>/<pretrained_prefix>-<arch>-<key>/``."""
+
     def __post_init__(self) -> None:
         self.archs, self.methods, self.seeds = tuple(self.archs), tuple(self.methods), tuple(self.seeds)
         unknown = [a for a in self.archs if a not in ARCHS] + [m for m in self.methods if m not in METHOD_NAMES]
@@ -338,7 +344,7 @@ class StudyConfig:
             raise ValueError(f"`curve_episodes` must be >= 1, got {self.curve_episodes!r}.")
         if self.regime not in REGIMES:
             raise ValueError(f"`regime` must be one of {REGIMES}, got {self.regime!r}.")
-        only = [m for m in self.methods if _BY_NAME[m].pretrain_only]
+        only = [m for m in self.methods if METHOD_BY_NAME[m].pretrain_only]
         if self.regime == "task" and only:
             raise ValueError(f"Methods {only} exist in the 'pretrain' regime only; pass regime='pretrain'.")
         if self.regime == "pretrain" and (self.pretrain_steps < 1 or not 0.0 <= self.stage1_fraction < 1.0):
@@ -354,7 +360,7 @@ class StudyConfig:
 
     def apt_config(self, arch: str, method: str, seed: int) -> APTConfig:
         """The :class:`APTConfig` of one run (the expert settings are shared by every method)."""
-        entry = _BY_NAME[method]
+        entry = METHOD_BY_NAME[method]
         common = dict(lr=self.lr, warmup_steps=self.warmup_steps, seed=seed)
         if entry.two_stage:
             mode = self.apt_vlm_mode if entry.vlm_mode == "default" else entry.vlm_mode
@@ -373,7 +379,7 @@ class StudyConfig:
 
     def scheduler(self, method: str) -> APTStageScheduler:
         """The stage plan of ``method``'s training on the task (``"pretrain"`` regime: its fine-tuning)."""
-        entry = _BY_NAME[method]
+        entry = METHOD_BY_NAME[method]
         if self.regime == "pretrain":  # APT fine-tunes in Stage 2 only (the paper's recipe), baselines jointly
             return APTStageScheduler(stage=2 if entry.two_stage else "joint", finetune=True)
         if entry.two_stage and not entry.stage1:
@@ -384,7 +390,7 @@ class StudyConfig:
 
     def eval_guidance(self, method: str) -> float:
         """Guidance scale ``method`` is evaluated with (1: the plain model)."""
-        return self.guidance_scale if _BY_NAME[method].guided else 1.0
+        return self.guidance_scale if METHOD_BY_NAME[method].guided else 1.0
 
     def trained_as(self, arch: str, method: str) -> str:
         """The first selected method (catalogue order) whose training is identical to ``method``'s on ``arch``.
@@ -398,7 +404,7 @@ class StudyConfig:
 
     def _training_key(self, arch: str, method: str) -> tuple[Any, ...]:
         config = self.apt_config(arch, method, 0)
-        entry = _BY_NAME[method]
+        entry = METHOD_BY_NAME[method]
         head = self.head_language(arch, method)
         key = (entry.two_stage, config.vlm_mode, config.resolved_vlm_lr, config.language_dropout, head, entry.fusion)
         return (*key, entry.per_site, config.joint_prefix, entry.stage1, *self.pretraining_key(method))
@@ -407,19 +413,43 @@ class StudyConfig:
         """What of ``method``'s corpus pretraining is not in its fine-tuning key (empty in the ``"task"`` regime)."""
         if self.regime != "pretrain":
             return ()
-        entry = _BY_NAME[method]
+        entry = METHOD_BY_NAME[method]
         return (entry.corpus, self.stage1_share(method))
 
     def stage1_share(self, method: str) -> float | None:
         """``"pretrain"`` regime: ``method``'s share of pretraining in Stage 1 (``None`` for the baselines)."""
-        entry = _BY_NAME[method]
+        entry = METHOD_BY_NAME[method]
         if not entry.two_stage:
             return None
         return self.stage1_fraction if entry.stage1_fraction is None else entry.stage1_fraction
 
+    def pretraining_payload(self, method: str) -> dict[str, Any]:
+        """``"pretrain"`` regime: the benchmark's part of a pretrained policy's cache key (the corpus and the model
+        sizes); the rest is :func:`apt_studies.pretrain_study.pretrained_policy`'s. A subclass for another
+        benchmark returns its own corpus settings here."""
+        return {
+            "corpus": METHOD_BY_NAME[method].corpus,
+            "corpus_settings": [self.corpus_layouts, self.corpus_episodes_per_layout, self.corpus_habit],
+            "sizes": [self.hidden_size, self.chunk_size],
+        }
+
+    def pretraining_corpus(
+        self, method: str, seed: int, cache_dir: str | Path | None = None, progress: bool = True
+    ) -> Any:
+        """``"pretrain"`` regime: the corpus ``method`` pretrains on for ``seed``, a dataset of policy samples with
+        an ``episodes`` list (the tabletop's is built in memory: ``cache_dir`` and ``progress`` are unused)."""
+        from apt_studies.pretrain_study import corpus_data  # imports this module
+
+        return corpus_data(self, seed, METHOD_BY_NAME[method].corpus, self.chunk_size)
+
+    def corpus_record(self, method: str, pretraining: Mapping[str, Any]) -> dict[str, Any]:
+        """``"pretrain"`` regime: what each run records of its pretraining corpus (``pretraining`` is the cached
+        ``pretraining.json``)."""
+        return {"corpus": METHOD_BY_NAME[method].corpus}
+
     def head_language(self, arch: str, method: str) -> bool:
         """Whether ``method`` builds ``arch``'s head with its own gated language path."""
-        return _BY_NAME[method].head_language and arch == "groot"
+        return METHOD_BY_NAME[method].head_language and arch == "groot"
 
     def method_policy(
         self,
@@ -431,7 +461,7 @@ class StudyConfig:
     ) -> FlowMatchingPolicy:
         """:func:`build_policy` with the structure ``method`` asks for: the head's own language path, its fusion
         fields and per-site contexts (the same for its pretraining and its fine-tuning)."""
-        entry = _BY_NAME[method]
+        entry = METHOD_BY_NAME[method]
         return build_policy(
             arch,
             vocabulary,
@@ -551,8 +581,9 @@ class LearningCurve(Callback):
         self.eval_s += time.perf_counter() - tic
 
 
-def _runs(config: StudyConfig) -> Iterator[tuple[str, int, str, list[str]]]:
-    """``(arch, seed, trained_as, methods evaluated on that training)``, methods in catalogue order."""
+def training_runs(config: StudyConfig) -> Iterator[tuple[str, int, str, list[str]]]:
+    """``(arch, seed, trained_as, methods evaluated on that training)`` of every training ``config`` asks for,
+    methods in catalogue order (methods whose training is identical share one, see :meth:`StudyConfig.trained_as`)."""
     ordered = [m.name for m in METHODS if m.name in config.methods]
     for arch in config.archs:
         for seed in config.seeds:
@@ -638,7 +669,7 @@ def _run_study(
     started = time.perf_counter()
     out = Path(out) if out is not None else None
     vocabulary, vlm_dir, pretraining = prepare_vlm(config, progress, cache_dir)
-    plan = list(_runs(config))
+    plan = list(training_runs(config))
     bar = tqdm(total=len(plan) * config.steps, desc="training", unit="step", disable=not progress)
     runs: list[dict[str, Any]] = []
     data: dict[int, TabletopDataModule] = {}  # demonstrations of a seed are collected once, shared by every arch
@@ -667,8 +698,8 @@ def _run_study(
         train_s -= curve_s  # the training's own time, comparable with runs without curves
         if out is not None and config.save_checkpoints:
             trainer.save_checkpoint(out / "checkpoints" / f"{arch}-{trained_as}-seed{seed}.ckpt")
-        two_stage = _BY_NAME[trained_as].two_stage
-        switch = (config.switch_step if _BY_NAME[trained_as].stage1 else 0) if two_stage else None
+        two_stage = METHOD_BY_NAME[trained_as].two_stage
+        switch = (config.switch_step if METHOD_BY_NAME[trained_as].stage1 else 0) if two_stage else None
         if config.regime == "pretrain":
             switch = extra.get("pretrain_switch_step")  # fine-tuning is Stage 2 (or joint) from its step 0
         dropout = config.apt_config(arch, trained_as, seed).language_dropout

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from apt_studies.determinism import fixed_threads
-from apt_studies.pretrain_study import _Step0Check
+from apt_studies.pretrain_study import Step0Check
 from apt_studies.study import PRETRAIN_METHODS, StudyConfig, run_study
 
 TINY_PRETRAIN = dict(
@@ -70,10 +70,10 @@ def test_step0_check_reports_a_changed_model() -> None:
             return noise * 2
 
     probe = ({"x": torch.zeros(1)}, torch.ones(2, 3))
-    check = _Step0Check(probe, torch.full((2, 3), 2.0))
+    check = Step0Check(probe, torch.full((2, 3), 2.0))
     check.on_train_start(None, Policy())
     assert check.max_diff == 0.0
-    check = _Step0Check(probe, torch.full((2, 3), 2.5))
+    check = Step0Check(probe, torch.full((2, 3), 2.5))
     check.on_train_start(None, Policy())
     assert check.max_diff == pytest.approx(0.5)
 

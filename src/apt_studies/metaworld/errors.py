@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from apt_lightning.errors import AptError
 
-__all__ = ["MetaWorldConfigError", "MetaWorldUnavailableError"]
+__all__ = ["MetaWorldCacheError", "MetaWorldConfigError", "MetaWorldUnavailableError"]
 
 
 class MetaWorldUnavailableError(AptError, ImportError):
@@ -13,3 +13,7 @@ class MetaWorldUnavailableError(AptError, ImportError):
 
 class MetaWorldConfigError(AptError, ValueError):
     """A task, group, split, camera or episode setting the benchmark does not know or cannot honour."""
+
+
+class MetaWorldCacheError(AptError, FileNotFoundError):
+    """Cached demonstrations asked for by their settings (or by directory) are not there, or not complete."""

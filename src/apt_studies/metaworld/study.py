@@ -1,7 +1,9 @@
 """APT's regime on Meta-World: pretrain on the other MT50 tasks, fine-tune on the language-critical groups.
 
-The tabletop study's method catalogue, :class:`~apt_lightning.APTConfig` per method, stage plans and step-0 check
-are reused as they are (:mod:`apt_studies.study`, :mod:`apt_studies.pretrain_study`); what differs is the benchmark:
+The tabletop study's method catalogue, :class:`~apt_lightning.APTConfig` per method, stage plans, cached
+pretraining, step-0 check and fine-tuning are reused as they are (:mod:`apt_studies.study`,
+:mod:`apt_studies.pretrain_study`); :class:`MetaWorldStudyConfig` answers their benchmark hooks (the corpus, its part
+of the cache key, what a run records of it). What differs is the benchmark:
 
 ==================  ==============================================  ============================================
 piece               tabletop (``pretrain_study``)                   Meta-World (here)
@@ -27,26 +29,19 @@ their own, so the seeds never share an episode).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from apt_lightning.callbacks import GateMonitor
-from apt_lightning.data import ResumableDataLoader
 from apt_lightning.models.base import FlowMatchingPolicy
-from apt_lightning.schedule import StagePlan
-from apt_studies.datamodule import policy_batch
 from apt_studies.determinism import fixed_threads
-from apt_studies.disk_cache import cache_key, cached_directory, default_cache_dir
 from apt_studies.environment import environment_record
 from apt_studies.evaluation import EVAL_SEED, VALIDATION_SEED
 from apt_studies.metaworld.camera import DEFAULT_IMAGE_SIZE
@@ -61,38 +56,30 @@ from apt_studies.metaworld.rollout import MAX_STEPS
 from apt_studies.metaworld.splits import DEFAULT_HABIT, EVAL_SPLITS, make_episodes
 from apt_studies.metaworld.vlm import metaworld_vlm
 from apt_studies.outcomes import OUTCOMES
-from apt_studies.pretrain_study import (
-    _pretraining_config,
-    _pretraining_plan,
-    _sample,
-    _Step0Check,
-    _structure,
-)
-from apt_studies.study import METHODS, StudyConfig, _runs, prepare_vlm
-from apt_studies.trainer import quiet_trainer
+from apt_studies.pretrain_study import FORMAT_VERSION, finetune_method
+from apt_studies.study import METHOD_BY_NAME, StudyConfig, prepare_vlm, training_runs
 from apt_studies.vocabulary import vocabulary_words
 
 __all__ = [
+    "CORPUS_NAME",
     "FORMAT_VERSION",
     "METAWORLD_METHODS",
     "VALIDATION_SPLITS",
     "MetaWorldStudyConfig",
+    "corpus_dataset",
     "evaluate_metaworld",
-    "finetune_metaworld",
     "prepare_data",
     "prepare_metaworld_vlm",
-    "pretrained_metaworld_policy",
     "run_metaworld_study",
+    "study_data",
 ]
 
-FORMAT_VERSION = 1
-"""Bumped whenever pretraining changes in a way its cache key does not see."""
+# FORMAT_VERSION (pretrained policies) is :data:`apt_studies.pretrain_study.FORMAT_VERSION`: one pretraining code.
+CORPUS_NAME = "metaworld_mt50_others"
+"""What a run records as its ``corpus``: the MT50 tasks outside the groups (:data:`.corpus.CORPUS_TASKS`)."""
 METAWORLD_METHODS: tuple[str, ...] = ("baseline", "apt", "apt_ft_vlm")
 """The study's methods (issue 25): joint -> joint; Stage 1 then 2 -> Stage 2 (VLM frozen); the same, VLM at 0.1 x lr."""
 VALIDATION_SPLITS: tuple[str, ...] = ("counterfactual", "seen")
-PROBE_SAMPLES = 16
-_FILES = ("policy.pt", "probe_actions.pt", "pretraining.json")
-_BY_NAME = {m.name: m for m in METHODS}
 
 
 @dataclass
@@ -134,12 +121,14 @@ class MetaWorldStudyConfig(StudyConfig):
     eval_batch: int = 10
     save_checkpoints: bool = False
 
+    pretrained_prefix: ClassVar[str] = "pretrained-metaworld"
+
     def __post_init__(self) -> None:
         if self.regime != "pretrain":
             raise MetaWorldConfigError(f"the Meta-World study runs the 'pretrain' regime only, got {self.regime!r}.")
         super().__post_init__()
         self.corpus_tasks = tuple(self.corpus_tasks)
-        habit_methods = [m for m in self.methods if _BY_NAME[m].corpus != "balanced"]
+        habit_methods = [m for m in self.methods if METHOD_BY_NAME[m].corpus != "balanced"]
         if habit_methods:
             raise MetaWorldConfigError(f"methods {habit_methods} need a habit-biased corpus, which Meta-World lacks.")
         names = ("episodes", "eval_episodes", "validation_episodes", "corpus_episodes_per_task", "corpus_stride")
@@ -158,7 +147,7 @@ class MetaWorldStudyConfig(StudyConfig):
         vlm_dir: str | Path | None,
     ) -> FlowMatchingPolicy:
         """The method's policy (its head language, fusion fields, per-site contexts) at Meta-World's sizes."""
-        entry = _BY_NAME[method]
+        entry = METHOD_BY_NAME[method]
         return build_metaworld_policy(
             arch,
             vocabulary,
@@ -171,6 +160,28 @@ class MetaWorldStudyConfig(StudyConfig):
             fusion_options=dict(entry.fusion) or None,
             per_site_language=entry.per_site,
         )
+
+    def pretraining_payload(self, method: str) -> dict[str, Any]:
+        """The Meta-World part of a pretrained policy's cache key: the corpus and the model sizes (frame side too)."""
+        return {
+            "benchmark": "metaworld",
+            "corpus": [self.corpus_episodes_per_task, self.corpus_stride, list(self.corpus_tasks)],
+            "sizes": [self.hidden_size, self.chunk_size, self.image_size],
+        }
+
+    def pretraining_corpus(
+        self, method: str, seed: int, cache_dir: str | Path | None = None, progress: bool = True
+    ) -> MetaWorldDataset:
+        """The corpus of ``seed`` (every method pretrains on the same one): :func:`corpus_dataset`."""
+        return corpus_dataset(self, seed, cache_dir, progress)
+
+    def corpus_record(self, method: str, pretraining: Mapping[str, Any]) -> dict[str, Any]:
+        """``corpus`` (:data:`CORPUS_NAME`), and its ``corpus_samples`` and ``corpus_episodes`` as pretrained on."""
+        return {
+            "corpus": CORPUS_NAME,
+            "corpus_samples": pretraining["samples"],
+            "corpus_episodes": pretraining["episodes"],
+        }
 
 
 def prepare_metaworld_vlm(
@@ -191,7 +202,9 @@ def prepare_metaworld_vlm(
 _CORPORA: dict[tuple[Any, ...], MetaWorldDataset] = {}
 
 
-def corpus_dataset(config: MetaWorldStudyConfig, seed: int, cache_dir: str | Path | None, progress: bool = True):
+def corpus_dataset(
+    config: MetaWorldStudyConfig, seed: int, cache_dir: str | Path | None, progress: bool = True
+) -> MetaWorldDataset:
     """The pretraining corpus of ``seed`` as a dataset (memoised per process, cached on disk)."""
     key = (config.corpus_episodes_per_task, seed, config.chunk_size, config.corpus_stride, config.image_size)
     key = (*key, config.corpus_tasks, str(cache_dir))
@@ -208,120 +221,6 @@ def corpus_dataset(config: MetaWorldStudyConfig, seed: int, cache_dir: str | Pat
         )
         _CORPORA[key] = MetaWorldDataset(corpus, metaworld_tokenizer())
     return _CORPORA[key]
-
-
-def probe_batch(data: MetaWorldDataModule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """A fixed task batch (the first :data:`PROBE_SAMPLES` samples) and fixed noise for the step-0 check."""
-    if data.train_set is None:
-        raise MetaWorldConfigError("call setup('fit') first.")
-    batch = policy_batch([data.train_set[i] for i in range(min(PROBE_SAMPLES, len(data.train_set)))])
-    noise = torch.randn(batch["actions"].shape, generator=torch.Generator().manual_seed(0))
-    return batch, noise
-
-
-def pretrained_metaworld_policy(
-    config: MetaWorldStudyConfig,
-    arch: str,
-    method: str,
-    seed: int,
-    vocabulary: Mapping[str, int],
-    vlm_dir: Path | None,
-    probe: tuple[dict[str, torch.Tensor], torch.Tensor],
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> tuple[Path, dict[str, Any]]:
-    """Directory of ``method``'s corpus-pretrained weights for ``(arch, seed)``, pretraining only if not cached.
-
-    As :func:`apt_studies.pretrain_study.pretrained_policy`, on the Meta-World corpus; ``apt`` and ``apt_ft_vlm``
-    share one directory (their pretraining is identical).
-    """
-    apt_config = _pretraining_config(config, arch, method, seed)
-    scheduler, switch = _pretraining_plan(config, method)
-    payload = {
-        "benchmark": "metaworld",
-        "arch": arch,
-        "seed": seed,
-        "apt_config": dataclasses.asdict(apt_config),
-        "plan": scheduler.plan.name,
-        "switch": switch,
-        "corpus": [config.corpus_episodes_per_task, config.corpus_stride, list(config.corpus_tasks)],
-        "steps": config.pretrain_steps,
-        "batch_size": config.batch_size,
-        "sizes": [config.hidden_size, config.chunk_size, config.image_size],
-        "structure": _structure(config, arch, method),
-        "vlm": vlm_dir.name if vlm_dir is not None else None,
-        "threads": config.threads,
-        "format_version": FORMAT_VERSION,
-    }
-    key = cache_key(payload)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    directory = root / f"pretrained-metaworld-{arch}-{key}"
-
-    def build(staging: Path) -> None:
-        data = corpus_dataset(config, seed, cache_dir, progress)
-        pl.seed_everything(seed, verbose=False)  # the same expert initialisation for every method
-        policy = config.method_policy(arch, method, apt_config, vocabulary, vlm_dir)
-        loader = ResumableDataLoader(
-            data, batch_size=config.batch_size, shuffle=True, seed=seed, collate_fn=policy_batch
-        )
-        tic = time.perf_counter()
-        quiet_trainer(config.pretrain_steps, [scheduler]).fit(policy, loader)
-        train_s = time.perf_counter() - tic
-        torch.save(policy.state_dict(), staging / "policy.pt")
-        torch.save(_sample(policy, probe), staging / "probe_actions.pt")
-        record = {**payload, "key": key, "train_s": train_s, "samples": len(data), "episodes": len(data.episodes)}
-        (staging / "pretraining.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-
-    cached_directory(directory, _FILES, build)
-    return directory, json.loads((directory / "pretraining.json").read_text())
-
-
-def finetune_metaworld(
-    config: MetaWorldStudyConfig,
-    arch: str,
-    method: str,
-    seed: int,
-    vocabulary: Mapping[str, int],
-    vlm_dir: Path | None,
-    data: MetaWorldDataModule,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> tuple[FlowMatchingPolicy, GateMonitor, float, dict[str, Any]]:
-    """Pretrain (or load) ``method`` on the corpus, then fine-tune it on the groups in a fresh ``Trainer``.
-
-    Returns:
-        ``(policy, gate monitor, fine-tuning seconds, record)`` as
-        :func:`apt_studies.pretrain_study.finetune_method` (``step0_max_diff`` 0.0: fine-tuning started exactly
-        from the pretrained model).
-    """
-    entry = _BY_NAME[method]
-    probe = probe_batch(data)
-    directory, record = pretrained_metaworld_policy(
-        config, arch, method, seed, vocabulary, vlm_dir, probe, cache_dir, progress
-    )
-    pl.seed_everything(seed, verbose=False)
-    policy = config.method_policy(arch, method, config.apt_config(arch, method, seed), vocabulary, vlm_dir)
-    if entry.two_stage:
-        policy.apt.prepare(StagePlan(first_stage=2))  # fusion blocks must exist before the weights load into them
-    policy.load_state_dict(torch.load(directory / "policy.pt", weights_only=True), strict=True)
-    policy.train()
-    check = _Step0Check(probe, torch.load(directory / "probe_actions.pt", weights_only=True))
-    monitor = GateMonitor(every_n_steps=10)
-    trainer = quiet_trainer(config.steps, [config.scheduler(method), monitor, check])
-    tic = time.perf_counter()
-    trainer.fit(policy, data.train_dataloader())
-    extra = {
-        "regime": "pretrain",
-        "pretrain_steps": config.pretrain_steps,
-        "pretrain_s": record["train_s"],
-        "pretrain_switch_step": record["switch"],
-        "stage1_fraction": config.stage1_share(method),
-        "corpus": "metaworld_mt50_others",
-        "corpus_samples": record["samples"],
-        "corpus_episodes": record["episodes"],
-        "step0_max_diff": check.max_diff,
-    }
-    return policy, monitor, time.perf_counter() - tic, extra
 
 
 def _outcome_rates(result: Any) -> dict[str, dict[str, float]]:
@@ -382,6 +281,24 @@ def evaluate_metaworld(
     }
 
 
+def study_data(
+    config: MetaWorldStudyConfig, seed: int, cache_dir: str | Path | None = None, progress: bool = True
+) -> MetaWorldDataModule:
+    """The fine-tuning demonstrations of ``seed`` (habit-biased ``train`` episodes, cached), set up for fitting."""
+    data = MetaWorldDataModule(
+        config.episodes,
+        seed,
+        config.chunk_size,
+        config.batch_size,
+        habit=config.habit,
+        image_size=config.image_size,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    data.setup("fit")
+    return data
+
+
 def prepare_data(
     config: MetaWorldStudyConfig, cache_dir: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -395,17 +312,7 @@ def prepare_data(
         prepare_metaworld_vlm(config, cache_dir, progress)
     out: dict[str, Any] = {"vlm_s": time.perf_counter() - tic}
     for seed in config.seeds:
-        data = MetaWorldDataModule(
-            config.episodes,
-            seed,
-            config.chunk_size,
-            config.batch_size,
-            habit=config.habit,
-            image_size=config.image_size,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-        data.setup("fit")
+        data = study_data(config, seed, cache_dir, progress)
         corpus = corpus_dataset(config, seed, cache_dir, progress)
         out[f"seed{seed}"] = {"demo_samples": len(data.train_set), "corpus_samples": len(corpus)}
     out["wall_s"] = time.perf_counter() - tic
@@ -437,26 +344,16 @@ def _run(
     started = time.perf_counter()
     vocabulary, vlm_dir, vlm_record = prepare_metaworld_vlm(config, cache_dir, progress)
     vlm_record["coverage"] = vocabulary_coverage()
-    plan = list(_runs(config))
+    plan = list(training_runs(config))
     runs: list[dict[str, Any]] = []
     data: dict[int, MetaWorldDataModule] = {}
     pool = EnvPool(config.image_size)
     try:
         for index, (arch, seed, trained_as, methods) in enumerate(tqdm(plan, desc="runs", disable=not progress)):
             if seed not in data:
-                data[seed] = MetaWorldDataModule(
-                    config.episodes,
-                    seed,
-                    config.chunk_size,
-                    config.batch_size,
-                    habit=config.habit,
-                    image_size=config.image_size,
-                    cache_dir=cache_dir,
-                    progress=progress,
-                )
-                data[seed].setup("fit")
-            policy, monitor, train_s, extra = finetune_metaworld(
-                config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], cache_dir, progress
+                data[seed] = study_data(config, seed, cache_dir, progress)
+            policy, _, monitor, train_s, extra = finetune_method(
+                config, arch, trained_as, seed, vocabulary, vlm_dir, data[seed], cache_dir=cache_dir, progress=progress
             )
             if checkpoint_dir is not None:
                 Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
