@@ -55,6 +55,7 @@ from apt_lightning.structure import (
     original_named_modules,
     original_state_dict_keys,
 )
+from apt_lightning.versioned_json import library_version
 
 if TYPE_CHECKING:  # for annotations only: export reads a controller's attributes and never builds one
     from apt_lightning.controller import APT
@@ -72,12 +73,6 @@ KINDS = ("va_prior", "fusion", "vlm")
 LAYOUT_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "head_dim")
 """Integer module attributes that change outputs without changing tensor shapes; recorded in ``apt_layout``."""
 _COMPARED = ("dim", "context_dim", "num_heads", "head_dim", "ff_hidden", "gates", "gate", "gate_shape")
-
-
-def _library_version() -> str:
-    from apt_lightning import __version__  # lazy: the package imports this module
-
-    return __version__
 
 
 def _head(items: Iterable[str], n: int = 6) -> str:
@@ -232,7 +227,7 @@ def _save(tensors: dict[str, torch.Tensor], path: str | Path, kind: str, extra: 
             "was written. Export from the last checkpoint taken before training diverged (GateMonitor reports "
             "non-finite gates), or lower the learning rate and retrain."
         )
-    metadata = {FORMAT_KEY: kind, FORMAT_VERSION_KEY: str(FORMAT_VERSION), VERSION_KEY: _library_version(), **extra}
+    metadata = {FORMAT_KEY: kind, FORMAT_VERSION_KEY: str(FORMAT_VERSION), VERSION_KEY: library_version(), **extra}
     metadata[HASH_KEY] = content_hash(contiguous, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))  # never a half-written export
@@ -266,7 +261,7 @@ def _read(path: str | Path, kind: str | None) -> tuple[dict[str, torch.Tensor], 
     if version is None:
         warnings.warn(
             f"{path} was written before verified exports (no {FORMAT_VERSION_KEY}): its content hash and fusion "
-            f"geometry cannot be checked. Load it and export it again with apt_lightning {_library_version()} to "
+            f"geometry cannot be checked. Load it and export it again with apt_lightning {library_version()} to "
             "add them.",
             UnverifiedExportWarning,
             stacklevel=3,
@@ -274,7 +269,7 @@ def _read(path: str | Path, kind: str | None) -> tuple[dict[str, torch.Tensor], 
     elif not version.isdigit() or int(version) > FORMAT_VERSION:
         raise ExportError(
             f"{path} has {FORMAT_VERSION_KEY}={version!r}, written by apt_lightning {metadata.get(VERSION_KEY)!r}; "
-            f"this apt_lightning {_library_version()} reads up to {FORMAT_VERSION}. Upgrade apt_lightning."
+            f"this apt_lightning {library_version()} reads up to {FORMAT_VERSION}. Upgrade apt_lightning."
         )
     else:
         recorded, actual = metadata.get(HASH_KEY), content_hash(tensors, metadata)

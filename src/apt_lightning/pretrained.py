@@ -33,6 +33,7 @@ from apt_lightning.errors import ExportError
 from apt_lightning.export import content_hash, context_sources, fusion_geometry, non_finite_keys
 from apt_lightning.record import StateRecord
 from apt_lightning.structure import lora_parameters, original_state_dict_keys
+from apt_lightning.versioned_json import library_version, read_versioned_json
 
 if TYPE_CHECKING:
     from apt_lightning.controller import APT
@@ -90,7 +91,7 @@ def save_pretrained(apt: APT, directory: str | Path) -> Path:
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "apt_version": _library_version(),
+        "apt_version": library_version(),
         "record": StateRecord.of(apt).to_dict(),
         "sites": list(apt.sites),
         "geometry": fusion_geometry(apt.model),
@@ -175,20 +176,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise ExportError(
             f"No {CONFIG_NAME} in {directory}: it is not a directory written by `apt.save_pretrained`. Check the path."
         )
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ExportError(
-            f"{path} cannot be read as JSON ({error}): copy the directory again from its source."
-        ) from error
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an APT adapter config (its `format` is not {FORMAT!r}).")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ExportError(
-            f"{path} has `format_version`={version!r}, written by apt_lightning {config.get('apt_version')!r}; this "
-            f"apt_lightning {_library_version()} reads up to {FORMAT_VERSION}. Upgrade apt_lightning."
-        )
+    config = read_versioned_json(
+        path, FORMAT, FORMAT_VERSION, ExportError, "an APT adapter config", "Copy the directory again from its source."
+    )
     if not isinstance(config.get("record"), dict):
         raise ExportError(f"{path} holds no APT `record` (plan and step): copy the directory again from its source.")
     return config
@@ -228,9 +218,3 @@ def _check_structure(apt: APT, config: dict[str, Any], directory: Path) -> None:
                 f"{directory} was saved from a model whose {what} differ from {type(apt.model).__name__}'s: saved "
                 f"{saved!r}, this model {current!r}. Build the model with the code and configuration it was saved from."
             )
-
-
-def _library_version() -> str:
-    from apt_lightning import __version__
-
-    return __version__

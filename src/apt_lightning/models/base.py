@@ -42,6 +42,22 @@ def registered_policies() -> dict[str, type[FlowMatchingPolicy]]:
     return dict(sorted(_POLICY_CLASSES.items()))
 
 
+def registered_policy(name: Any, source: str | Path) -> type[FlowMatchingPolicy]:
+    """The registered policy class that a saved file (``source``) names: a file never chooses code to import.
+
+    Raises:
+        PolicyCheckpointError: ``name`` is not a registered policy; the message lists the known ones.
+    """
+    cls = _POLICY_CLASSES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise PolicyCheckpointError(
+            f"{source} names `policy_class`={name!r}, which is not a subclass of FlowMatchingPolicy defined in this "
+            f"process; known classes: {sorted(_POLICY_CLASSES)}. A saved file never chooses code to import: if the "
+            "class is your own, import the module that defines it before loading."
+        )
+    return cls
+
+
 def plain_data(value: Any) -> Any:
     """``value`` with every mapping key a string and every tuple a list, recursively.
 
@@ -169,13 +185,7 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
             f"{path} holds no `policy_class`: it was not saved from a reference policy of apt_lightning.models. "
             "Load your own module with `YourModule.load_from_checkpoint(path)`."
         )
-    cls = _POLICY_CLASSES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise PolicyCheckpointError(
-            f"{path} names `policy_class`={name!r}, which is not a subclass of FlowMatchingPolicy defined in this "
-            f"process; known classes: {sorted(_POLICY_CLASSES)}. A checkpoint never chooses code to import: if "
-            "the class is your own, import the module that defines it before calling `load_policy`."
-        )
+    cls = registered_policy(name, path)
     verify_checkpoint_digest(checkpoint, path, parts=None)  # before anything is built from the file
     parameters = inspect.signature(cls.__init__).parameters
     offline = {arg: None for arg in cls.pretrained_arguments if arg in parameters}

@@ -36,6 +36,7 @@ from apt_lightning.errors import ExportError, PolicyCheckpointError
 from apt_lightning.export import content_hash, non_finite_keys
 from apt_lightning.pretrained import CONFIG_NAME, read_pretrained, trained_keys
 from apt_lightning.structure import original_state_dict_keys
+from apt_lightning.versioned_json import library_version, read_versioned_json
 
 if TYPE_CHECKING:
     from apt_lightning.models.base import FlowMatchingPolicy
@@ -108,7 +109,7 @@ def save_policy_directory(policy: FlowMatchingPolicy, directory: str | Path) -> 
     body: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "apt_version": _library_version(),
+        "apt_version": library_version(),
         "policy_class": policy_class_name(type(policy)),
         "init_args": init_args,
         "weights_sha256": content_hash(base),
@@ -194,18 +195,7 @@ def _read_policy_config(directory: Path) -> dict[str, Any]:
             f"No {POLICY_CONFIG_NAME} in {directory}: it is not a directory written by `policy.save_pretrained`. "
             "Check the path (a Lightning checkpoint is a .ckpt file)."
         )
-    try:
-        body = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PolicyCheckpointError(f"{path} cannot be read as JSON ({error}). {_RESAVE}") from error
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise PolicyCheckpointError(f"{path} is not a policy config (its `format` is not {FORMAT!r}). {_RESAVE}")
-    version = body.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise PolicyCheckpointError(
-            f"{path} has `format_version`={version!r}, written by apt_lightning {body.get('apt_version')!r}; this "
-            f"apt_lightning {_library_version()} reads up to {FORMAT_VERSION}. Upgrade apt_lightning."
-        )
+    body = read_versioned_json(path, FORMAT, FORMAT_VERSION, PolicyCheckpointError, "a policy config", _RESAVE)
     if body.get("config_sha256") != config_digest(body) or not isinstance(body.get("init_args"), dict):
         raise PolicyCheckpointError(
             f"{path} failed its content check: it was edited or corrupted after saving. {_RESAVE} To change the "
@@ -244,9 +234,3 @@ def _verified_files(directory: Path, body: dict[str, Any]) -> tuple[dict[str, to
     if bad:
         raise PolicyCheckpointError(f"{path} holds NaN or Inf in {bad[:4]}: save again from a healthy model.")
     return tensors, set(apt_tensors)
-
-
-def _library_version() -> str:
-    from apt_lightning import __version__
-
-    return __version__
