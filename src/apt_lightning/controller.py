@@ -224,7 +224,7 @@ class APT:
         return self.stage == 2
 
     @property
-    def vlm_frozen(self) -> bool:
+    def _vlm_frozen(self) -> bool:
         """True when the VLM takes no gradient now: in Stage 1, or with ``vlm_mode='frozen'``. False while
         unprepared (nothing is frozen yet)."""
         if self._plan is None:
@@ -352,14 +352,14 @@ class APT:
         stage = self.stage
         for site in self._sites.values():
             site.active = stage == 2
-        if self.vlm_frozen:
+        if self._vlm_frozen:
             self.vlm_module.eval()
         elif self.model.training:
             self.vlm_module.train()
 
     def _after_train_mode(self, mode: bool) -> None:
         """After ``model.train(mode)``: a frozen VLM goes back to eval mode (the mixin calls it)."""
-        if mode and self.vlm_frozen:
+        if mode and self._vlm_frozen:
             self.vlm_module.eval()
 
     def unload(self) -> nn.Module:
@@ -404,13 +404,13 @@ class APT:
         self._keep_frozen_vlm_in_eval()
         if self._counters is None and self.model.training:  # a plain loop: is the clock advancing?
             self._step_watch.observe(self.model.parameters(), self._step)
-        return torch.no_grad() if self.vlm_frozen else contextlib.nullcontext()
+        return torch.no_grad() if self._vlm_frozen else contextlib.nullcontext()
 
     def _keep_frozen_vlm_in_eval(self) -> None:
         """A plain loop's ``model.train()`` puts every submodule in train mode; a frozen VLM must compute as in eval
         mode (dropout off, and kernels such as PyTorch's fused encoder fast path that differ in the last bits), so
         the forward helpers restore it."""
-        if self._plan is not None and self.vlm_frozen and self.vlm_module.training:
+        if self._plan is not None and self._vlm_frozen and self.vlm_module.training:
             self.vlm_module.eval()
 
     def _attach_feature_cache(self, cache: Stage1FeatureCache | None) -> None:

@@ -60,7 +60,7 @@ REMOVED_NAMES: dict[str, str] = {
     "apt_step": "self.apt.step",
     "apt_stage": "self.apt.stage",
     "apt_needs_language": "self.apt.needs_language",
-    "apt_vlm_frozen": "self.apt.vlm_frozen",
+    "apt_vlm_frozen": "self.apt.stage == 1 or self.apt.config.vlm_mode == 'frozen'",
 }
 """Pre-1.0 names on the module and what replaced them."""
 

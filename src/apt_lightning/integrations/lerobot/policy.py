@@ -387,8 +387,7 @@ class APTPolicyMixin:
         adapter = self.__dict__.get("_apt_adapter")
         if adapter is not None:  # the controller reads the adapter's flag (language dropout, VLM mode)
             adapter.training = mode
-            if mode and adapter.apt.is_prepared and adapter.apt.vlm_frozen:
-                adapter.apt.vlm_module.eval()  # LeRobot calls train() every step: a frozen VLM stays in eval mode
+            adapter.apt._after_train_mode(mode)  # LeRobot calls train() every step: a frozen VLM stays in eval mode
         return result
 
     def forward(
