@@ -22,7 +22,7 @@ import torch
 
 from apt_lightning.checksum import load_checkpoint_file, verify_checkpoint_digest
 from apt_lightning.config import APTConfig
-from apt_lightning.errors import ConfigError, LanguageMaskError, PolicyCheckpointError
+from apt_lightning.errors import ConfigError, ContractError, LanguageMaskError, PolicyCheckpointError
 from apt_lightning.guidance import PriorGuidance
 from apt_lightning.masking import check_language_mask
 from apt_lightning.mixin import APTMixin
@@ -406,7 +406,7 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         x = pad_last_dim(noise.to(self.dtype), self.noise_dim)  # the weights' dtype (bf16-true samples in bf16)
         condition = self.sampling_condition(batch)
         with self.apt.fusion_context(condition.features, condition.language_mask, guidance_scale) as guide:
-            prime_fusion_context(self, self.dtype)  # the context is the same at every step: keys/values once
+            prime_fusion_context(self, x.dtype)  # the context is the same at every step: keys/values once
             inputs = self.denoising_inputs(batch, condition.encoded, guide)
             step = self._apt_compiled_step or self.denoising_step
             times, dt = self.sampling_times(num_steps)
@@ -510,8 +510,11 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         under ``_class_path`` (LightningCLI's own key), so ``LightningCLI`` parses them back when a run resumes
         with ``--ckpt_path``.
         """
-        caller = inspect.currentframe().f_back  # type: ignore[union-attr]
-        arguments = inspect.getargvalues(caller)  # type: ignore[arg-type]
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None
+        if caller is None:  # pragma: no cover -- an interpreter without Python frames
+            raise ContractError("save_policy_hyperparameters() needs the calling constructor's frame.")
+        arguments = inspect.getargvalues(caller)
         values = {name: arguments.locals[name] for name in arguments.args[1:] if name not in self.pretrained_arguments}
         values.update(overrides)
         values["apt_config"] = dataclasses.asdict(as_apt_config(values.get("apt_config")))
@@ -549,7 +552,7 @@ class FlowMatchingPolicy(APTMixin, pl.LightningModule):
         super().on_save_checkpoint(checkpoint)
 
     @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
+    def load_from_checkpoint(  # type: ignore[override]  # Lightning's and APTMixin's orders cannot both hold
         cls,
         checkpoint_path: str | Path,
         map_location: Any = None,

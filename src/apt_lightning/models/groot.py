@@ -10,7 +10,7 @@ is unmasked in GR00T), and Stage 2 adds language through gated cross-attention a
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -82,6 +82,7 @@ class VLSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         for layer in self.layers:
+            layer = cast(nn.ModuleDict, layer)  # built as one in __init__
             q, k, v = layer["qkv"](layer["norm"](x)).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)
             attn = masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)
             x = x + layer["out"](attn.transpose(1, 2).reshape(b, n, d))
@@ -207,7 +208,7 @@ class GR00TStylePolicy(FlowMatchingPolicy):
         masks = self.apt.masks(prompt["attention_mask"], prompt["language_mask"], causal=self.causal_vlm)
         order = visible_first(masks.expert_attention)
 
-        def vlm_pass() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def vlm_pass() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
             with self.apt.vlm_context():
                 out = self.backbone(
                     input_ids=prompt["input_ids"],

@@ -53,7 +53,7 @@ def _generation_keys() -> frozenset[str]:
 
 
 @cache
-def _default_dict(cls: type[PretrainedConfig]) -> dict[str, Any]:
+def _default_dict(cls: type) -> dict[str, Any]:  # `type`: hashable for the cache
     """``cls().to_dict()``, or ``{}`` for a class that needs arguments."""
     try:
         return cls().to_dict()
@@ -62,7 +62,7 @@ def _default_dict(cls: type[PretrainedConfig]) -> dict[str, Any]:
 
 
 @cache
-def declared_keys(cls: type[PretrainedConfig]) -> frozenset[str]:
+def declared_keys(cls: type) -> frozenset[str]:  # a PretrainedConfig subclass
     """Every key ``cls`` reads: fields, ``attribute_map`` aliases, what its default instance writes, and what the base
     config consumes for backward compatibility."""
     keys = set(_default_dict(cls)) | set(getattr(cls, "attribute_map", {}) or {}) | _BACKWARD_COMPATIBLE
@@ -81,7 +81,7 @@ def unknown_config_keys(given: Mapping[str, Any], built: PretrainedConfig, name:
 def _walk(
     given: Mapping[str, Any], built: PretrainedConfig, name: str, from_parent: frozenset[str]
 ) -> list[tuple[str, list[str]]]:
-    cls = type(built)
+    cls: type = type(built)
     valid = declared_keys(cls) | from_parent
     found: list[tuple[str, list[str]]] = []
     for key, value in given.items():

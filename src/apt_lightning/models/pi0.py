@@ -170,7 +170,7 @@ class PI0Policy(FlowMatchingPolicy):
         masks = self.apt.masks(prompt["attention_mask"], prompt["language_mask"])
         order = visible_first(masks.expert_attention)
 
-        def vlm_pass() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        def vlm_pass() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor, Any]:
             pixels = batch["pixel_values"]
             if pixels.ndim == 4:
                 pixels = pixels[:, None]
