@@ -12,7 +12,9 @@ frozen, or fully fine-tuned at 0.1 x lr). Protocol, choice rule and budgets: ``d
 
 Writes ``results.json`` (the schema of ``docs/study_pretrain_results.json``, plus ``vlm`` with the vocabulary
 coverage and ``environment``), ``table.md``, ``success.png`` and ``outcomes.png`` to ``--out``; ``--publish`` also
-copies them to ``docs/study_metaworld_*``. Demonstrations, corpus, VLMs and pretrained policies are cached under
+copies them to ``docs/study_metaworld_*``. A run (not ``--combine``) also prints its rows beside ``--reference``'s
+(the published 3-seed study) and writes them to ``agreement.md``: bit-exact where the versions and CPU kernels match
+the reference's recorded environment, otherwise whether each row lies within its seed spread. Demonstrations, corpus, VLMs and pretrained policies are cached under
 ``--cache-dir`` (default ``$APT_LIGHTNING_CACHE`` or ``~/.cache/apt_lightning``). ``--export-lerobot DIR`` writes
 one seed's cached fine-tuning demonstrations (``--episodes``) as a ``LeRobotDataset`` instead of running; it needs
 LeRobot's Python, not metaworld (build the demonstrations first with ``--prepare``).
@@ -32,9 +34,12 @@ import apt_studies.metaworld  # noqa: F401  (headless EGL defaults before mujoco
 from apt_studies.metaworld.goal import format_goal_table, goal_check
 from apt_studies.metaworld.policies import ARCHS
 from apt_studies.metaworld.study import METAWORLD_METHODS, MetaWorldStudyConfig, prepare_data, run_metaworld_study
+from apt_studies.reference import reference_report
 from apt_studies.report import aggregate, format_outcome_table, format_table, plot_outcomes, plot_success
 
 DOCS = Path("docs")
+REFERENCE = Path(__file__).parents[1] / "docs" / "study_metaworld_results.json"
+REFERENCE_SPLITS = ("seen", "counterfactual", "paraphrase", "novel_position")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--combine", nargs="+", type=Path, help="merge these results.json files instead of running")
     parser.add_argument("--out", type=Path, default=Path("runs/metaworld_study"))
     parser.add_argument("--publish", action="store_true", help="also write docs/study_metaworld_*")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=REFERENCE,
+        help="the study a run's rows are compared with, in agreement.md (default: the published 3-seed study)",
+    )
     parser.add_argument("--prepare", action="store_true", help="only build the cached inputs (VLM, demos, corpus)")
     parser.add_argument(
         "--export-lerobot",
@@ -132,12 +143,24 @@ def write_outputs(study: dict, out: Path) -> str:
 def run_parallel(args: argparse.Namespace, argv: list[str]) -> dict:
     """Each arch in its own process (the numbers do not change: every run uses 1 thread), then combined."""
     tic = time.perf_counter()
-    base = _strip(argv, ("--archs", "--out", "--jobs", "--publish"))
+    base = _strip(argv, ("--archs", "--out", "--jobs", "--publish", "--reference"))
     outs, procs = [], []
     for arch in args.archs:
         out = args.out / arch
         outs.append(out)
-        command = [sys.executable, __file__, *base, "--archs", arch, "--out", str(out), "--jobs", "1"]
+        command = [
+            sys.executable,
+            __file__,
+            *base,
+            "--archs",
+            arch,
+            "--out",
+            str(out),
+            "--jobs",
+            "1",
+            "--reference",
+            "",
+        ]
         procs.append(subprocess.Popen(command))
         while sum(p.poll() is None for p in procs) >= args.jobs:
             time.sleep(2)
@@ -223,6 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         study["command"] = " ".join(["python", *sys.argv])
     print(write_outputs(study, args.out))
+    if not args.combine and args.reference.is_file():  # `--reference ""`: an arch's process, compared by its parent
+        text = reference_report(study, json.loads(args.reference.read_text()), REFERENCE_SPLITS)
+        (args.out / "agreement.md").write_text(text)
+        print(text)
     print(f"Wall time {study['wall_s']:.0f} s. Wrote {args.out}/results.json, table.md, success.png, outcomes.png.")
     if args.publish:
         for name in ("results.json", "table.md", "success.png", "outcomes.png"):

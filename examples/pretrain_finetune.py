@@ -26,9 +26,9 @@ import json
 import sys
 from pathlib import Path
 
-from apt_studies.environment import environment_record, same_kernels
+from apt_studies.environment import environment_record
 from apt_studies.pretrain_goal import format_goal_table, goal_check
-from apt_studies.reference import compare, format_agreement
+from apt_studies.reference import reference_report
 from apt_studies.report import aggregate, format_outcome_table, format_table, plot_outcomes, plot_success
 from apt_studies.study import ARCHS, METHOD_NAMES, PRETRAIN_METHODS, StudyConfig, run_study
 
@@ -115,13 +115,7 @@ REFERENCE_SPLITS = ("seen", "paraphrase", "counterfactual", "novel_layout")
 
 def compare_with_reference(study: dict, reference: dict, out: Path) -> str:
     """This run's rows beside the reference study's seeds (``agreement.md``), with the verdict."""
-    rows = compare(study["runs"], reference["runs"], study["config"]["eval_episodes"], REFERENCE_SPLITS)
-    differences = same_kernels(study.get("environment"), reference.get("environment"))
-    text = (
-        f"Beside the reference ({len({r['seed'] for r in reference['runs']})} seeds; "
-        f"environment {'the same' if not differences else 'differs: ' + '; '.join(differences)}):\n\n"
-        f"{format_agreement(rows, same_environment=not differences)}\n"
-    )
+    text = reference_report(study, reference, REFERENCE_SPLITS)
     (out / "agreement.md").write_text(text)
     return text
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from apt_studies.environment import same_kernels
+
 SPREAD = 2.0
 """A value agrees with the reference when it lies within mean ± SPREAD x (seed standard deviation), widened by the
 binomial standard error of a success rate over the run's evaluation episodes (seed noise and evaluation noise)."""
@@ -104,3 +106,16 @@ def format_agreement(rows: Sequence[Agreement], same_environment: bool) -> str:
     else:
         verdict += " Other versions or CPU kernels than the reference: bit-exact rows are not expected."
     return "\n".join(lines) + "\n\n" + verdict
+
+
+def reference_report(study: dict[str, Any], reference: dict[str, Any], splits: Sequence[str]) -> str:
+    """``study``'s rows beside ``reference``'s seeds on ``splits``: whether the two environments allow bit-exact
+    rows (:func:`~apt_studies.environment.same_kernels`), the table and the verdict, as markdown."""
+    rows = compare(study["runs"], reference["runs"], study["config"]["eval_episodes"], splits)
+    differences = same_kernels(study.get("environment"), reference.get("environment"))
+    seeds = len({run["seed"] for run in reference["runs"]})
+    environment = "the same" if not differences else "differs: " + "; ".join(differences)
+    return (
+        f"Beside the reference ({seeds} seeds; environment {environment}):\n\n"
+        f"{format_agreement(rows, same_environment=not differences)}\n"
+    )

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from apt_studies.environment import environment_record, same_kernels
-from apt_studies.reference import compare, format_agreement
+from apt_studies.reference import compare, format_agreement, reference_report
 
 ROOT = Path(__file__).parents[2]
 
@@ -48,3 +48,18 @@ def test_the_main_job_compares_its_rows_with_the_readmes_reference(tmp_path):
     assert "environment differs: no environment recorded" in text  # the published file predates the record
     assert "All rows agree" in text and text.count("| yes |") >= 4 * 4
     assert (tmp_path / "agreement.md").read_text() == text
+
+
+def test_the_metaworld_reference_records_its_environment_so_a_rerun_there_is_checked_bit_for_bit():
+    reference = json.loads((ROOT / "docs" / "study_metaworld_results.json").read_text())
+    splits = ("seen", "counterfactual", "paraphrase", "novel_position")  # examples/metaworld_study.py's
+    seed0 = {"runs": [r for r in reference["runs"] if r["seed"] == 0], "config": reference["config"]}
+    same = reference_report({**seed0, "environment": dict(reference["environment"])}, reference, splits)
+    assert "environment the same" in same and "the same-seed rows are bit-exact, as expected" in same
+    assert same.count("| yes | yes |") == 2 * 3 * len(splits)  # both archs, three methods
+    avx2 = {**reference["environment"], "cpu_capability": "AVX2"}
+    other = reference_report({**seed0, "environment": avx2}, reference, splits)
+    assert "environment differs: cpu_capability" in other and "bit-exact rows are not expected" in other
+    changed = [dict(r, success={**r["success"], "counterfactual": 1.0}) for r in seed0["runs"]]
+    far = reference_report({"runs": changed, "config": reference["config"], "environment": avx2}, reference, splits)
+    assert "rows lie outside the reference's seed spread" in far
