@@ -339,7 +339,9 @@ class APT:
 
         The optimizer :meth:`configure_optimizers` builds calls it for you after each ``optimizer.step()``; call it
         yourself only after stepping an optimizer APT did not build (LeRobot's ``policy.update()`` hook is such a
-        place). The stage switches here when the plan says so.
+        place). The stage switches here when the plan says so. Forgotten in a plain loop, the next training forward
+        after the weights changed twice without it raises :class:`~apt_lightning.errors.ClockError`
+        (:mod:`apt_lightning.step_watch`).
         """
         self._set_step(self._step + 1)
 
