@@ -108,14 +108,35 @@ def format_agreement(rows: Sequence[Agreement], same_environment: bool) -> str:
     return "\n".join(lines) + "\n\n" + verdict
 
 
+SELECTION_KEYS = ("archs", "methods", "seeds", "save_checkpoints")
+"""Config fields that choose which runs a study makes, not what any run computes."""
+
+
+def settings_differences(config: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """The fields (outside :data:`SELECTION_KEYS`) in which a run's config differs from the reference's: a run with
+    other steps or episodes is not expected to agree with it, bit for bit or within the seed spread."""
+    keys = sorted((set(config) | set(reference)) - set(SELECTION_KEYS))
+    return [
+        f"{key}: {config.get(key)!r} vs {reference.get(key)!r}" for key in keys if config.get(key) != reference.get(key)
+    ]
+
+
 def reference_report(study: dict[str, Any], reference: dict[str, Any], splits: Sequence[str]) -> str:
-    """``study``'s rows beside ``reference``'s seeds on ``splits``: whether the two environments allow bit-exact
-    rows (:func:`~apt_studies.environment.same_kernels`), the table and the verdict, as markdown."""
+    """``study``'s rows beside ``reference``'s seeds on ``splits``, as markdown: whether the two runs' settings
+    (:func:`settings_differences`) and environments (:func:`~apt_studies.environment.same_kernels`) allow a
+    comparison and bit-exact rows, the table and the verdict."""
     rows = compare(study["runs"], reference["runs"], study["config"]["eval_episodes"], splits)
     differences = same_kernels(study.get("environment"), reference.get("environment"))
+    settings = settings_differences(study["config"], reference.get("config", {}))
     seeds = len({run["seed"] for run in reference["runs"]})
     environment = "the same" if not differences else "differs: " + "; ".join(differences)
-    return (
+    text = (
         f"Beside the reference ({seeds} seeds; environment {environment}):\n\n"
-        f"{format_agreement(rows, same_environment=not differences)}\n"
+        f"{format_agreement(rows, same_environment=not differences and not settings)}\n"
     )
+    if settings:
+        text += (
+            f"\nThis run's settings are not the reference's ({'; '.join(settings)}), so neither agreement nor "
+            "bit-exact rows are expected: run with the reference's settings (the defaults) to compare.\n"
+        )
+    return text

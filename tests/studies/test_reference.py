@@ -43,9 +43,10 @@ def test_the_main_job_compares_its_rows_with_the_readmes_reference(tmp_path):
     spec.loader.exec_module(example)
     reference = json.loads((ROOT / "docs" / "study_pretrain_results.json").read_text())
     seed0 = [r for r in reference["runs"] if r["seed"] == 0 and r["method"] in ("baseline", "apt_ft_vlm")]
-    study = {"runs": seed0, "config": {"eval_episodes": 100}, "environment": environment_record()}
+    study = {"runs": seed0, "config": reference["config"], "environment": environment_record()}
     text = example.compare_with_reference(study, reference, tmp_path)
     assert "environment differs: no environment recorded" in text  # the published file predates the record
+    assert "settings are not" not in text
     assert "All rows agree" in text and text.count("| yes |") >= 4 * 4
     assert (tmp_path / "agreement.md").read_text() == text
 
@@ -63,3 +64,20 @@ def test_the_metaworld_reference_records_its_environment_so_a_rerun_there_is_che
     changed = [dict(r, success={**r["success"], "counterfactual": 1.0}) for r in seed0["runs"]]
     far = reference_report({"runs": changed, "config": reference["config"], "environment": avx2}, reference, splits)
     assert "rows lie outside the reference's seed spread" in far
+
+
+def test_a_run_with_other_settings_is_told_it_cannot_be_compared_instead_of_that_it_should_be_bit_exact():
+    reference = json.loads((ROOT / "docs" / "study_metaworld_results.json").read_text())
+    seed0 = [r for r in reference["runs"] if r["seed"] == 0]
+    shorter = {**reference["config"], "steps": 2, "seeds": [0]}  # other steps; the seeds only select runs
+    text = reference_report(
+        {"runs": seed0, "config": shorter, "environment": reference["environment"]}, reference, ["seen"]
+    )
+    assert "settings are not the reference's (steps: 2 vs 200)" in text
+    assert "SHOULD be bit-exact" not in text and "bit-exact rows are not expected" in text
+    same = reference_report(
+        {"runs": seed0, "config": {**reference["config"], "seeds": [0]}, "environment": reference["environment"]},
+        reference,
+        ["seen"],
+    )
+    assert "settings are not" not in same and "bit-exact, as expected" in same
