@@ -14,8 +14,9 @@ Writes ``results.json`` (the schema of ``docs/study_pretrain_results.json``, plu
 coverage and ``environment``), ``table.md``, ``success.png`` and ``outcomes.png`` to ``--out``; ``--publish`` also
 copies them to ``docs/study_metaworld_*``. A run (not ``--combine``) also prints its rows beside ``--reference``'s
 (the published 3-seed study) and writes them to ``agreement.md``: bit-exact where the versions and CPU kernels match
-the reference's recorded environment, otherwise whether each row lies within its seed spread. Demonstrations, corpus, VLMs and pretrained policies are cached under
-``--cache-dir`` (default ``$APT_LIGHTNING_CACHE`` or ``~/.cache/apt_lightning``). ``--export-lerobot DIR`` writes
+the reference's recorded environment, otherwise whether each row lies within its seed spread. Demonstrations,
+corpus, VLMs and pretrained policies are cached under ``--cache-dir`` (default ``$APT_LIGHTNING_CACHE`` or
+``~/.cache/apt_lightning``). ``--export-lerobot DIR`` writes
 one seed's cached fine-tuning demonstrations (``--episodes``) as a ``LeRobotDataset`` instead of running; it needs
 LeRobot's Python, not metaworld (build the demonstrations first with ``--prepare``).
 """
