@@ -49,13 +49,13 @@ from apt_lightning.atomic import atomic_write
 from apt_lightning.errors import ExportError, UnverifiedExportWarning
 from apt_lightning.fusion import GatedCrossAttentionBlock
 from apt_lightning.lora import merged_state_dict
+from apt_lightning.saved_files import library_version
 from apt_lightning.structure import (
     fusion_sites,
     is_fusion_key,
     original_named_modules,
     original_state_dict_keys,
 )
-from apt_lightning.versioned_json import library_version
 
 if TYPE_CHECKING:  # for annotations only: export reads a controller's attributes and never builds one
     from apt_lightning.controller import APT

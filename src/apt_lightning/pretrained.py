@@ -25,15 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from apt_lightning.atomic import atomic_write
 from apt_lightning.errors import ExportError
 from apt_lightning.export import content_hash, context_sources, fusion_geometry, non_finite_keys
 from apt_lightning.record import StateRecord
+from apt_lightning.saved_files import library_version, read_verified_tensors, read_versioned_json
 from apt_lightning.structure import lora_parameters, original_state_dict_keys
-from apt_lightning.versioned_json import library_version, read_versioned_json
 
 if TYPE_CHECKING:
     from apt_lightning.controller import APT
@@ -185,24 +184,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def _read_weights(directory: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    path = directory / WEIGHTS_NAME
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 -- not a dict
-    except (SafetensorError, OSError) as error:
-        raise ExportError(
-            f"Cannot read {path} ({error}): missing, truncated or not safetensors. Copy the directory again, or "
-            "save it again with `apt.save_pretrained`."
-        ) from error
-    if content_hash(tensors) != config.get("weights_sha256"):
-        raise ExportError(
-            f"{path} failed its content check against {CONFIG_NAME}: the weights were modified, corrupted, or belong "
-            "to another save. Copy the directory again from its source, or save it again."
-        )
-    bad = non_finite_keys(tensors)
-    if bad:
-        raise ExportError(f"{path} holds NaN or Inf in {bad[:4]}: save again from a healthy model.")
-    return tensors
+    fix = "Copy the directory again from its source, or save it again with `apt.save_pretrained`."
+    return read_verified_tensors(directory / WEIGHTS_NAME, config.get("weights_sha256"), CONFIG_NAME, ExportError, fix)
 
 
 def _check_structure(apt: APT, config: dict[str, Any], directory: Path) -> None:

@@ -28,15 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from apt_lightning.atomic import atomic_write
 from apt_lightning.errors import ExportError, PolicyCheckpointError
 from apt_lightning.export import content_hash, non_finite_keys
 from apt_lightning.pretrained import CONFIG_NAME, read_pretrained, trained_keys
+from apt_lightning.saved_files import library_version, read_verified_tensors, read_versioned_json
 from apt_lightning.structure import original_state_dict_keys
-from apt_lightning.versioned_json import library_version, read_versioned_json
 
 if TYPE_CHECKING:
     from apt_lightning.models.base import FlowMatchingPolicy
@@ -137,19 +136,11 @@ def load_policy_directory(
         PolicyCheckpointError: a missing, modified or corrupted file (named, with the fix), a class that is not a
             registered policy, or weights that do not fit the policy its config builds.
     """
-    from apt_lightning.models.base import registered_policies
+    from apt_lightning.models.base import registered_policy
 
     directory = Path(directory)
     body = _read_policy_config(directory)
-    policies = registered_policies()
-    name = body.get("policy_class")
-    cls = policies.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise PolicyCheckpointError(
-            f"{directory / POLICY_CONFIG_NAME} names `policy_class`={name!r}, which is not a subclass of "
-            f"FlowMatchingPolicy defined in this process; known classes: {sorted(policies)}. A saved policy never "
-            "chooses code to import: if the class is your own, import the module that defines it first."
-        )
+    cls = registered_policy(body.get("policy_class"), directory / POLICY_CONFIG_NAME)
     if expected is not None and not issubclass(cls, expected):
         raise PolicyCheckpointError(
             f"{directory} holds a {cls.__name__}, not a {expected.__name__}: load it with "
@@ -217,20 +208,8 @@ def _verified_files(directory: Path, body: dict[str, Any]) -> tuple[dict[str, to
         _, apt_tensors = read_pretrained(directory)
     except ExportError as error:
         raise PolicyCheckpointError(str(error)) from error
-    path = directory / POLICY_WEIGHTS_NAME
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 -- not a dict
-    except (SafetensorError, OSError) as error:
-        raise PolicyCheckpointError(
-            f"Cannot read {path} ({error}): missing, truncated or not safetensors. {_RESAVE}"
-        ) from error
-    if content_hash(tensors) != body.get("weights_sha256"):
-        raise PolicyCheckpointError(
-            f"{path} failed its content check against {POLICY_CONFIG_NAME}: the weights were modified, corrupted, or "
-            f"belong to another save. {_RESAVE}"
-        )
-    bad = non_finite_keys(tensors)
-    if bad:
-        raise PolicyCheckpointError(f"{path} holds NaN or Inf in {bad[:4]}: save again from a healthy model.")
-    return tensors, set(apt_tensors)
+    recorded = body.get("weights_sha256")
+    base = read_verified_tensors(
+        directory / POLICY_WEIGHTS_NAME, recorded, POLICY_CONFIG_NAME, PolicyCheckpointError, _RESAVE
+    )
+    return base, set(apt_tensors)
