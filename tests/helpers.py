@@ -10,10 +10,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import Dataset
 
-from apt_lightning import APTConfig
+from apt_lightning import APTConfig, APTStageScheduler
 from apt_lightning.data import ResumableDataLoader
 from apt_lightning.models import GR00TStylePolicy, PI0Policy, tiny_paligemma_config, tiny_pi0_config
 from apt_studies.trainer import quiet_trainer
@@ -99,6 +99,14 @@ class LossRecorder(Callback):
 def trainer(max_steps: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
     """The studies' quiet CPU ``Trainer`` (``kwargs`` override its arguments)."""
     return quiet_trainer(max_steps, callbacks, **kwargs)
+
+
+def pretrain_checkpoints(path: Path) -> Path:
+    """``path/apt.ckpt`` (pi0, APT: Stage 1 for 2 steps, then Stage 2 for 2) and ``path/joint.ckpt`` (4 joint steps)."""
+    for name, scheduler in [("apt", APTStageScheduler(switch_at_step=2)), ("joint", APTStageScheduler(stage="joint"))]:
+        checkpoint = ModelCheckpoint(dirpath=path, filename=name, every_n_train_steps=4)
+        trainer(4, [scheduler, checkpoint], enable_checkpointing=True).fit(make_policy("pi0"), loader())
+    return path
 
 
 def run_script(script: str, *args: str) -> None:

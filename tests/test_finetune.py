@@ -9,17 +9,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from apt_lightning import APTConfig, APTStageScheduler, StageMismatchError
 from apt_lightning.models import load_policy
-from helpers import LossRecorder, loader, make_batch, make_policy, trainer
+from helpers import LossRecorder, loader, make_batch, pretrain_checkpoints, trainer
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """An APT-pretrained pi0 (Stage 1 for 2 steps, Stage 2 for 2) and a joint-pretrained one, as checkpoints."""
-    path = tmp_path_factory.mktemp("pretrained")
-    for name, scheduler in [("apt", APTStageScheduler(switch_at_step=2)), ("joint", APTStageScheduler(stage="joint"))]:
-        checkpoint = ModelCheckpoint(dirpath=path, filename=name, every_n_train_steps=4)
-        trainer(4, [scheduler, checkpoint], enable_checkpointing=True).fit(make_policy("pi0"), loader())
-    return path
+    return pretrain_checkpoints(tmp_path_factory.mktemp("pretrained"))
 
 
 class FirstStepProbe(Callback):

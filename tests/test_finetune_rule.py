@@ -21,16 +21,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import AptError, APTStageScheduler, ConfigError, StageMismatchError
 from apt_lightning.models import PI0Policy, load_policy
-from helpers import loader, make_policy, trainer
+from helpers import loader, make_policy, pretrain_checkpoints, trainer
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """APT pretraining (switch at 2, 4 steps), joint pretraining (4 steps), and 2 steps of a fine-tune of the first."""
-    path = tmp_path_factory.mktemp("rule")
-    for name, scheduler in [("apt", APTStageScheduler(switch_at_step=2)), ("joint", APTStageScheduler(stage="joint"))]:
-        checkpoint = ModelCheckpoint(dirpath=path, filename=name, every_n_train_steps=4)
-        trainer(4, [scheduler, checkpoint], enable_checkpointing=True).fit(make_policy("pi0"), loader())
+    path = pretrain_checkpoints(tmp_path_factory.mktemp("rule"))
     checkpoint = ModelCheckpoint(dirpath=path, filename="finetune", every_n_train_steps=2)
     callbacks = [APTStageScheduler(stage=2, finetune=True), checkpoint]
     trainer(2, callbacks, enable_checkpointing=True).fit(load_policy(path / "apt.ckpt"), loader())
