@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from apt_lightning import NotPreparedError, StagePlan
-from apt_lightning.models import FlowMatchingPolicy, GR00TStylePolicy, PI0Policy, load_policy
+from apt_lightning.models import FlowMatchingPolicy, GR00TStylePolicy, PI0Policy, PolicyCheckpointError, load_policy
 from apt_lightning.models.files import POLICY_CONFIG_NAME, POLICY_WEIGHTS_NAME, config_digest
 from apt_lightning.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from helpers import make_batch, make_policy
@@ -108,6 +108,12 @@ def test_a_flipped_byte_in_any_file_is_refused_naming_the_file(saved, tmp_path, 
         load_policy(directory)
     message = str(refused.value)
     assert "\n" not in message and "again" in message, message  # one line, with the fix
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_one_file_of_a_directory_passed_to_load_policy_names_the_directory_to_pass(saved, name):
+    with pytest.raises(PolicyCheckpointError, match=r"is one file of a policy directory.*pass the directory"):
+        load_policy(saved / name)
 
 
 def test_an_edited_config_is_refused_and_a_crafted_one_downloads_nothing(saved, tmp_path):

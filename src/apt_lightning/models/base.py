@@ -174,10 +174,16 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> F
         PolicyCheckpointError: If ``path`` is not a readable checkpoint, holds no ``policy_class``, names a
             class that is not a registered policy (the message lists the known ones), or fails its content check.
     """
-    if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
-        from apt_lightning.models.files import load_policy_directory
+    if isinstance(path, (str, os.PathLike)):
+        from apt_lightning.models.files import POLICY_CONFIG_NAME, load_policy_directory
 
-        return load_policy_directory(path, map_location)
+        if Path(path).is_dir():
+            return load_policy_directory(path, map_location)
+        if (Path(path).parent / POLICY_CONFIG_NAME).is_file():  # a file of a directory, e.g. its safetensors
+            raise PolicyCheckpointError(
+                f"{path} is one file of a policy directory written by `policy.save_pretrained`: pass the directory, "
+                f"`load_policy({str(Path(path).parent)!r})`."
+            )
     checkpoint = read_checkpoint(path, map_location, verify=False)
     name = checkpoint.get("policy_class")
     if name is None:
